@@ -1,0 +1,51 @@
+"""Atomic checkpoint files and safe loading.
+
+A checkpoint is written to a temporary file in the same folder, flushed to disk and renamed over the old one, so a
+crash at any moment leaves either the previous checkpoint or the new one, never a torn file. Loading always uses
+``weights_only=True``: checkpoints hold tensors, numbers, strings, lists and dicts only, and a file from elsewhere
+cannot run code on load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from debias.errors import DebiasError
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(obj: dict[str, Any], path: str | Path) -> None:
+    _atomic_write(Path(path), lambda f: torch.save(obj, f))
+
+
+def write_json(obj: Any, path: str | Path) -> None:
+    _atomic_write(Path(path), lambda f: f.write((json.dumps(obj, indent=2, default=str) + "\n").encode()))
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise DebiasError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # a torn, foreign or tampered file: say so in one line
+        raise DebiasError(f"cannot load checkpoint {path}: {str(exc).splitlines()[0]}") from exc

@@ -1,0 +1,91 @@
+"""Scoring: run a trained VAE over a dataset (latents, reconstruction error) and turn latents into rarity tables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import roc_auc_score
+
+from debias.data import ImageSet
+from debias.density import LatentHistogramDensity
+from debias.device import autocast
+from debias.models import ConvVAE
+from debias.progress import progress_bar
+
+
+@dataclass
+class Encoded:
+    mu: np.ndarray  # (n, d) posterior means: the latents the density is fitted on
+    logvar: np.ndarray  # (n, d)
+    recon_error: np.ndarray  # (n,) mean squared error per pixel of the reconstruction from mu
+    logits: np.ndarray | None  # (n, k) DB-VAE class logits
+
+
+@torch.inference_mode()
+def encode_images(
+    model: ConvVAE, data: ImageSet, *, batch_size: int = 256, progress: bool = True, description: str = "encoding"
+) -> Encoded:
+    """Encode every image in eval mode; each image's outputs are independent of the others in its batch."""
+    device = next(model.parameters()).device
+    model.eval()
+    mus, logvars, errs, logits = [], [], [], []
+    with progress_bar(description, total=len(data), enabled=progress) as bar:
+        for start in range(0, len(data), batch_size):
+            x = data.batch(slice(start, start + batch_size)).to(device, non_blocking=True)
+            with autocast(device):
+                mu, logvar, lg = model.encode(x)
+                recon = torch.sigmoid(model.decode(mu).float())
+            mus.append(mu.float().cpu())
+            logvars.append(logvar.float().cpu())
+            errs.append((recon - x).pow(2).flatten(1).mean(1).cpu())
+            if lg is not None:
+                logits.append(lg.float().cpu())
+            bar.advance(len(x))
+    return Encoded(
+        mu=torch.cat(mus).numpy().astype(np.float64),
+        logvar=torch.cat(logvars).numpy().astype(np.float64),
+        recon_error=torch.cat(errs).numpy().astype(np.float64),
+        logits=torch.cat(logits).numpy() if logits else None,
+    )
+
+
+def kl_per_dim(enc: Encoded) -> np.ndarray:
+    """Mean KL(q(z_i|x) || N(0,1)) per latent dimension: near 0 for collapsed (unused) dimensions."""
+    return (-0.5 * (1 + enc.logvar - enc.mu**2 - np.exp(enc.logvar))).mean(0)
+
+
+def rarity_table(table: pd.DataFrame, enc: Encoded, density: LatentHistogramDensity) -> pd.DataFrame:
+    """Source columns + rarity (negative log density, higher = rarer), weight (sums to 1), recon_error."""
+    out = table.copy()
+    out["rarity"] = -density.score_samples(enc.mu)
+    out["weight"] = density.sampling_weights(enc.mu)
+    out["recon_error"] = enc.recon_error
+    out["rarity_rank"] = out["rarity"].rank(ascending=False, method="first").astype(int)
+    return out
+
+
+def group_stats(scores: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """Per group of ``columns``: count, share of rows, mean rarity and weight, share of the total weight, the mean
+    weight relative to the overall mean, and the AUROC of rarity for membership in the group (one vs rest)."""
+    key = scores[columns].astype(str).agg(" x ".join, axis=1) if len(columns) > 1 else scores[columns[0]].astype(str)
+    overall = scores["weight"].mean()
+    rows = []
+    for value, part in scores.groupby(key, sort=True):
+        member = (key == value).to_numpy()
+        auroc = roc_auc_score(member, scores["rarity"]) if 0 < member.sum() < len(member) else float("nan")
+        rows.append(
+            {
+                "group": value,
+                "count": len(part),
+                "share": len(part) / len(scores),
+                "mean_rarity": part["rarity"].mean(),
+                "mean_weight": part["weight"].mean(),
+                "weight_share": part["weight"].sum(),
+                "weight_ratio": part["weight"].mean() / overall,
+                "rarity_auroc": auroc,
+            }
+        )
+    return pd.DataFrame(rows).set_index("group")

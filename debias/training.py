@@ -1,0 +1,196 @@
+"""The VAE / DB-VAE training loop: one epoch after another, a checkpoint after each, resumable after a crash.
+
+RUN_DIR layout:
+    checkpoint.pt  model + optimizer + epoch + configs + data fingerprint + loss history (rewritten atomically
+                   after every epoch; ``resume=True`` continues from it)
+    model.pt       the trained model for audits and scoring (weights, model config, data description)
+    config.json    the model and training configuration, human readable
+    loss.csv       one row per epoch: loss parts, images/s
+    loss.png       the loss curve
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from debias import __version__
+from debias.checkpoint import load_checkpoint, save_checkpoint, write_json
+from debias.data import ImageSet
+from debias.device import autocast, resolve_device
+from debias.errors import DebiasError
+from debias.models import ConvVAE, VAEConfig, vae_loss
+from debias.progress import progress_bar
+
+CHECKPOINT = "checkpoint.pt"
+MODEL = "model.pt"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class DataDescription:
+    """What the model was trained on; stored in every checkpoint so that a resume on other data is refused."""
+
+    source: str
+    where: list[str]
+    fingerprint: str
+    n_images: int
+    n_skipped: int
+    label: str | None = None
+
+
+def encode_labels(values: pd.Series, classes: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
+    """Label column -> class indices; classes are the sorted string values unless given."""
+    as_str = values.astype(str)
+    if classes is None:
+        classes = sorted(as_str.unique().tolist())
+    lookup = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(as_str) - set(lookup))
+    if unknown:
+        raise DebiasError(f"label values not seen in training: {unknown[:5]}")
+    return as_str.map(lookup).to_numpy(dtype=np.int64), classes
+
+
+def train_vae(
+    data: ImageSet,
+    model_config: VAEConfig,
+    config: TrainConfig,
+    out_dir: str | Path,
+    *,
+    data_desc: DataDescription,
+    labels: np.ndarray | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Train (or resume training) and return the path of model.pt."""
+    out = Path(out_dir)
+    ckpt_path = out / CHECKPOINT
+    device = resolve_device(config.device)
+    if ckpt_path.exists() and not resume:
+        raise DebiasError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
+
+    torch.manual_seed(config.seed)
+    model = ConvVAE(model_config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    start_epoch, history = 0, []
+
+    if resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path, map_location=device)
+        if ckpt["data"]["fingerprint"] != data_desc.fingerprint:
+            raise DebiasError(
+                f"cannot resume {out}: it was trained on other data (fingerprint {ckpt['data']['fingerprint']}, "
+                f"now {data_desc.fingerprint})"
+            )
+        if ckpt["model_config"] != model_config.to_dict():
+            raise DebiasError(f"cannot resume {out}: the model options differ from the checkpoint's")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch, history = int(ckpt["epoch"]), list(ckpt["history"])
+        print(f"resuming {out} after epoch {start_epoch}")
+    elif resume:
+        print(f"no checkpoint in {out}; starting a new run")
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json({"model": model_config.to_dict(), "train": asdict(config), "data": asdict(data_desc)}, out / "config.json")
+    y_all = torch.from_numpy(labels) if labels is not None else None
+    n = len(data)
+
+    for epoch in range(start_epoch, config.epochs):
+        # Seeds derived from the epoch number make a resumed run see the same batches as an uninterrupted one.
+        torch.manual_seed(config.seed * 100_003 + epoch)
+        order = torch.randperm(n)
+        model.train()
+        sums: dict[str, float] = {}
+        t0 = time.perf_counter()
+        with progress_bar(f"epoch {epoch + 1}/{config.epochs}", total=n, enabled=progress) as bar:
+            for start in range(0, n, config.batch_size):
+                idx = np.sort(order[start : start + config.batch_size].numpy())  # sorted reads suit the memmap
+                x = data.batch(idx).to(device, non_blocking=True)
+                y = y_all[idx].to(device) if y_all is not None else None
+                with autocast(device):
+                    loss, parts = vae_loss(model, x, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + v * len(idx)
+                bar.advance(len(idx), loss=parts["loss"])
+        elapsed = time.perf_counter() - t0
+        row = {"epoch": epoch + 1, **{k: v / n for k, v in sums.items()}, "images_per_s": n / elapsed}
+        history.append(row)
+        save_checkpoint(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch + 1,
+                "model_config": model_config.to_dict(),
+                "train_config": asdict(config),
+                "data": asdict(data_desc),
+                "history": history,
+                "version": __version__,
+            },
+            ckpt_path,
+        )
+        _write_history(history, out)
+        if progress:
+            print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+
+    model_path = out / MODEL
+    save_checkpoint(
+        {
+            "model": model.state_dict(),
+            "model_config": model_config.to_dict(),
+            "data": asdict(data_desc),
+            "history": history,
+            "version": __version__,
+        },
+        model_path,
+    )
+    return model_path
+
+
+def _write_history(history: list[dict[str, Any]], out: Path) -> None:
+    df = pd.DataFrame(history)
+    df.to_csv(out / "loss.csv", index=False)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.add_subplot(1, 1, 1)
+    for col in ("loss", "recon", "kl", "ce"):
+        if col in df:
+            ax.plot(df["epoch"], df[col], marker="o", label=col)
+    ax.set_xlabel("epoch")
+    ax.set_yscale("symlog")
+    ax.set_title("training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=100)
+
+
+def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[ConvVAE, dict[str, Any]]:
+    """A trained model in eval mode and its stored metadata (model_config, data, history)."""
+    run = Path(run_dir)
+    path = run / MODEL if run.is_dir() else run
+    if not path.exists():
+        if (run / CHECKPOINT).exists():
+            raise DebiasError(f"{run} has a checkpoint but no {MODEL}: training did not finish; resume it with --resume")
+        raise DebiasError(f"no trained model at {run} (expected {MODEL} from 'debias train')")
+    meta = load_checkpoint(path, map_location=device)
+    model = ConvVAE(VAEConfig(**meta["model_config"]))
+    model.load_state_dict(meta["model"])
+    model.to(device).eval()
+    return model, meta

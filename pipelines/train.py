@@ -1,0 +1,69 @@
+"""`debias train`: load a source, pick the model (beta-VAE, or DB-VAE when a label is given) and run the loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from debias.data import load_images
+from debias.errors import DebiasError
+from debias.models import VAEConfig
+from debias.training import DataDescription, TrainConfig, encode_labels, train_vae
+
+
+@dataclass
+class TrainJob:
+    data: str
+    out: Path
+    where: list[str] = field(default_factory=list)
+    label: str | None = None
+    vae_class: str | None = None  # DB-VAE: apply the VAE loss to this label value only (default: every sample)
+    image_size: int = 64
+    channels: int | None = None
+    latent_dim: int = 32
+    beta: float = 1.0
+    width: int = 32
+    train: TrainConfig = field(default_factory=TrainConfig)
+    resume: bool = False
+    progress: bool = True
+
+
+def run_train(job: TrainJob) -> Path:
+    data = load_images(job.data, where=job.where, image_size=job.image_size, channels=job.channels, progress=job.progress)
+    labels, classes, vae_class = None, [], None
+    if job.label is not None:
+        if job.label not in data.table.columns:
+            raise DebiasError(f"--label {job.label!r} is not a column of the data (columns: {', '.join(data.table.columns)})")
+        labels, classes = encode_labels(data.table[job.label])
+        if len(classes) < 2:
+            raise DebiasError(f"--label {job.label!r} has a single value ({classes[0]}); a classifier needs two or more")
+        if job.vae_class is not None:
+            if job.vae_class not in classes:
+                raise DebiasError(f"--vae-class {job.vae_class!r} is not a value of {job.label!r} ({', '.join(classes)})")
+            vae_class = classes.index(job.vae_class)
+    elif job.vae_class is not None:
+        raise DebiasError("--vae-class needs --label")
+    try:
+        model_config = VAEConfig(
+            image_size=job.image_size,
+            channels=data.channels,
+            latent_dim=job.latent_dim,
+            beta=job.beta,
+            width=job.width,
+            n_classes=len(classes),
+            classes=classes,
+            vae_class=vae_class,
+        )
+    except ValueError as exc:
+        raise DebiasError(str(exc)) from exc
+    desc = DataDescription(
+        source=job.data,
+        where=list(job.where),
+        fingerprint=data.fingerprint,
+        n_images=len(data),
+        n_skipped=len(data.skipped),
+        label=job.label,
+    )
+    return train_vae(
+        data, model_config, job.train, job.out, data_desc=desc, labels=labels, resume=job.resume, progress=job.progress
+    )

@@ -1,0 +1,146 @@
+"""LatentHistogramDensity against small cases computed by hand, plus the properties the audit relies on."""
+
+import numpy as np
+import pytest
+
+from debias.density import LatentHistogramDensity, effective_sample_size
+
+
+def test_one_dim_hand_computed():
+    # bins=2 over [0, 1]: edges 0, .5, 1 -> counts (3, 1) -> Q = (.75, .25)
+    Z = np.array([[0.0], [0.1], [0.2], [1.0]])
+    d = LatentHistogramDensity(bins=2, alpha=0.0, temperature=1.0).fit(Z)
+    np.testing.assert_allclose(d.edges_[0], [0.0, 0.5, 1.0])
+    np.testing.assert_allclose(d.probs_[0], [0.75, 0.25])
+    np.testing.assert_allclose(d.score_samples(Z), np.log([0.75, 0.75, 0.75, 0.25]))
+    # Eq. 4 untempered: W ∝ 1/Q = (4/3, 4/3, 4/3, 4) -> sum 8
+    np.testing.assert_allclose(d.sampling_weights(Z), [1 / 6, 1 / 6, 1 / 6, 1 / 2])
+
+
+def test_two_dim_product_with_smoothing():
+    # dim 0: values 0,0,0,1 -> Q0 = (.75, .25); dim 1: values 0,1,1,1 -> Q1 = (.25, .75)
+    Z = np.array([[0, 0], [0, 1], [0, 1], [1, 1]], dtype=float)
+    alpha = 0.05
+    d = LatentHistogramDensity(bins=2, alpha=alpha, temperature=1.0).fit(Z)
+    q = np.array([[0.75, 0.25], [0.75, 0.75], [0.75, 0.75], [0.25, 0.75]]) + alpha
+    np.testing.assert_allclose(d.score_samples(Z), np.log(q).sum(1))
+    w = 1 / q.prod(1)
+    np.testing.assert_allclose(d.sampling_weights(Z), w / w.sum())
+
+
+def test_temperature_scales_log_weights():
+    Z = np.array([[0.0], [0.1], [0.2], [1.0]])
+    d = LatentHistogramDensity(bins=2, alpha=0.0, temperature=0.5).fit(Z)
+    w = np.array([0.75, 0.75, 0.75, 0.25]) ** -0.5
+    np.testing.assert_allclose(d.sampling_weights(Z), w / w.sum())
+    assert LatentHistogramDensity(bins=2, temperature=0.0).fit(Z).ess_ == pytest.approx(4.0)
+
+
+def _lab_max_rule(Z, bins, alpha):
+    """The public MIT lab's get_training_sample_probabilities, restated independently (with a correct last bin)."""
+    p_out = np.zeros(Z.shape[0])
+    for i in range(Z.shape[1]):
+        hist, edges = np.histogram(Z[:, i], bins=bins, density=True)
+        hist = hist / hist.sum()
+        idx = np.clip(np.digitize(Z[:, i], edges) - 1, 0, bins - 1)
+        p = 1.0 / (hist[idx] + alpha)
+        p = p / p.sum()
+        p_out = np.maximum(p, p_out)
+    return p_out / p_out.sum()
+
+
+def test_max_rule_matches_lab():
+    rng = np.random.default_rng(0)
+    Z = rng.normal(size=(500, 6))
+    d = LatentHistogramDensity(bins=10, alpha=0.001, combine="max").fit(Z)
+    np.testing.assert_allclose(d.sampling_weights(Z), _lab_max_rule(Z, 10, 0.001), rtol=1e-10)
+    # higher score = more typical: the score orders samples opposite to the weight
+    assert np.corrcoef(d.score_samples(Z), d.sampling_weights(Z))[0, 1] < 0
+
+
+def test_product_in_log_space_over_many_dims():
+    rng = np.random.default_rng(1)
+    Z = rng.normal(size=(2000, 128))
+    untempered = LatentHistogramDensity(temperature=1.0).fit(Z)
+    w = untempered.sampling_weights(Z)
+    assert np.isfinite(w).all() and w.sum() == pytest.approx(1.0)
+    # the untempered 128-d product collapses onto a handful of samples ...
+    assert untempered.ess_ < 20
+    # ... while auto tempering meets the requested effective sample size
+    auto = LatentHistogramDensity(temperature="auto", target_ess=0.5).fit(Z)
+    assert auto.ess_ == pytest.approx(1000, rel=0.01)
+    assert effective_sample_size(auto.sampling_weights(Z)) == pytest.approx(auto.ess_)
+    # tempering keeps the order of the product: rarer = heavier
+    assert np.corrcoef(np.log(auto.sampling_weights(Z)), np.log(w))[0, 1] > 0.999
+
+
+def test_effective_sample_size():
+    assert effective_sample_size(np.ones(10)) == pytest.approx(10)
+    assert effective_sample_size(np.array([1.0, 0, 0])) == pytest.approx(1)
+    assert effective_sample_size(np.array([3.0, 1.0])) == pytest.approx(16 / 10)
+
+
+def test_rare_cluster_scores_rare():
+    rng = np.random.default_rng(2)
+    common = rng.normal(0, 1, size=(980, 8))
+    rare = rng.normal(0, 1, size=(20, 8))
+    rare[:, 3] += 6  # rare on one dimension only
+    Z = np.vstack([common, rare])
+    d = LatentHistogramDensity().fit(Z)
+    w = d.sampling_weights(Z)
+    assert w[980:].mean() > 2.5 * w[:980].mean()
+    assert (d.score_samples(Z)[980:] < np.median(d.score_samples(Z)[:980])).all()
+
+
+def test_active_dims_drop_collapsed():
+    rng = np.random.default_rng(3)
+    Z = np.hstack([rng.normal(size=(300, 3)), 1e-3 * rng.normal(size=(300, 2))])
+    assert LatentHistogramDensity(dims="active").fit(Z).dims_.tolist() == [0, 1, 2]
+    assert LatentHistogramDensity(dims=[4, 1]).fit(Z).dims_.tolist() == [4, 1]
+    with pytest.raises(ValueError):
+        LatentHistogramDensity(dims=[7]).fit(Z)
+
+
+def test_whiten_finds_jointly_rare_points():
+    # Two strongly correlated dims; the rare points sit off the diagonal, where each marginal is ordinary.
+    rng = np.random.default_rng(4)
+    t = rng.normal(size=2000)
+    common = np.stack([t, t + 0.05 * rng.normal(size=2000)], 1)
+    rare = np.array([[1.0, -1.0], [-1.0, 1.0], [0.8, -0.8]])
+    Z = np.vstack([common, rare])
+    plain = LatentHistogramDensity(bins=20).fit(Z).sampling_weights(Z)
+    white = LatentHistogramDensity(bins=20, whiten=True).fit(Z).sampling_weights(Z)
+    assert white[-3:].mean() > 10 * plain[-3:].mean()
+
+
+def test_out_of_range_values_use_edge_bins():
+    Z = np.array([[0.0], [0.4], [0.6], [1.0]])
+    d = LatentHistogramDensity(bins=2, alpha=0.0).fit(Z)
+    np.testing.assert_allclose(d.score_samples(np.array([[-5.0], [7.0]])), np.log([0.5, 0.5]))
+
+
+def test_sklearn_conventions():
+    params = dict(bins=7, alpha=0.01, combine="product", temperature=0.3, target_ess=0.4, dims="active",
+                  active_threshold=0.2, whiten=True, contamination=0.1)
+    d = LatentHistogramDensity(**params)
+    assert {k: getattr(d, k) for k in params} == params
+    assert not [k for k in vars(d) if k.endswith("_")]
+    with pytest.raises(RuntimeError):
+        d.score_samples(np.zeros((2, 2)))
+    Z = np.random.default_rng(5).normal(size=(400, 4))
+    assert d.fit(Z) is d
+    np.testing.assert_allclose(d.decision_function(Z), d.score_samples(Z) - d.offset_)
+    assert (d.predict(Z) == -1).mean() == pytest.approx(0.1, abs=0.03)
+    with pytest.raises(ValueError):
+        d.score_samples(np.zeros((2, 3)))
+    with pytest.raises(ValueError):
+        LatentHistogramDensity(combine="mean").fit(Z)
+    with pytest.raises(ValueError):
+        LatentHistogramDensity().fit(np.array([[np.nan, 1.0]]))
+
+
+def test_per_dim_tail_hand_computed():
+    # Q = (.75, .25): the rare bin's tail mass is .25, the common bin's is 1 (every bin is at most as likely)
+    Z = np.array([[0.0], [0.1], [0.2], [1.0]])
+    d = LatentHistogramDensity(bins=2).fit(Z)
+    np.testing.assert_allclose(d.per_dim_tail(Z)[:, 0], [1.0, 1.0, 1.0, 0.25])

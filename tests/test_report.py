@@ -1,0 +1,171 @@
+"""The HTML audit report: sections present, images embedded and decodable, nothing external, text escaped."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.figure import Figure
+from PIL import Image
+
+from debias.report import AuditReport, figure_to_data_uri, image_grid, write_report
+
+SPECIAL = "<b>x</b>"
+DATA_URI = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
+
+HEADINGS = [
+    "Summary",
+    "Rarity and weight distributions",
+    "Rarest samples",
+    "Most typical samples",
+    "Reconstructions",
+    "Latent traversals",
+    "Samples from the prior",
+    "Latent histograms",
+    "Groups",
+]
+
+
+def _make_report(channels: int, *, k: int = 4, m: int = 3, d: int = 2, s: int = 5, p: int = 4, hw: int = 8) -> AuditReport:
+    rng = np.random.default_rng(0)
+    n = 60
+
+    def imgs(*lead: int) -> np.ndarray:
+        return rng.integers(0, 256, size=(*lead, hw, hw, channels), dtype=np.uint8)
+
+    rarity = rng.normal(5.0, 1.0, n)
+    weight = np.exp(rarity - rarity.max())
+    weight /= weight.sum()
+    group = np.array(["a", SPECIAL, "c$"])[rng.integers(0, 3, n)]  # "$" would trip matplotlib mathtext
+    scores = pd.DataFrame(
+        {"path": [f"img_{i}.png" for i in range(n)], "group": group, "rarity": rarity, "weight": weight,
+         "recon_error": rng.random(n)}
+    )
+    g = scores.groupby("group")
+    table = pd.DataFrame(
+        {
+            "count": g.size(),
+            "share": g.size() / n,
+            "mean_rarity": g["rarity"].mean(),
+            "mean_weight": g["weight"].mean(),
+            "weight_share": g["weight"].sum(),
+        }
+    )
+    table["weight_ratio"] = table["mean_weight"] / weight.mean()
+    latent = rng.normal(size=(n, 3))
+    return AuditReport(
+        title=f"Audit {SPECIAL}",
+        summary={"samples": n, "skipped files": [f"bad_{i}.jpg" for i in range(15)], "effective sample size": 41.5,
+                 "model": "VAE z=3"},
+        scores=scores,
+        latent_hist=[np.histogram(latent[:, j], bins=10) for j in range(3)],
+        dim_labels=[f"z{j} (KL 1.{j})" for j in range(3)],
+        rarest=imgs(k),
+        rarest_captions=[f"rarity {r:.2f} {SPECIAL}" for r in np.sort(rarity)[::-1][:k]],
+        typical=imgs(k),
+        typical_captions=[f"t{i}" for i in range(k)],
+        recon_originals=imgs(m),
+        recon_outputs=imgs(m),
+        traversals=imgs(d, s),
+        traversal_labels=[f"z{j}" for j in range(d)],
+        traversal_values=list(np.linspace(-3, 3, s)),
+        prior_samples=imgs(p),
+        group_tables={"group": table},
+        rarity_auroc={SPECIAL: 0.61},
+    )
+
+
+def _decode(b64: str) -> Image.Image:
+    img = Image.open(io.BytesIO(base64.b64decode(b64)))
+    img.load()  # forces a full decode, not just the header
+    return img
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_full_report(tmp_path, channels: int) -> None:
+    k, m, d, s, p = 4, 3, 2, 5, 4
+    rep = _make_report(channels, k=k, m=m, d=d, s=s, p=p)
+    out = write_report(rep, tmp_path / "sub" / "report.html")
+    assert out.exists() and out == tmp_path / "sub" / "report.html"
+    text = out.read_text(encoding="utf-8")
+
+    # Sections present and in the documented order.
+    positions = [text.find(f"<h2>{h}</h2>") for h in HEADINGS]
+    assert all(pos >= 0 for pos in positions), dict(zip(HEADINGS, positions))
+    assert positions == sorted(positions)
+
+    # Exact image count: sample images (class "px") and plots (class "plot": distributions,
+    # latent histograms, one chart per group table).
+    n_px = text.count('<img class="px"')
+    n_plot = text.count('<img class="plot"')
+    assert n_px == 2 * k + 2 * m + d * s + p
+    assert n_plot == 3
+    assert len(DATA_URI.findall(text)) == n_px + n_plot
+
+    # Self-contained: no external URL, script or stylesheet link anywhere.
+    lowered = text.lower()
+    for needle in ("http://", "https://", "<script", "<link", "url(", "@import"):
+        assert needle not in lowered, needle
+    assert all(src.startswith("data:image/png;base64,") for src in re.findall(r'src="([^"]*)"', text))
+
+    # User text escaped everywhere (title, captions, group values, AUROC keys).
+    assert SPECIAL not in text
+    assert "&lt;b&gt;x&lt;/b&gt;" in text
+    # Abbreviated long list in the summary.
+    assert "15 items" in text
+
+    # Embedded PNGs decode; sample images are greyscale iff the input was, and upscaled.
+    first_px = re.search(r'<img class="px" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text).group(1)
+    img = _decode(first_px)
+    assert img.mode == ("L" if channels == 1 else "RGB")
+    assert img.size[0] == img.size[1] and img.size[0] > 8 and img.size[0] % 8 == 0
+    first_plot = re.search(r'<img class="plot" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text).group(1)
+    assert _decode(first_plot).size[0] > 100
+
+
+def test_empty_sections_are_omitted(tmp_path) -> None:
+    rep = _make_report(3)
+    rep.group_tables = {}
+    rep.rarity_auroc = {}
+    rep.traversals = np.zeros((0, 0, 8, 8, 3), dtype=np.uint8)
+    rep.traversal_labels = []
+    rep.prior_samples = np.zeros((0, 8, 8, 3), dtype=np.uint8)
+    rep.recon_originals = np.zeros((0, 8, 8, 3), dtype=np.uint8)
+    rep.recon_outputs = np.zeros((0, 8, 8, 3), dtype=np.uint8)
+    rep.latent_hist, rep.dim_labels = [], []
+    text = write_report(rep, tmp_path / "r.html").read_text(encoding="utf-8")
+    for gone in ("Groups", "Latent traversals", "Samples from the prior", "Reconstructions", "Latent histograms"):
+        assert f"<h2>{gone}</h2>" not in text
+    for kept in ("Summary", "Rarest samples", "Most typical samples"):
+        assert f"<h2>{kept}</h2>" in text
+
+
+def test_image_grid_scales_and_escapes() -> None:
+    grey = np.arange(2 * 4 * 4, dtype=np.uint8).reshape(2, 4, 4, 1)
+    snippet = image_grid(grey, ncols=2, captions=["<i>a</i>", 'b"q'], scale=3)
+    assert "<i>a</i>" not in snippet and "&lt;i&gt;a&lt;/i&gt;" in snippet and "&quot;q" in snippet
+    uris = DATA_URI.findall(snippet)
+    assert len(uris) == 2
+    img = _decode(uris[0])
+    assert img.mode == "L" and img.size == (12, 12)
+    # Nearest neighbour: every source pixel becomes a 3x3 block of the same value.
+    arr = np.asarray(img)
+    assert np.array_equal(arr[::3, ::3], grey[0, :, :, 0])
+    assert np.array_equal(arr, np.repeat(np.repeat(grey[0, :, :, 0], 3, 0), 3, 1))
+    assert image_grid(np.zeros((0, 4, 4, 3), dtype=np.uint8), ncols=4) == ""
+    with pytest.raises(ValueError):
+        image_grid(np.zeros((1, 4, 4, 3), dtype=np.float32), ncols=1)
+
+
+def test_figure_to_data_uri() -> None:
+    fig = Figure(figsize=(2, 1))
+    fig.subplots().plot([0, 1], [1, 0])
+    uri = figure_to_data_uri(fig)
+    assert uri.startswith("data:image/png;base64,")
+    raw = base64.b64decode(uri.split(",", 1)[1])
+    assert b"matplotlib.org" not in raw  # the Software tag (a URL) is stripped
+    assert _decode(uri.split(",", 1)[1]).format == "PNG"
