@@ -160,6 +160,9 @@ def demo(
     run_demo(out=out, epochs=epochs, n=n, device=device, progress=not quiet)
 
 
+# -- commands of later issues are added above this line, one block per command ----------------------------------
+
+
 def main() -> None:
     try:
         app()
