@@ -1,6 +1,6 @@
 """`debias demo`: train on the built-in shapes set, audit it, and show that the known rare group was found.
 
-The built-in set has a planted rare subgroup (yellow triangles, 2 % of rows; yellow appears nowhere else), so the
+The built-in set has a planted rare subgroup (white triangles, 2 % of rows; white appears nowhere else), so the
 audit can be checked against ground truth: the rare rows should get the highest rarity (AUROC near 1) and several
 times the mean resampling weight of the rest.
 """
@@ -47,12 +47,12 @@ def run_demo(out: Path, epochs: int = 8, n: int = 4000, device: str = "auto", pr
     auroc = roc_auc_score(rare, scores["rarity"])
     ratio = scores["weight"][rare].mean() / scores["weight"][~rare].mean()
 
-    table = Table(title="Per-group rarity (built-in shapes; the planted rare group is yellow triangle)")
+    table = Table(title="Per-group rarity (built-in shapes; the planted rare group is white triangle)")
     for col in ("group", "rows", "share", "mean weight / overall", "AUROC of rarity"):
         table.add_column(col, justify="right" if col != "group" else "left")
     groups = result.summary["groups"]["group"]
     for name, g in sorted(groups.items(), key=lambda kv: -kv[1]["weight_ratio"]):
-        style = "bold red" if name == "yellow triangle" else None
+        style = "bold red" if name == "white triangle" else None
         table.add_row(
             name, f"{g['count']:.0f}", f"{g['share']:.1%}", f"{g['weight_ratio']:.2f}x", f"{g['rarity_auroc']:.3f}",
             style=style,

@@ -19,8 +19,8 @@ def test_shapes_table_defaults_and_rare_fraction():
     assert t["path"].iloc[123] == "builtin:shapes/000123"
     rare = t[t["rare"] == 1]
     assert len(rare) == round(4000 * 0.02) == 80
-    assert set(rare["group"]) == {"yellow triangle"}
-    assert (t["colour"] == "yellow").sum() == 80  # yellow appears nowhere else
+    assert set(rare["group"]) == {"white triangle"}
+    assert (t["colour"] == "white").sum() == 80  # white appears nowhere else
     common = t[t["rare"] == 0]
     for col, values in (("shape", {"circle", "square", "triangle"}), ("colour", {"red", "green", "blue"})):
         counts = common[col].value_counts()
@@ -37,7 +37,7 @@ def test_shapes_table_defaults_and_rare_fraction():
 def test_rare_count_is_exact(n, rare):
     t = SHAPES.table(n=n, rare=rare)
     assert len(t) == n and int(t["rare"].sum()) == round(n * rare)
-    assert ((t["colour"] == "yellow") == (t["rare"] == 1)).all()
+    assert ((t["colour"] == "white") == (t["rare"] == 1)).all()
 
 
 def test_spurious_correlation_and_balance():
@@ -85,11 +85,11 @@ def test_load_builtin_with_parameters_is_deterministic(tmp_path):
 
 
 def test_default_parameters_share_the_cache_key():
-    a = load_images("builtin:shapes", image_size=8, where=["group=yellow triangle"], progress=False)
-    b = load_images("builtin:shapes?n=4000&rare=0.02&seed=0", image_size=8, where=["group=yellow triangle"],
+    a = load_images("builtin:shapes", image_size=8, where=["group=white triangle"], progress=False)
+    b = load_images("builtin:shapes?n=4000&rare=0.02&seed=0", image_size=8, where=["group=white triangle"],
                     progress=False)
     assert len(a) == 80 and a.fingerprint == b.fingerprint
-    assert set(a.table["colour"]) == {"yellow"}
+    assert set(a.table["colour"]) == {"white"}
 
 
 def _ink(img: np.ndarray) -> np.ndarray:
@@ -109,8 +109,8 @@ def test_rendered_colours_and_shape_inside_frame():
             assert g > 130 and r < 90 and b < 110
         elif colour == "blue":
             assert b > 160 and r < 90
-        else:  # yellow
-            assert r > 180 and g > 160 and b < 100
+        else:  # white
+            assert r > 180 and g > 180 and b > 180
         border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
         assert border.max() < 120  # dark background all around: the shape is fully inside
         assert img.reshape(-1, 3).max(1).mean() < 200  # mostly background

@@ -110,7 +110,7 @@ def test_audit_end_to_end(trained_run, tmp_path):
     assert 1 <= summary["effective_sample_size"] <= 240
     assert set(summary["groups"]) == {"group", "shape", "group x shape"}
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64") >= 6 and "yellow triangle" in html
+    assert html.count("data:image/png;base64") >= 6 and "white triangle" in html
 
 
 def test_audit_max_rule_and_where(trained_run, tmp_path):

@@ -28,8 +28,10 @@ COLOURS = {
     "red": (205, 45, 40),
     "green": (45, 175, 65),
     "blue": (45, 85, 215),
-    "yellow": (230, 205, 45),
+    "white": (235, 235, 235),
 }
+# Bumped whenever the rendering changes, so cached stores of the old pixels are not reused.
+GENERATOR_VERSION = 2
 TEST_FRACTION = 0.2
 SIZE_RANGE = (0.35, 0.65)
 _SUPERSAMPLE = 4
@@ -131,7 +133,7 @@ def _shapes_table(n: int, seed: int, rare: float) -> pd.DataFrame:
     shape = np.asarray(SHAPES)[rng.integers(0, 3, n)].astype(object)
     colour = np.asarray(["red", "green", "blue"])[rng.integers(0, 3, n)].astype(object)
     shape[is_rare] = "triangle"
-    colour[is_rare] = "yellow"
+    colour[is_rare] = "white"
     size = rng.uniform(*SIZE_RANGE, n)
     split = np.full(n, "train", dtype=object)
     _split_rows(rng, np.flatnonzero(is_rare), split)
@@ -249,7 +251,7 @@ def _coerce(name: str, key: str, value: Any, kind: type, limits: tuple[float, fl
 BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
     "shapes": BuiltinDataset(
         name="shapes",
-        description="circles, squares and triangles in red/green/blue; a rare subgroup of yellow triangles",
+        description="circles, squares and triangles in red/green/blue; a rare subgroup of white triangles",
         defaults={"n": 4000, "rare": 0.02, "seed": 0},
         limits={"n": (1, 10_000_000), "rare": (0.0, 1.0), "seed": (0, 2**63 - 1)},
         _table=_shapes_table,
@@ -290,4 +292,5 @@ def parse_builtin(source: str) -> tuple[BuiltinDataset, dict[str, Any]]:
 
 
 def canonical_builtin(ds: BuiltinDataset, params: dict[str, Any]) -> str:
-    return f"{PREFIX}{ds.name}?" + "&".join(f"{k}={params[k]!r}" for k in sorted(params))
+    query = "&".join(f"{k}={params[k]!r}" for k in sorted(params))
+    return f"{PREFIX}{ds.name}?{query}#v{GENERATOR_VERSION}"
