@@ -29,17 +29,19 @@ from debias.training import load_model
 MANIFEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "utkface" / "manifest.csv"
 
 SETTINGS: dict[str, dict] = {
-    "max (lab), bins 10, alpha 1e-3": dict(combine="max", bins=10, alpha=0.001),
-    "product, T=1 (paper, untempered)": dict(temperature=1.0),
-    "product, T=0.1": dict(temperature=0.1),
-    "product, auto T, ESS 0.5": dict(),
-    "product, auto T, ESS 0.5, active dims": dict(dims="active"),
-    "product, auto T, ESS 0.5, whiten": dict(whiten=True),
-    "product, auto T, ESS 0.5, whiten, active": dict(whiten=True, dims="active"),
-    "product, auto T, ESS 0.3": dict(target_ess=0.3),
-    "product, auto T, ESS 0.5, bins 5": dict(bins=5),
-    "product, auto T, ESS 0.5, bins 20": dict(bins=20),
-    "product, auto T, ESS 0.5, alpha 0.01": dict(alpha=0.01),
+    "max (lab), bins 10, alpha 1e-3": dict(combine="max", bins=10, alpha=0.001, whiten=False),
+    "product, T=1 (paper, untempered)": dict(temperature=1.0, whiten=False),
+    "product, T=0.1": dict(temperature=0.1, whiten=False),
+    "product, auto T (ESS 0.5)": dict(whiten=False),
+    "product, auto T (ESS 0.5), active dims": dict(whiten=False, dims="active"),
+    "product, auto T (ESS 0.3)": dict(whiten=False, target_ess=0.3),
+    "whitened product, auto T (ESS 0.5) [default]": dict(),
+    "whitened product, auto T (ESS 0.5), leading PCs": dict(dims="active"),
+    "whitened product, auto T (ESS 0.3)": dict(target_ess=0.3),
+    "whitened product, auto T (ESS 0.5), bins 5": dict(bins=5),
+    "whitened product, auto T (ESS 0.5), bins 20": dict(bins=20),
+    "whitened product, auto T (ESS 0.5), alpha 0.01": dict(alpha=0.01),
+    "whitened max, bins 10, alpha 1e-3": dict(combine="max"),
 }
 
 

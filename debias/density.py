@@ -43,18 +43,22 @@ class LatentHistogramDensity:
     temperature : ``"auto"`` or a float T >= 0 multiplying the product's log-weights; T = 1 is the untempered
         paper rule, T = 0 gives uniform weights. Ignored by ``combine="max"``.
     target_ess : with ``temperature="auto"``, the effective sample size sought, as a fraction of the fitted rows.
-    dims : ``"all"``, ``"active"`` (dimensions whose spread is at least ``active_threshold`` times the largest
-        dimension's standard deviation: collapsed VAE dimensions carry noise, not structure), or explicit indices.
+    dims : ``"all"``, ``"active"`` (axes whose spread is at least ``active_threshold`` times the largest axis's
+        standard deviation: collapsed VAE dimensions, or with ``whiten`` the trailing principal components, carry
+        noise rather than structure), or explicit latent indices.
     active_threshold : see ``dims``.
     whiten : rotate the latents onto their principal axes (PCA) before the histograms, so that the product's
-        independence assumption holds at least to second order.
+        independence assumption holds at least to second order. On by default: VAE latents are correlated, and on
+        the built-in shapes set it lifts the AUROC of rarity for the planted rare group from 0.83 to 0.95
+        (docs/benchmarks.md).
     contamination : fraction of the fitted rows that ``decision_function`` puts below 0 (sets ``offset_``).
 
     Fitted attributes
     -----------------
     dims_ : indices of the latent dimensions used; edges_ : (d, bins + 1) bin edges; probs_ : (d, bins) bin
     probabilities Q_i; temperature_ : the temperature used; ess_ : effective sample size of the weights on the fitted
-    rows; offset_ : threshold of ``decision_function``; n_samples_fit_ ; mean_, components_ (with ``whiten``);
+    rows; offset_ : threshold of ``decision_function``; n_samples_fit_ ; mean_, components_ (with ``whiten``: the
+    principal axes kept, one histogram each);
     max_norm_ : (d,) per-dimension normalisers of the ``max`` rule.
     """
 
@@ -67,7 +71,7 @@ class LatentHistogramDensity:
         target_ess: float = 0.5,
         dims: str | Sequence[int] = "all",
         active_threshold: float = 0.1,
-        whiten: bool = False,
+        whiten: bool = True,
         contamination: float = 0.05,
     ) -> None:
         self.bins = bins
@@ -87,14 +91,21 @@ class LatentHistogramDensity:
         n, d = Z.shape
         self.n_features_in_ = d
         self.n_samples_fit_ = n
-        self.dims_ = self._select_dims(Z)
-        X = Z[:, self.dims_]
+        # Explicit indices pick latent dimensions; "active" picks the axes that carry spread, after the rotation
+        # when there is one (it then keeps the leading principal components).
+        base = np.arange(d) if isinstance(self.dims, str) else self._select_dims(Z)
+        X = Z[:, base]
         if self.whiten:
             self.mean_ = X.mean(0)
             # Principal axes from the SVD of the centred data; no scaling needed, the histograms adapt to the range.
             _, _, vt = np.linalg.svd(X - self.mean_, full_matrices=False)
-            self.components_ = vt
             X = (X - self.mean_) @ vt.T
+        keep = self._select_dims(X) if isinstance(self.dims, str) else np.arange(X.shape[1])
+        X = X[:, keep]
+        if self.whiten:
+            self.dims_, self.components_ = base, vt[keep]
+        else:
+            self.dims_ = base[keep]
         lo, hi = X.min(0), X.max(0)
         span = np.where(hi > lo, hi - lo, 1.0)
         self.edges_ = lo[:, None] + span[:, None] * np.linspace(0.0, 1.0, self.bins + 1)[None, :]

@@ -38,7 +38,7 @@ class DensityOptions:
     temperature: float | str = "auto"
     target_ess: float = 0.5
     dims: str = "all"
-    whiten: bool = False
+    whiten: bool = True
 
     def build(self) -> LatentHistogramDensity:
         return LatentHistogramDensity(**asdict(self))
@@ -155,9 +155,11 @@ def _report(
     values = np.linspace(-3, 3, 9).tolist()
     trav = model.traverse(torch.from_numpy(enc.mu[typical[0]]).float(), top, values)
 
-    hists = [(density.counts_[j], density.edges_[j]) for j in range(len(density.dims_))]
-    axis = "pc" if density.whiten else "z"
-    labels = [f"{axis}{d} (KL {kl[d]:.2f})" if not density.whiten else f"{axis}{j}" for j, d in enumerate(density.dims_)]
+    hists = [(density.counts_[j], density.edges_[j]) for j in range(len(density.edges_))]
+    if density.whiten:
+        labels = [f"pc{j}" for j in range(len(density.edges_))]
+    else:
+        labels = [f"z{d} (KL {kl[d]:.2f})" for d in density.dims_]
     aurocs = {
         f"{name} = {g}": float(row["rarity_auroc"])
         for name, tbl in groups.items()

@@ -9,7 +9,7 @@ from debias.density import LatentHistogramDensity, effective_sample_size
 def test_one_dim_hand_computed():
     # bins=2 over [0, 1]: edges 0, .5, 1 -> counts (3, 1) -> Q = (.75, .25)
     Z = np.array([[0.0], [0.1], [0.2], [1.0]])
-    d = LatentHistogramDensity(bins=2, alpha=0.0, temperature=1.0).fit(Z)
+    d = LatentHistogramDensity(whiten=False, bins=2, alpha=0.0, temperature=1.0).fit(Z)
     np.testing.assert_allclose(d.edges_[0], [0.0, 0.5, 1.0])
     np.testing.assert_allclose(d.probs_[0], [0.75, 0.25])
     np.testing.assert_allclose(d.score_samples(Z), np.log([0.75, 0.75, 0.75, 0.25]))
@@ -21,7 +21,7 @@ def test_two_dim_product_with_smoothing():
     # dim 0: values 0,0,0,1 -> Q0 = (.75, .25); dim 1: values 0,1,1,1 -> Q1 = (.25, .75)
     Z = np.array([[0, 0], [0, 1], [0, 1], [1, 1]], dtype=float)
     alpha = 0.05
-    d = LatentHistogramDensity(bins=2, alpha=alpha, temperature=1.0).fit(Z)
+    d = LatentHistogramDensity(whiten=False, bins=2, alpha=alpha, temperature=1.0).fit(Z)
     q = np.array([[0.75, 0.25], [0.75, 0.75], [0.75, 0.75], [0.25, 0.75]]) + alpha
     np.testing.assert_allclose(d.score_samples(Z), np.log(q).sum(1))
     w = 1 / q.prod(1)
@@ -30,10 +30,10 @@ def test_two_dim_product_with_smoothing():
 
 def test_temperature_scales_log_weights():
     Z = np.array([[0.0], [0.1], [0.2], [1.0]])
-    d = LatentHistogramDensity(bins=2, alpha=0.0, temperature=0.5).fit(Z)
+    d = LatentHistogramDensity(whiten=False, bins=2, alpha=0.0, temperature=0.5).fit(Z)
     w = np.array([0.75, 0.75, 0.75, 0.25]) ** -0.5
     np.testing.assert_allclose(d.sampling_weights(Z), w / w.sum())
-    assert LatentHistogramDensity(bins=2, temperature=0.0).fit(Z).ess_ == pytest.approx(4.0)
+    assert LatentHistogramDensity(whiten=False, bins=2, temperature=0.0).fit(Z).ess_ == pytest.approx(4.0)
 
 
 def _lab_max_rule(Z, bins, alpha):
@@ -52,7 +52,7 @@ def _lab_max_rule(Z, bins, alpha):
 def test_max_rule_matches_lab():
     rng = np.random.default_rng(0)
     Z = rng.normal(size=(500, 6))
-    d = LatentHistogramDensity(bins=10, alpha=0.001, combine="max").fit(Z)
+    d = LatentHistogramDensity(whiten=False, bins=10, alpha=0.001, combine="max").fit(Z)
     np.testing.assert_allclose(d.sampling_weights(Z), _lab_max_rule(Z, 10, 0.001), rtol=1e-10)
     # higher score = more typical: the score orders samples opposite to the weight
     assert np.corrcoef(d.score_samples(Z), d.sampling_weights(Z))[0, 1] < 0
@@ -95,8 +95,8 @@ def test_rare_cluster_scores_rare():
 def test_active_dims_drop_collapsed():
     rng = np.random.default_rng(3)
     Z = np.hstack([rng.normal(size=(300, 3)), 1e-3 * rng.normal(size=(300, 2))])
-    assert LatentHistogramDensity(dims="active").fit(Z).dims_.tolist() == [0, 1, 2]
-    assert LatentHistogramDensity(dims=[4, 1]).fit(Z).dims_.tolist() == [4, 1]
+    assert LatentHistogramDensity(whiten=False, dims="active").fit(Z).dims_.tolist() == [0, 1, 2]
+    assert LatentHistogramDensity(whiten=False, dims=[4, 1]).fit(Z).dims_.tolist() == [4, 1]
     with pytest.raises(ValueError):
         LatentHistogramDensity(dims=[7]).fit(Z)
 
@@ -108,14 +108,14 @@ def test_whiten_finds_jointly_rare_points():
     common = np.stack([t, t + 0.05 * rng.normal(size=2000)], 1)
     rare = np.array([[1.0, -1.0], [-1.0, 1.0], [0.8, -0.8]])
     Z = np.vstack([common, rare])
-    plain = LatentHistogramDensity(bins=20).fit(Z).sampling_weights(Z)
+    plain = LatentHistogramDensity(whiten=False, bins=20).fit(Z).sampling_weights(Z)
     white = LatentHistogramDensity(bins=20, whiten=True).fit(Z).sampling_weights(Z)
     assert white[-3:].mean() > 10 * plain[-3:].mean()
 
 
 def test_out_of_range_values_use_edge_bins():
     Z = np.array([[0.0], [0.4], [0.6], [1.0]])
-    d = LatentHistogramDensity(bins=2, alpha=0.0).fit(Z)
+    d = LatentHistogramDensity(whiten=False, bins=2, alpha=0.0).fit(Z)
     np.testing.assert_allclose(d.score_samples(np.array([[-5.0], [7.0]])), np.log([0.5, 0.5]))
 
 
@@ -142,5 +142,17 @@ def test_sklearn_conventions():
 def test_per_dim_tail_hand_computed():
     # Q = (.75, .25): the rare bin's tail mass is .25, the common bin's is 1 (every bin is at most as likely)
     Z = np.array([[0.0], [0.1], [0.2], [1.0]])
-    d = LatentHistogramDensity(bins=2).fit(Z)
+    d = LatentHistogramDensity(whiten=False, bins=2).fit(Z)
     np.testing.assert_allclose(d.per_dim_tail(Z)[:, 0], [1.0, 1.0, 1.0, 0.25])
+
+
+def test_active_after_whitening_keeps_leading_components():
+    rng = np.random.default_rng(6)
+    signal = rng.normal(size=(1000, 2)) @ np.array([[3.0, 1.0, 0.0, 0.0], [0.0, 0.0, 2.0, 2.0]])
+    Z = signal + 0.01 * rng.normal(size=(1000, 4))  # rank-2 data embedded in 4 dims
+    d = LatentHistogramDensity(whiten=True, dims="active").fit(Z)
+    assert d.components_.shape == (2, 4) and d.edges_.shape[0] == 2
+    assert d.dims_.tolist() == [0, 1, 2, 3]
+    np.testing.assert_allclose(d.score_samples(Z[:5]), LatentHistogramDensity(whiten=True, dims="active").fit(Z).score_samples(Z[:5]))
+    plain = LatentHistogramDensity(whiten=False, dims="active").fit(Z)
+    assert plain.dims_.tolist() == [0, 1, 2, 3]  # every raw dimension has spread

@@ -1,0 +1,136 @@
+"""Scoring throughput of the novelty detector, without HTTP: images/s from tensors and from JPEG bytes.
+
+    python benchmarks/novelty_throughput.py --model RUN --data SOURCE [--where C=V] [--n 2048] [--threads 1]
+
+- tensors: images already in memory as float tensors, scored in batches of --batch-size (encode, statistics,
+  p-values, top dimensions), and one image at a time for comparison;
+- JPEG bytes: the same images as in-memory JPEGs (quality 90), checked and decoded on the CPU (Pillow, one
+  thread, as `debias.intake.decode_upload` does for the service) and then scored in batches;
+- on CUDA (--device cuda): the same with bf16 autocast, and JPEGs decoded on the GPU (nvJPEG) where torchvision can.
+
+Each figure is the median of --repeats timed runs after one warm-up run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from debias.data import load_images  # noqa: E402
+from debias.detector import open_detector  # noqa: E402
+from debias.device import resolve_device  # noqa: E402
+from debias.gpu_decode import decode_jpegs_on_device, gpu_jpeg_available  # noqa: E402
+from debias.intake import decode_upload  # noqa: E402
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, type=Path)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--where", action="append", default=[])
+    ap.add_argument("--n", type=int, default=2048)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--single", type=int, default=256, help="Images scored one at a time.")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    det = open_detector(args.model, device=device, progress=False)
+    data = load_images(args.data, where=args.where, image_size=det.image_size, channels=det.channels, progress=False)
+    n = min(args.n, len(data))
+    x = data.batch(slice(0, n))
+    arrays = np.asarray(data.images[:n])
+    jpegs = []
+    for a in arrays:
+        buf = io.BytesIO()
+        Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a).save(buf, "JPEG", quality=90)
+        jpegs.append(buf.getvalue())
+    bs = args.batch_size
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def from_tensors() -> None:
+        for s in range(0, n, bs):
+            det.score_batch(x[s : s + bs].to(device))
+        sync()
+
+    def one_at_a_time() -> None:
+        for i in range(min(args.single, n)):
+            det.score_batch(x[i : i + 1].to(device))
+        sync()
+
+    def from_jpeg_cpu() -> None:
+        for s in range(0, n, bs):
+            dec = [decode_upload(b, det.image_size, det.channels, max_pixels=1 << 26) for b in jpegs[s : s + bs]]
+            t = torch.from_numpy(np.stack(dec)).permute(0, 3, 1, 2).float().div_(255.0)
+            det.score_batch(t.to(device))
+        sync()
+
+    def cpu_decode(b: bytes) -> np.ndarray:
+        return decode_upload(b, det.image_size, det.channels, max_pixels=1 << 26)
+
+    def from_jpeg_gpu() -> None:
+        for s in range(0, n, bs):
+            det.score_batch(decode_jpegs_on_device(jpegs[s : s + bs], det.image_size, det.channels, device, cpu_decode))
+        sync()
+
+    res = {
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "device": str(device),
+        "cuda_device": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
+        "torch_threads": torch.get_num_threads(),
+        "model": str(args.model),
+        "image_size": det.image_size,
+        "channels": det.channels,
+        "latent_dim": det.model.config.latent_dim,
+        "n_images": n,
+        "batch_size": bs,
+        "images_per_s": {
+            f"tensors, batches of {bs}": n / timed(from_tensors, args.repeats),
+            "tensors, one image per call": min(args.single, n) / timed(one_at_a_time, max(1, args.repeats // 2)),
+            f"JPEG bytes, CPU decode (1 thread), batches of {bs}": n / timed(from_jpeg_cpu, args.repeats),
+        },
+    }
+    if gpu_jpeg_available(device):
+        res["images_per_s"][f"JPEG bytes, GPU decode, batches of {bs}"] = n / timed(from_jpeg_gpu, args.repeats)
+    print(res["command"])
+    where = res["cuda_device"] or f"{res['torch_threads']} torch threads"
+    print(f"device {res['device']} ({where}), model {res['image_size']} px x {res['channels']} ch, "
+          f"latent {res['latent_dim']}, {n} images")
+    for k, v in res["images_per_s"].items():
+        print(f"  {k:52s} {v:10.0f} images/s")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
