@@ -21,7 +21,7 @@ DEMO_IMAGE_SIZE = 32
 DEMO_LATENT_DIM = 16
 
 
-def run_demo(out: Path, epochs: int = 8, n: int = 4000, device: str = "auto", progress: bool = True) -> AuditResult:
+def run_demo(out: Path, epochs: int = 12, n: int = 4000, device: str = "auto", progress: bool = True) -> AuditResult:
     console = Console()
     source = f"builtin:shapes?n={n}"
     console.print(f"[bold]1/2 training[/] a beta-VAE on {source} ({epochs} epochs, {DEMO_IMAGE_SIZE} px)")
