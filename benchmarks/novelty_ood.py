@@ -6,8 +6,10 @@ The model's training data (from RUN) is encoded and split exactly as `debias sco
 20 % calibration). Every method is fitted on the same fit part and scored on the same in-distribution test images
 (negatives) and out-of-distribution images (positives); the table gives AUROC and the FPR at 95 % TPR.
 
-Methods: the shipped scorer (typicality of five statistics, Mahalanobis-combined), the Fisher combination of the same
-statistics, each statistic alone two-sided and one-sided, the raw ELBO (the likelihood trap), and PyOD's KNN,
+Methods: the shipped scorer (two-sided typicality of the posterior kNN distance and the reconstruction error, summed
+absolute z-scores), other combinations and statistics (the Mahalanobis and Fisher combinations, the latent-histogram
+density added, all seven statistics, the five-statistic Mahalanobis score of the first attempt), each statistic
+alone two-sided and one-sided, the raw ELBO (the likelihood trap), and PyOD's KNN,
 IForest and HBOS on raw pixels (fitted on a random --pyod-fit images of the fit part, stated in the output) and KNN on
 the VAE latents. Also the conformal decision at the stored target FPR: the realised FPR on in-distribution test
 images and the TPR on OOD images.
@@ -38,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from debias.data import ImageSet, load_images  # noqa: E402
 from debias.detector import DEFAULT_CALIBRATION_FRACTION, encode_dataset, open_detector  # noqa: E402
 from debias.device import resolve_device  # noqa: E402
-from debias.novelty import DEFAULT_STATISTICS, NoveltyScorer, feature_matrix  # noqa: E402
+from debias.novelty import DEFAULT_STATISTICS, STATISTICS, NoveltyScorer, feature_matrix  # noqa: E402
 from debias.training import load_model  # noqa: E402
 
 
@@ -98,15 +100,25 @@ def run(args: argparse.Namespace) -> dict:
         rows.append({"method": name, "auroc": float(roc_auc_score(y, s)), "fpr_at_95_tpr": fpr_at_tpr(y, s),
                      "note": note})
 
-    add("debias novelty (shipped: mahalanobis of 5 statistics)", det.scorer.novelty(X_in), det.scorer.novelty(X_ood))
-    fisher = NoveltyScorer(combine="fisher").fit(X_fit)
-    add("fisher combination of the same 5 statistics", fisher.novelty(X_in), fisher.novelty(X_ood))
-    every = NoveltyScorer(statistics=DEFAULT_STATISTICS + ("latent_norm",)).fit(X_fit)
-    add("mahalanobis of 6 statistics (+ latent_norm)", every.novelty(X_in), every.novelty(X_ood))
-    for stat in DEFAULT_STATISTICS + ("latent_norm",):
+    add("debias novelty (shipped: l1 of posterior_knn + recon_error)", det.scorer.novelty(X_in),
+        det.scorer.novelty(X_ood))
+    variants = {
+        "mahalanobis of the same 2 statistics": NoveltyScorer(combine="mahalanobis"),
+        "fisher combination of the same 2 statistics": NoveltyScorer(combine="fisher"),
+        "l1 of the 2 + latent_density (histogram evidence)": NoveltyScorer(
+            statistics=DEFAULT_STATISTICS + ("latent_density",)),
+        "l1 of all 7 statistics": NoveltyScorer(statistics=STATISTICS),
+        "mahalanobis of 5 statistics (attempt 1)": NoveltyScorer(
+            statistics=("latent_density", "latent_mahalanobis", "recon_error", "posterior_logvar", "kl"),
+            combine="mahalanobis"),
+    }
+    for name, scorer in variants.items():
+        scorer.fit(X_fit)
+        add(name, scorer.novelty(X_in), scorer.novelty(X_ood))
+    for stat in STATISTICS:
         one = NoveltyScorer(statistics=(stat,)).fit(X_fit)
         add(f"{stat}, two-sided", one.novelty(X_in), one.novelty(X_ood))
-        # one-sided in the "naive" direction: high error / low density / far latent = novel
+        # one-sided in the "naive" direction: high error / distance, low density = novel
         raw_in, raw_ood = one.statistic_matrix(X_in)[:, 0], one.statistic_matrix(X_ood)[:, 0]
         sign = -1.0 if stat in ("latent_density", "posterior_logvar") else 1.0
         add(f"{stat}, one-sided", sign * raw_in, sign * raw_ood,

@@ -46,14 +46,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def load_jpegs(source: str, where: list[str], n: int) -> list[bytes]:
+def load_jpegs(source: str, where: list[str], n: int, size: int = 28) -> list[bytes]:
     import torch
     from PIL import Image
 
     from debias.data import load_images
 
     torch.set_num_threads(1)
-    data = load_images(source, where=where, image_size=28, channels=None, progress=False)
+    data = load_images(source, where=where, image_size=size, channels=None, progress=False)
     out = []
     for a in np.asarray(data.images[:n]):
         buf = io.BytesIO()
@@ -142,7 +142,8 @@ def run_mode(args: argparse.Namespace, mode: str, jpegs: list[bytes]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, type=Path)
-    ap.add_argument("--data", required=True, help="Images to send (encoded as JPEG at 28 px).")
+    ap.add_argument("--data", required=True, help="Images to send (as JPEG, quality 90).")
+    ap.add_argument("--send-size", type=int, default=28, help="Side of the JPEGs sent, in pixels.")
     ap.add_argument("--where", action="append", default=[])
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--requests", type=int, default=2000)
@@ -151,7 +152,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    jpegs = load_jpegs(args.data, args.where, 512)
+    jpegs = load_jpegs(args.data, args.where, 512, args.send_size)
     results = [run_mode(args, m, jpegs) for m in args.modes.split(",")]
     out = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "results": results}
     by = {r["mode"]: r for r in results}

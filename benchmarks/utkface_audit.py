@@ -18,31 +18,14 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-from sklearn.metrics import roc_auc_score
-
 from debias.data import load_images
-from debias.density import LatentHistogramDensity
 from debias.scoring import encode_images, kl_per_dim
 from debias.training import load_model
 
-MANIFEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "utkface" / "manifest.csv"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from density_settings import SETTINGS, score_settings  # noqa: E402
 
-SETTINGS: dict[str, dict] = {
-    "max (lab), bins 10, alpha 1e-3": dict(combine="max", bins=10, alpha=0.001, whiten=False),
-    "product, T=1 (paper, untempered)": dict(temperature=1.0, whiten=False),
-    "product, T=0.1": dict(temperature=0.1, whiten=False),
-    "product, auto T (ESS 0.5)": dict(whiten=False),
-    "product, auto T (ESS 0.5), active dims": dict(whiten=False, dims="active"),
-    "product, auto T (ESS 0.3)": dict(whiten=False, target_ess=0.3),
-    "whitened product, auto T (ESS 0.5) [default]": dict(),
-    "whitened product, auto T (ESS 0.5), leading PCs": dict(dims="active"),
-    "whitened product, auto T (ESS 0.3)": dict(target_ess=0.3),
-    "whitened product, auto T (ESS 0.5), bins 5": dict(bins=5),
-    "whitened product, auto T (ESS 0.5), bins 20": dict(bins=20),
-    "whitened product, auto T (ESS 0.5), alpha 0.01": dict(alpha=0.01),
-    "whitened max, bins 10, alpha 1e-3": dict(combine="max"),
-}
+MANIFEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "utkface" / "manifest.csv"
 
 
 def evaluate(run: Path, manifest: Path, settings: dict[str, dict]) -> list[dict]:
@@ -54,26 +37,19 @@ def evaluate(run: Path, manifest: Path, settings: dict[str, dict]) -> list[dict]
     black, white = race == "black", race == "white"
     kl = kl_per_dim(enc)
     rows = []
-    for name, params in settings.items():
-        d = LatentHistogramDensity(**params).fit(enc.mu)
-        w = d.sampling_weights(enc.mu)
-        rarity = -d.score_samples(enc.mu)
+    for r in score_settings(enc.mu, black, white, settings):
         rows.append(
             {
                 "run": run.name,
-                "model": f"latent {cfg.latent_dim}, beta {cfg.beta}, {'DB-VAE ' + str(cfg.classes) if cfg.n_classes else 'VAE'}",
+                "model": f"{cfg.image_size} px, latent {cfg.latent_dim}, beta {cfg.beta}, "
+                + (f"DB-VAE on {meta['data']['label']}" if cfg.n_classes else "VAE"),
                 "epochs": len(meta["history"]),
                 "active_dims": int((kl > 0.01).sum()),
-                "setting": name,
-                "black_white_weight_ratio": float(w[black].mean() / w[white].mean()),
-                "auroc_black": float(roc_auc_score(black, rarity)),
-                "ess": float(d.ess_),
-                "ess_fraction": float(d.ess_ / len(w)),
-                "temperature": float(d.temperature_),
+                **r,
             }
         )
-        print(f"{run.name:24s} {name:44s} black/white {rows[-1]['black_white_weight_ratio']:.2f}x  "
-              f"AUROC {rows[-1]['auroc_black']:.3f}  ESS {d.ess_:.0f}", flush=True)
+        print(f"{run.name:24s} {r['setting']:48s} black/white {r['weight_ratio']:.2f}x  AUROC {r['auroc']:.3f}  "
+              f"ESS {r['ess']:.0f}", flush=True)
     return rows
 
 
@@ -91,8 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     print("\n| run | model | setting | black/white mean weight | AUROC(black) | ESS |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['run']} | {r['model']}, {r['epochs']} ep | {r['setting']} | {r['black_white_weight_ratio']:.2f}x "
-              f"| {r['auroc_black']:.3f} | {r['ess']:.0f} ({r['ess_fraction']:.0%}) |")
+        print(f"| {r['run']} | {r['model']}, {r['epochs']} ep | {r['setting']} | {r['weight_ratio']:.2f}x "
+              f"| {r['auroc']:.3f} | {r['ess']:.0f} ({r['ess_fraction']:.0%}) |")
 
 
 if __name__ == "__main__":

@@ -105,7 +105,7 @@ def audit(
         float, typer.Option(min=0.0, max=1.0, help="With --temperature auto: effective sample size / n.")
     ] = 0.5,
     dims: Annotated[str, typer.Option(help="all, or active (skip collapsed latent dimensions).")] = "all",
-    whiten: Annotated[bool, typer.Option(help="Rotate latents onto principal axes before the histograms.")] = False,
+    whiten: Annotated[bool, typer.Option(help="Rotate latents onto principal axes before the histograms.")] = True,
     device: DeviceOpt = "auto",
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
     report: Annotated[bool, typer.Option(help="Write report.html.")] = True,
@@ -149,7 +149,7 @@ def audit(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for the demo's run and audit.")] = Path("runs/demo"),
-    epochs: Annotated[int, typer.Option(min=1)] = 8,
+    epochs: Annotated[int, typer.Option(min=1)] = 12,
     n: Annotated[int, typer.Option(min=200, help="Images in the built-in dataset.")] = 4000,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
@@ -160,12 +160,286 @@ def demo(
     run_demo(out=out, epochs=epochs, n=n, device=device, progress=not quiet)
 
 
+# -- train-classifier (issue 3) ----------------------------------------------------------------------------------
+_ClsOut = Annotated[Path, typer.Option("--out", help="Run directory: predictions.csv, metrics.json, classifier.pt.")]
+_LabelOpt = Annotated[str, typer.Option("--label", help="Column to predict (binary or multi-class; strings or integers).")]
+_EvalWhereOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--eval-where", help="Evaluation rows, COL=VALUE (repeatable). Default: the validation rows."),
+]
+_EvalGroupsOpt = Annotated[
+    Optional[str],
+    typer.Option("--eval-groups", help="Comma-separated columns for per-group accuracy. Used only for evaluation."),
+]
+_SubsampleOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--subsample", help="COL=VALUE:FRACTION: keep that fraction of the training rows with COL=VALUE."),
+]
+_ClsEpochs = Annotated[int, typer.Option(min=1, help="Training epochs (JTT: of its second training).")]
+_ClsImageSize = Annotated[int, typer.Option(min=28, max=128)]
+_ClsLatent = Annotated[int, typer.Option(min=1, help="Latent dimensions of the (DB-)VAE encoder.")]
+_ClsWidth = Annotated[int, typer.Option(min=4, help="Channels of the first convolution.")]
+_ClsBeta = Annotated[float, typer.Option(min=0.0, help="dbvae: weight of the KL term.")]
+_ClsValFraction = Annotated[
+    float, typer.Option(min=0.0, max=0.9, help="Share of the training rows held out to select the epoch.")
+]
+_ClsSelect = Annotated[str, typer.Option(help="best (validation accuracy) or last epoch.")]
+_ClsBins = Annotated[int, typer.Option(min=1, help="dbvae: histogram bins per latent dimension.")]
+_ClsAlpha = Annotated[float, typer.Option(min=0.0, help="dbvae: smoothing alpha of Eq. 4 (smaller debiases more).")]
+_ClsTemperature = Annotated[str, typer.Option(help="dbvae: 'auto' or a number scaling the log-weights.")]
+_ClsTargetEss = Annotated[
+    float, typer.Option(min=0.0, max=1.0, help="dbvae, --temperature auto: effective sample size / n.")
+]
+_ClsWarmup = Annotated[int, typer.Option(min=0, help="dbvae: epochs of uniform sampling before the weights.")]
+_ClsDims = Annotated[str, typer.Option(help="dbvae: all, or active (leading principal axes / non-collapsed dims).")]
+_ClsWhiten = Annotated[bool, typer.Option(help="dbvae: histograms on the latents' principal axes.")]
+_ClsPerClass = Annotated[bool, typer.Option(help="dbvae: fit one latent density per label class.")]
+_ClsWeights = Annotated[Optional[Path], typer.Option("--weights", help="two-stage: scores.parquet of an audit.")]
+_ClsJttEpochs = Annotated[int, typer.Option(min=1, help="jtt: epochs of the first (ERM) training.")]
+_ClsJttUp = Annotated[
+    str, typer.Option(help="jtt: how many times the error set is upsampled, or auto: (1 - error rate) / error rate.")
+]
+_ClsVaeWeight = Annotated[
+    float, typer.Option(min=0.0, help="dbvae: weight of the VAE loss next to the classifier's cross-entropy.")
+]
+
+
+def _jtt_upweight(value: str) -> float | str:
+    if value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise DebiasError(f"--jtt-upweight must be 'auto' or a number >= 1, got {value!r}") from None
+
+
+def _classifier_job(out: Path, method: str, seed: int, opts: dict) -> object:
+    """A ClassifierJob from the options train-classifier and compare share."""
+    from debias.classifier_training import ClassifierTrainConfig
+    from pipelines.audit import DensityOptions
+    from pipelines.train_classifier import ClassifierJob
+
+    groups = opts["eval_groups"]
+    return ClassifierJob(
+        data=opts["data"],
+        label=opts["label"],
+        out=out,
+        method=method,
+        where=opts["where"] or [],
+        eval_where=opts["eval_where"] or [],
+        eval_groups=[c.strip() for c in groups.split(",") if c.strip()] if groups else [],
+        subsample=opts["subsample"] or [],
+        image_size=opts["image_size"],
+        latent_dim=opts["latent_dim"],
+        beta=opts["beta"],
+        width=opts["width"],
+        train=ClassifierTrainConfig(
+            epochs=opts["epochs"],
+            batch_size=opts["batch_size"],
+            lr=opts["lr"],
+            seed=seed,
+            device=opts["device"],
+            select=opts["select"],
+            vae_weight=opts["vae_weight"],
+        ),
+        val_fraction=opts["val_fraction"],
+        density=DensityOptions(
+            bins=opts["bins"],
+            alpha=opts["alpha"],
+            temperature=_temperature(opts["temperature"]),
+            target_ess=opts["target_ess"],
+            dims=opts["dims"],
+            whiten=opts["whiten"],
+        ),
+        warmup_epochs=opts["warmup_epochs"],
+        per_class=opts["per_class"],
+        weights=opts["weights"],
+        jtt_epochs=opts["jtt_epochs"],
+        jtt_upweight=_jtt_upweight(opts["jtt_upweight"]),
+        resume=opts.get("resume", False),
+        progress=not opts["quiet"],
+    )
+
+
+@app.command("train-classifier")
+def train_classifier(
+    data: DataOpt,
+    label: _LabelOpt,
+    out: _ClsOut,
+    reweight: Annotated[
+        str, typer.Option("--reweight", help="none (ERM), dbvae (DB-VAE Algorithm 1), two-stage (--weights) or jtt.")
+    ] = "dbvae",
+    where: WhereOpt = None,
+    eval_where: _EvalWhereOpt = None,
+    eval_groups: _EvalGroupsOpt = None,
+    subsample: _SubsampleOpt = None,
+    weights: _ClsWeights = None,
+    epochs: _ClsEpochs = 10,
+    image_size: _ClsImageSize = 64,
+    latent_dim: _ClsLatent = 32,
+    width: _ClsWidth = 32,
+    beta: _ClsBeta = 1.0,
+    vae_weight: _ClsVaeWeight = 0.001,
+    batch_size: Annotated[int, typer.Option(min=1)] = 128,
+    lr: Annotated[float, typer.Option(min=0.0)] = 1e-3,
+    val_fraction: _ClsValFraction = 0.1,
+    select: _ClsSelect = "best",
+    bins: _ClsBins = 10,
+    alpha: _ClsAlpha = 0.001,
+    temperature: _ClsTemperature = "auto",
+    target_ess: _ClsTargetEss = 0.5,
+    warmup_epochs: _ClsWarmup = 0,
+    dims: _ClsDims = "all",
+    whiten: _ClsWhiten = True,
+    per_class: _ClsPerClass = False,
+    jtt_epochs: _ClsJttEpochs = 2,
+    jtt_upweight: _ClsJttUp = "auto",
+    device: DeviceOpt = "auto",
+    seed: int = 0,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train a classifier with ERM, DB-VAE adaptive resampling, audit weights or JTT; report accuracy per group."""
+    from pipelines.train_classifier import run_train_classifier
+
+    opts = dict(locals())
+    result = run_train_classifier(_classifier_job(out, reweight, seed, opts))
+    typer.echo(f"outputs in {result.out}")
+
+
+# -- compare (issue 3) -------------------------------------------------------------------------------------------
+@app.command()
+def compare(
+    data: DataOpt,
+    label: _LabelOpt,
+    out: Annotated[Path, typer.Option("--out", help="Folder for runs/, comparison.md/.json and groups_*.png.")],
+    methods: Annotated[str, typer.Option(help="Comma-separated --reweight methods.")] = "none,dbvae,jtt",
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds, e.g. 0,1,2,3,4.")] = "0,1,2,3,4",
+    where: WhereOpt = None,
+    eval_where: _EvalWhereOpt = None,
+    eval_groups: _EvalGroupsOpt = None,
+    subsample: _SubsampleOpt = None,
+    weights: _ClsWeights = None,
+    epochs: _ClsEpochs = 10,
+    image_size: _ClsImageSize = 64,
+    latent_dim: _ClsLatent = 32,
+    width: _ClsWidth = 32,
+    beta: _ClsBeta = 1.0,
+    vae_weight: _ClsVaeWeight = 0.001,
+    batch_size: Annotated[int, typer.Option(min=1)] = 128,
+    lr: Annotated[float, typer.Option(min=0.0)] = 1e-3,
+    val_fraction: _ClsValFraction = 0.1,
+    select: _ClsSelect = "best",
+    bins: _ClsBins = 10,
+    alpha: _ClsAlpha = 0.001,
+    temperature: _ClsTemperature = "auto",
+    target_ess: _ClsTargetEss = 0.5,
+    warmup_epochs: _ClsWarmup = 0,
+    dims: _ClsDims = "all",
+    whiten: _ClsWhiten = True,
+    per_class: _ClsPerClass = False,
+    jtt_epochs: _ClsJttEpochs = 2,
+    jtt_upweight: _ClsJttUp = "auto",
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+) -> None:
+    """Run several methods x seeds with identical options and write a side-by-side table and per-group charts."""
+    from pipelines.compare import CompareJob, run_compare
+
+    opts = dict(locals())
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise DebiasError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    base = _classifier_job(out, method_list[0] if method_list else "none", 0, opts)
+    result = run_compare(CompareJob(base=base, out=out, methods=method_list, seeds=seed_list, progress=not quiet))
+    typer.echo(result.markdown)
+    typer.echo(f"outputs in {result.out}")
+
+
+FitDataOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--fit-data",
+        help="In-distribution images to fit the novelty scorer and its calibration on when RUN_DIR/novelty.pt is "
+        "missing or stale (default: the model's training data). Giving it refits.",
+    ),
+]
+FitWhereOpt = Annotated[Optional[list[str]], typer.Option("--fit-where", help="COL=VALUE filter for --fit-data.")]
+TargetFprOpt = Annotated[
+    Optional[float],
+    typer.Option("--target-fpr", min=0.0, max=1.0, help="False-positive rate for is_novel (default: stored, 0.05)."),
+]
+TopKOpt = Annotated[int, typer.Option("--top-k", min=0, max=64, help="Unusual latent dimensions listed per image.")]
+
+
+@app.command()
+def score(
+    model: Annotated[Path, typer.Option("--model", help="Run directory written by 'debias train'.")],
+    data: DataOpt,
+    out: Annotated[Path, typer.Option("--out", help="Folder for scores.parquet/.csv and summary.json.")],
+    where: WhereOpt = None,
+    fit_data: FitDataOpt = None,
+    fit_where: FitWhereOpt = None,
+    refit: Annotated[bool, typer.Option(help="Fit the novelty scorer again even if RUN_DIR/novelty.pt fits.")] = False,
+    target_fpr: TargetFprOpt = None,
+    top_k: TopKOpt = 5,
+    heatmaps: Annotated[int, typer.Option(min=0, help="Write error heatmaps of the K most novel images.")] = 0,
+    device: DeviceOpt = "auto",
+    batch_size: Annotated[int, typer.Option(min=1)] = 256,
+    quiet: QuietOpt = False,
+) -> None:
+    """Score every image for novelty against the model's training data: p-values, is_novel, unusual dimensions."""
+    from pipelines.score import ScoreJob, run_score
+
+    if target_fpr is not None and not 0 < target_fpr < 1:
+        raise DebiasError(f"--target-fpr must be between 0 and 1 (exclusive), got {target_fpr}")
+    job = ScoreJob(
+        model=model, data=data, out=out, where=where or [], fit_data=fit_data, fit_where=fit_where or [],
+        refit=refit, target_fpr=target_fpr, top_k=top_k, heatmaps=heatmaps, device=device, batch_size=batch_size,
+        progress=not quiet,
+    )
+    result = run_score(job)
+    s = result.summary
+    typer.echo(
+        f"scored {s['n_images']} images ({s['n_skipped']} skipped): {s['n_novel']} novel ({s['fraction_novel']:.1%} "
+        f"at a target false-positive rate of {s['detector']['target_fpr']:g}); outputs in {result.out}"
+    )
+
+
+@app.command()
+def serve(
+    model: Annotated[Path, typer.Option("--model", help="Run directory written by 'debias train'.")],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
+    device: DeviceOpt = "auto",
+    max_batch_size: Annotated[
+        Optional[int], typer.Option(min=1, help="Images per model batch (default 64; 1 turns batching off).")
+    ] = None,
+    max_wait_ms: Annotated[Optional[float], typer.Option(min=0.0, help="Wait for more images (default 2).")] = None,
+    fit_data: FitDataOpt = None,
+    fit_where: FitWhereOpt = None,
+    target_fpr: TargetFprOpt = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve novelty scoring over HTTP (POST /v1/score); API key from DEBIAS_API_KEY, limits from DEBIAS_* ."""
+    from pipelines.serve import run_serve
+
+    if target_fpr is not None and not 0 < target_fpr < 1:
+        raise DebiasError(f"--target-fpr must be between 0 and 1 (exclusive), got {target_fpr}")
+    run_serve(
+        host, port, log_level, model_dir=model, device=device, max_batch_size=max_batch_size,
+        max_wait_ms=max_wait_ms, fit_data=fit_data, fit_where=fit_where or None, target_fpr=target_fpr,
+    )
+
+
 # -- commands of later issues are added above this line, one block per command ----------------------------------
 
 
 def main() -> None:
     try:
-        app()
+        app(prog_name="debias")
     except DebiasError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)

@@ -1,0 +1,366 @@
+"""A trained VAE plus its fitted novelty scorer and conformal calibration: everything `debias score` and the
+service need to turn images into novelty, p-value, is_novel, rarity and an explanation.
+
+The fitted part is stored next to the model as ``RUN_DIR/novelty.pt`` (tensors, numbers, strings, lists and dicts
+only, loaded with ``weights_only=True``). It records the SHA-256 of the ``model.pt`` it was fitted for and is refitted
+when the model changes. Fitting encodes the model's training data (or ``fit_data``), splits it at random into a fit
+part (the statistics' distribution) and a calibration part (held-out scores for the conformal p-values).
+
+The calibration part is held out from the scorer, not from the VAE: `debias train` trains on all of its data, so the
+calibration images' reconstruction errors are slightly optimistic and the realised false-positive rate on new
+in-distribution images can sit a little above the target (measured in docs/benchmarks.md). ``fit_data`` with images
+the model never saw removes that bias.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from debias import __version__
+from debias.calibration import ConformalCalibrator
+from debias.checkpoint import load_checkpoint, save_checkpoint
+from debias.data import ImageSet, load_images
+from debias.density import LatentHistogramDensity
+from debias.device import autocast
+from debias.errors import DebiasError
+from debias.models import ConvVAE
+from debias.novelty import NoveltyScorer, feature_matrix
+from debias.progress import progress_bar
+from debias.scoring import Encoded
+from debias.training import MODEL, load_model
+
+NOVELTY_FILE = "novelty.pt"
+FORMAT_VERSION = 2  # 2: posterior_knn + recon_error, l1 (1 was mahalanobis of five statistics)
+DEFAULT_CALIBRATION_FRACTION = 0.2
+DEFAULT_TARGET_FPR = 0.05
+
+
+# -- one batch through the model ---------------------------------------------------------------------------------
+@torch.inference_mode()
+def encode_batch(model: ConvVAE, x: torch.Tensor) -> tuple[Encoded, torch.Tensor]:
+    """(B, C, S, S) images in [0, 1] -> the same outputs as :func:`debias.scoring.encode_images`, plus the
+    reconstructions (B, C, S, S) on the CPU. Eval mode and no batch-coupled layers: each image's outputs are those it
+    gets alone (up to floating-point rounding of batched kernels)."""
+    device = next(model.parameters()).device
+    model.eval()
+    x = x.to(device, non_blocking=True)
+    with autocast(device):
+        mu, logvar, logits = model.encode(x)
+        recon = torch.sigmoid(model.decode(mu).float())
+    err = (recon - x).pow(2).flatten(1).mean(1)
+    enc = Encoded(
+        mu=mu.float().cpu().numpy().astype(np.float64),
+        logvar=logvar.float().cpu().numpy().astype(np.float64),
+        recon_error=err.float().cpu().numpy().astype(np.float64),
+        logits=logits.float().cpu().numpy() if logits is not None else None,
+    )
+    return enc, recon.float().cpu()
+
+
+def encode_dataset(
+    model: ConvVAE, data: ImageSet, *, batch_size: int = 256, progress: bool = True, description: str = "encoding"
+) -> Encoded:
+    """:func:`encode_batch` over a whole ImageSet (the reconstructions are dropped)."""
+    parts: list[Encoded] = []
+    with progress_bar(description, total=len(data), enabled=progress) as bar:
+        for start in range(0, len(data), batch_size):
+            enc, _ = encode_batch(model, data.batch(slice(start, start + batch_size)))
+            parts.append(enc)
+            bar.advance(len(enc.mu))
+    return Encoded(
+        mu=np.concatenate([p.mu for p in parts]),
+        logvar=np.concatenate([p.logvar for p in parts]),
+        recon_error=np.concatenate([p.recon_error for p in parts]),
+        logits=np.concatenate([p.logits for p in parts]) if parts and parts[0].logits is not None else None,
+    )
+
+
+# -- results -----------------------------------------------------------------------------------------------------
+@dataclass
+class NoveltyResults:
+    """Per-image outputs, row i for image i."""
+
+    novelty: np.ndarray  # higher = more novel (the scorer's combined statistic)
+    p_value: np.ndarray  # conformal p-value against the calibration images
+    is_novel: np.ndarray  # p_value <= target_fpr
+    rarity: np.ndarray  # the audit's rarity: minus the latent-histogram log density
+    recon_error: np.ndarray
+    top_dims: list[list[dict[str, float | int]]]
+    recon: torch.Tensor | None = field(default=None, repr=False)  # reconstructions (CPU), when asked for
+    images: torch.Tensor | None = field(default=None, repr=False)  # the model's inputs (CPU), with ``recon``
+
+    def __len__(self) -> int:
+        return len(self.novelty)
+
+    def record(self, i: int) -> dict[str, Any]:
+        return {
+            "novelty": float(self.novelty[i]),
+            "p_value": float(self.p_value[i]),
+            "is_novel": bool(self.is_novel[i]),
+            "rarity": float(self.rarity[i]),
+            "recon_error": float(self.recon_error[i]),
+            "top_dims": self.top_dims[i],
+        }
+
+
+# -- the detector ------------------------------------------------------------------------------------------------
+class NoveltyDetector:
+    """Model + fitted :class:`NoveltyScorer` + :class:`ConformalCalibrator`, and a card describing them."""
+
+    def __init__(
+        self, model: ConvVAE, scorer: NoveltyScorer, calibrator: ConformalCalibrator, card: dict[str, Any]
+    ) -> None:
+        self.model = model
+        self.scorer = scorer
+        self.calibrator = calibrator
+        self.card = card
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def image_size(self) -> int:
+        return self.model.config.image_size
+
+    @property
+    def channels(self) -> int:
+        return self.model.config.channels
+
+    def with_target_fpr(self, target_fpr: float) -> "NoveltyDetector":
+        """The same detector deciding at another false-positive rate (recomputed from the stored scores)."""
+        cal = ConformalCalibrator(target_fpr=target_fpr).fit(self.calibrator.scores_)
+        card = {**self.card, "target_fpr": cal.target_fpr, "threshold": _finite_or_none(cal.threshold_)}
+        return NoveltyDetector(self.model, self.scorer, cal, card)
+
+    def score_encoded(self, enc: Encoded, *, top_k: int = 5) -> NoveltyResults:
+        X = feature_matrix(enc)
+        novelty = self.scorer.novelty(X)
+        return NoveltyResults(
+            novelty=novelty,
+            p_value=self.calibrator.p_values(novelty),
+            is_novel=self.calibrator.is_novel(novelty),
+            rarity=self.scorer.rarity(X),
+            recon_error=enc.recon_error,
+            top_dims=self.scorer.top_dims(X, k=top_k),
+        )
+
+    def score_batch(self, x: torch.Tensor, *, top_k: int = 5, keep_recon: bool = False) -> NoveltyResults:
+        """(B, C, S, S) float images in [0, 1] (already at the model's size) -> results."""
+        enc, recon = encode_batch(self.model, x)
+        res = self.score_encoded(enc, top_k=top_k)
+        if keep_recon:
+            res.recon, res.images = recon, x.float().cpu()
+        return res
+
+    def score_dataset(
+        self, data: ImageSet, *, top_k: int = 5, batch_size: int = 256, progress: bool = True
+    ) -> NoveltyResults:
+        return self.score_encoded(encode_dataset(self.model, data, batch_size=batch_size, progress=progress), top_k=top_k)
+
+    # -- persistence -----------------------------------------------------------------------------------------------
+    def save(self, path: str | Path, model_sha256: str) -> None:
+        save_checkpoint(
+            {
+                "format": FORMAT_VERSION,
+                "model_sha256": model_sha256,
+                "scorer": _pack(self.scorer),
+                "calibrator": _pack(self.calibrator),
+                "card": self.card,
+            },
+            path,
+        )
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fit_detector(
+    model: ConvVAE,
+    data: ImageSet,
+    *,
+    meta: dict[str, Any] | None = None,
+    model_sha256: str = "",
+    calibration_fraction: float = DEFAULT_CALIBRATION_FRACTION,
+    target_fpr: float = DEFAULT_TARGET_FPR,
+    scorer: NoveltyScorer | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> NoveltyDetector:
+    """Encode ``data``, fit the scorer on a random ``1 - calibration_fraction`` of it and calibrate on the rest."""
+    n = len(data)
+    n_cal = int(round(n * calibration_fraction))
+    if not 0 < calibration_fraction < 1 or n_cal < 1 or n - n_cal < 2:
+        raise DebiasError(
+            f"cannot split {n} images into a fit part and a calibration part of {calibration_fraction:.0%}: "
+            "need at least 3 images and a fraction in (0, 1)"
+        )
+    t0 = time.perf_counter()
+    enc = encode_dataset(model, data, batch_size=batch_size, progress=progress, description="encoding (novelty fit)")
+    X = feature_matrix(enc)
+    order = np.random.default_rng(seed).permutation(n)
+    cal_rows, fit_rows = order[:n_cal], order[n_cal:]
+    scorer = scorer if scorer is not None else NoveltyScorer()
+    scorer.fit(X[fit_rows])
+    calibrator = ConformalCalibrator(target_fpr=target_fpr).fit(scorer.novelty(X[cal_rows]))
+    cfg = model.config
+    meta = meta or {}
+    card = {
+        "debias_version": __version__,
+        "model_sha256": model_sha256[:16],
+        "image_size": cfg.image_size,
+        "channels": cfg.channels,
+        "latent_dim": cfg.latent_dim,
+        "trained_on": meta.get("data", {}),
+        "novelty": {
+            "statistics": list(scorer.statistics),
+            "combine": scorer.combine,
+            "n_neighbors": scorer.n_neighbors,
+            "knn_references": int(len(scorer.reference_)),
+            "bins": scorer.bins,
+            "alpha": scorer.alpha,
+        },
+        "fitted_on": {
+            "source": data.source,
+            "fingerprint": data.fingerprint,
+            "n_images": n,
+            "n_fit": int(len(fit_rows)),
+            "seed": seed,
+        },
+        "calibration_size": calibrator.n_calibration_,
+        "target_fpr": target_fpr,
+        "threshold": _finite_or_none(calibrator.threshold_),
+        "fitted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "fit_seconds": round(time.perf_counter() - t0, 2),
+    }
+    return NoveltyDetector(model, scorer, calibrator, card)
+
+
+def open_detector(
+    run_dir: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    fit_data: str | None = None,
+    fit_where: list[str] | None = None,
+    refit: bool = False,
+    target_fpr: float | None = None,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> NoveltyDetector:
+    """The detector of a run: ``RUN_DIR/novelty.pt`` when it matches ``model.pt``, else fitted now (on ``fit_data``,
+    default the model's training data) and saved there. ``target_fpr`` overrides the stored one for this use only."""
+    run = Path(run_dir)
+    model, meta = load_model(run, device)
+    model_path = run / MODEL if run.is_dir() else run
+    sha = file_sha256(model_path)
+    path = model_path.parent / NOVELTY_FILE
+    det: NoveltyDetector | None = None
+    if path.exists() and not refit and fit_data is None:
+        det = _load(path, model, sha)
+    if det is None:
+        data = _fit_source(model, meta, fit_data, fit_where, progress)
+        det = fit_detector(
+            model, data, meta=meta, model_sha256=sha, target_fpr=target_fpr or DEFAULT_TARGET_FPR,
+            batch_size=batch_size, progress=progress,
+        )
+        det.card["fitted_on"]["where"] = list(fit_where if fit_data is not None else meta["data"].get("where", []))
+        det.save(path, sha)
+    det.card["run"] = model_path.parent.name
+    if target_fpr is not None and target_fpr != det.calibrator.target_fpr:
+        det = det.with_target_fpr(target_fpr)
+    return det
+
+
+def _fit_source(
+    model: ConvVAE, meta: dict[str, Any], fit_data: str | None, fit_where: list[str] | None, progress: bool
+) -> ImageSet:
+    cfg = model.config
+    if fit_data is None:
+        trained = meta.get("data", {})
+        fit_data, fit_where = trained.get("source"), list(trained.get("where", []))
+        if not fit_data:
+            raise DebiasError("the model does not record its training data; pass the data to fit the novelty scorer on")
+        try:
+            return load_images(fit_data, where=fit_where, image_size=cfg.image_size, channels=cfg.channels, progress=progress)
+        except DebiasError as exc:
+            raise DebiasError(
+                f"cannot fit the novelty scorer on the model's training data {fit_data!r} ({exc}); "
+                "pass --fit-data SOURCE with in-distribution images"
+            ) from None
+    return load_images(fit_data, where=fit_where or [], image_size=cfg.image_size, channels=cfg.channels, progress=progress)
+
+
+def _load(path: Path, model: ConvVAE, sha: str) -> NoveltyDetector | None:
+    """The stored detector, or None when it belongs to another model file or an older format (then refit)."""
+    blob = load_checkpoint(path)
+    if blob.get("format") != FORMAT_VERSION or blob.get("model_sha256") != sha:
+        return None
+    try:
+        scorer = _unpack(blob["scorer"])
+        calibrator = _unpack(blob["calibrator"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DebiasError(f"cannot load {path}: {exc}; delete it (or pass --refit) to fit the scorer again") from None
+    if not isinstance(scorer, NoveltyScorer) or not isinstance(calibrator, ConformalCalibrator):
+        raise DebiasError(f"cannot load {path}: unexpected contents; delete it (or pass --refit) to fit again")
+    return NoveltyDetector(model, scorer, calibrator, dict(blob["card"]))
+
+
+def _finite_or_none(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+# -- estimator state <-> weights_only-loadable containers ---------------------------------------------------------
+# Only these classes can be rebuilt from a file: a name outside the list is an error, never an import.
+_ESTIMATORS: dict[str, type] = {
+    "NoveltyScorer": NoveltyScorer,
+    "ConformalCalibrator": ConformalCalibrator,
+    "LatentHistogramDensity": LatentHistogramDensity,
+}
+
+
+def _pack(value: Any) -> Any:
+    if type(value).__name__ in _ESTIMATORS and isinstance(value, _ESTIMATORS[type(value).__name__]):
+        return {"__estimator__": type(value).__name__, "state": {k: _pack(v) for k, v in vars(value).items()}}
+    if isinstance(value, np.ndarray):
+        return {"__ndarray__": torch.from_numpy(np.ascontiguousarray(value).copy())}
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_pack(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _pack(v) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot store a {type(value).__name__} in {NOVELTY_FILE}")
+
+
+def _unpack(value: Any) -> Any:
+    if isinstance(value, dict):
+        if "__ndarray__" in value:
+            return value["__ndarray__"].numpy()
+        if "__estimator__" in value:
+            cls = _ESTIMATORS.get(value["__estimator__"])
+            if cls is None:
+                raise ValueError(f"unknown estimator {value['__estimator__']!r}")
+            obj = cls.__new__(cls)
+            obj.__dict__.update({k: _unpack(v) for k, v in value["state"].items()})
+            return obj
+        return {k: _unpack(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unpack(v) for v in value]
+    return value

@@ -1,0 +1,304 @@
+"""Novelty score of an image under a trained VAE that does not fall into the likelihood trap.
+
+A VAE's likelihood (ELBO) rates *simpler* out-of-distribution images as more typical (Nalisnick et al., ICLR 2019):
+on this project's benchmarks the ELBO of a Fashion-MNIST model separates MNIST digits from its own test images with
+AUROC 0.37, and that of a UTKFace model with 0.001, i.e. backwards. The cure used here is *typicality*: an
+in-distribution image is one whose statistics look like those of the training images, and being too good is as
+suspicious as being too bad (Nalisnick et al. 2019, "Detecting out-of-distribution inputs to deep generative models
+using typicality"; Morningstar et al., AISTATS 2021, "Density of States Estimation").
+
+Per image we compute statistics from one encoder/decoder pass (see :data:`STATISTICS`), each fitted on training
+images only. The shipped default uses two of them:
+
+- ``posterior_knn``: the log mean distance from the image's posterior (mu, log sigma^2) to the posteriors of its
+  ``k`` nearest training images. A digit under a clothes model lands in an empty region of latent space even when
+  it reconstructs well; the nearest-neighbour distance sees that without assuming a shape for the training latents.
+- ``recon_error``: the log mean squared reconstruction error.
+
+and combines them with ``combine="l1"``: the sum over statistics of the absolute standardised deviation from the
+training mean, |s_j - mean_j| / sd_j. Two-sided, so "too good to be true" counts as much as "too bad" -- except for
+the kNN distance, where only "farther than usual" counts (:data:`ONE_SIDED`): an image closer than usual to training
+posteriors is typical (a training image scored again finds itself at distance 0).
+
+Alternatives kept as options and measured side by side in ``docs/benchmarks.md``: the audit's latent-histogram log
+density (``latent_density``; it is reported per image as ``rarity`` and explains the score through ``top_dims``, but
+adding it to the novelty lowered AUROC on every benchmark), the Mahalanobis distance of mu, the mean posterior
+log-variance, the KL to the prior and the latent norm; and the combinations ``"mahalanobis"`` (shrunk-covariance
+Mahalanobis of the standardised statistics: it discounts shifts along the correlation of the statistics, which is
+exactly where OOD images move, since kNN distance and error rise together) and ``"fisher"`` (per-statistic two-sided
+empirical tails, -2 sum log p; bottoms out at 1/(n+1) per statistic).
+
+The estimator follows scikit-learn: ``__init__`` stores parameters, ``fit`` returns self, fitted attributes end in
+``_``, ``score_samples`` is higher for more normal images, ``decision_function`` is ``score_samples - offset_``.
+Its input is a plain feature matrix, ``feature_matrix(encoded)`` = [mu | logvar | recon_error], so it needs no
+model and can be tested on synthetic arrays. Calibrated p-values live in :mod:`debias.calibration`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, OutlierMixin
+from sklearn.covariance import LedoitWolf
+
+from debias.density import LatentHistogramDensity
+from debias.scoring import Encoded
+
+#: Per-image statistics. Each is a transformed quantity whose training distribution is roughly bell-shaped (logs of
+#: positive, heavy-tailed quantities), so that a mean and a standard deviation describe it.
+STATISTICS = (
+    "posterior_knn",  # log mean distance from (mu, logvar) to the k nearest training posteriors (self excluded in fit)
+    "latent_density",  # sum_i log(Q_i(mu_i) + alpha): the audit's histogram density (rarity = minus this)
+    "latent_mahalanobis",  # log of the squared Mahalanobis distance of mu from the training latents
+    "recon_error",  # log mean squared error per pixel of the reconstruction from mu
+    "posterior_logvar",  # mean over dims of the encoder's log sigma^2: how sure the encoder is
+    "kl",  # log KL(q(z|x) || N(0, I)), summed over dims
+    "latent_norm",  # log ||mu||^2 (Euclidean, unlike latent_mahalanobis)
+)
+DEFAULT_STATISTICS = ("posterior_knn", "recon_error")
+#: Statistics where only one direction means novel. Being closer than usual to the training posteriors is what a
+#: training image re-scored looks like (it finds itself), not a sign of novelty; every other statistic is two-sided.
+ONE_SIDED = frozenset({"posterior_knn"})
+_COMBINE = ("l1", "mahalanobis", "fisher")
+_KNN_CHUNK = 256  # query rows per distance block: bounds memory at 256 x n_reference float64 (40 MB at 20k)
+_EPS = 1e-12
+
+
+def feature_matrix(enc: Encoded) -> np.ndarray:
+    """(n, 2d + 1) float64 input of :class:`NoveltyScorer`: posterior means, log-variances, reconstruction error."""
+    return np.hstack([enc.mu, enc.logvar, enc.recon_error[:, None]]).astype(np.float64, copy=False)
+
+
+def split_features(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inverse of :func:`feature_matrix`: (mu, logvar, recon_error)."""
+    d = (X.shape[1] - 1) // 2
+    return X[:, :d], X[:, d : 2 * d], X[:, 2 * d]
+
+
+class NoveltyScorer(OutlierMixin, BaseEstimator):
+    """Typicality of per-image VAE statistics against the training images, scikit-learn style.
+
+    Parameters
+    ----------
+    statistics : names from :data:`STATISTICS` to combine.
+    combine : ``"l1"`` (default: sum of absolute standardised deviations; positive part only for :data:`ONE_SIDED`
+        statistics), ``"mahalanobis"`` (shrunk-covariance Mahalanobis distance of the standardised statistics,
+        always two-sided) or ``"fisher"`` (per-statistic empirical tails, two-sided except :data:`ONE_SIDED`).
+    n_neighbors : k of ``posterior_knn``.
+    max_reference : at most this many fitted posteriors are kept as ``posterior_knn`` neighbours (a seeded random
+        subset beyond that), which bounds the memory and the per-image cost of a search.
+    bins, alpha : of the :class:`~debias.density.LatentHistogramDensity` behind ``latent_density``, ``rarity`` and
+        the per-dimension explanations (the audit's defaults; histograms per latent dimension, without the audit's
+        default whitening, so that ``top_dims`` names latent dimensions).
+    contamination : fraction of the fitted rows that ``decision_function`` puts below 0 (sets ``offset_``). Only a
+        convenience: calibrated decisions come from :class:`debias.calibration.ConformalCalibrator`.
+
+    Fitted attributes
+    -----------------
+    n_features_in_, latent_dim_, n_samples_fit_ ; density_ : the fitted LatentHistogramDensity ;
+    latent_mean_, latent_precision_ : Gaussian fit of the posterior means ; reference_ : (m, 2d) posteriors
+    searched by ``posterior_knn`` ; stat_mean_, stat_scale_ : per-statistic centre and spread ; stat_precision_ :
+    inverse shrunk covariance of the standardised statistics (mahalanobis) ; stat_sorted_ : (k, n) sorted training
+    statistics (fisher) ; offset_ .
+    """
+
+    def __init__(
+        self,
+        statistics: Sequence[str] = DEFAULT_STATISTICS,
+        combine: str = "l1",
+        n_neighbors: int = 5,
+        max_reference: int = 20_000,
+        bins: int = 10,
+        alpha: float = 0.001,
+        contamination: float = 0.05,
+    ) -> None:
+        self.statistics = statistics
+        self.combine = combine
+        self.n_neighbors = n_neighbors
+        self.max_reference = max_reference
+        self.bins = bins
+        self.alpha = alpha
+        self.contamination = contamination
+
+    # -- fitting ---------------------------------------------------------------------------------------------------
+    def fit(self, X: np.ndarray, y: object = None) -> "NoveltyScorer":
+        X = self._check_array(X, fitted=False)
+        self._check_params()
+        mu, logvar, _ = split_features(X)
+        n, d = mu.shape
+        if n < self.n_neighbors + 2:
+            raise ValueError(f"NoveltyScorer needs at least {self.n_neighbors + 2} images to fit, got {n}")
+        self.n_features_in_ = X.shape[1]
+        self.latent_dim_ = d
+        self.n_samples_fit_ = n
+        # Per latent dimension, not whitened (the audit's default): the explanation must name latent dimensions,
+        # which the decoder can traverse, rather than principal components.
+        self.density_ = LatentHistogramDensity(bins=self.bins, alpha=self.alpha, whiten=False).fit(mu)
+        self.latent_mean_ = mu.mean(0)
+        # Ledoit-Wolf shrinkage keeps the precision finite when latent dimensions are collapsed (near-constant).
+        self.latent_precision_ = LedoitWolf(assume_centered=False).fit(mu).get_precision()
+        keep = np.arange(n)
+        if n > self.max_reference:
+            keep = np.sort(np.random.default_rng(0).choice(n, size=self.max_reference, replace=False))
+        self.reference_ = np.ascontiguousarray(np.hstack([mu, logvar])[keep])
+        # Each fitted row is its own nearest reference: measure it against the others (leave-one-out), or the
+        # training distribution of the kNN statistic would be far too small and every new image would look novel.
+        self_rows = np.full(n, -1)
+        self_rows[keep] = np.arange(len(keep))
+        S = self._statistics(X, self_rows=self_rows)
+        self.stat_mean_ = S.mean(0)
+        std = S.std(0)
+        self.stat_scale_ = np.where(std > _EPS, std, 1.0)
+        Zs = (S - self.stat_mean_) / self.stat_scale_
+        if self.combine == "mahalanobis":
+            self.stat_precision_ = LedoitWolf(assume_centered=True).fit(Zs).get_precision()
+        elif self.combine == "fisher":
+            self.stat_sorted_ = np.sort(S, axis=0).T.copy()
+        self.offset_ = float(np.quantile(self._score_from_stats(S), self.contamination))
+        return self
+
+    # -- public scoring --------------------------------------------------------------------------------------------
+    def statistic_matrix(self, X: np.ndarray) -> np.ndarray:
+        """(n, k) the chosen statistics of each row, in the order of ``statistics``."""
+        self._check_fitted()
+        return self._statistics(self._check_array(X, fitted=True))
+
+    def _statistics(self, X: np.ndarray, self_rows: np.ndarray | None = None) -> np.ndarray:
+        mu, logvar, recon = split_features(X)
+        cols = []
+        for name in self.statistics:
+            if name == "posterior_knn":
+                dist = self._knn_distances(np.hstack([mu, logvar]), self_rows)
+                cols.append(np.log(dist.mean(1) + _EPS))
+            elif name == "latent_density":
+                cols.append(self.density_.score_samples(mu))
+            elif name == "latent_mahalanobis":
+                diff = mu - self.latent_mean_
+                cols.append(np.log(np.einsum("ij,jk,ik->i", diff, self.latent_precision_, diff) + _EPS))
+            elif name == "recon_error":
+                cols.append(np.log(recon + _EPS))
+            elif name == "posterior_logvar":
+                cols.append(logvar.mean(1))
+            elif name == "kl":
+                kl = -0.5 * (1 + logvar - mu**2 - np.exp(logvar)).sum(1)
+                cols.append(np.log(np.maximum(kl, 0.0) + _EPS))
+            elif name == "latent_norm":
+                cols.append(np.log((mu**2).sum(1) + _EPS))
+        return np.column_stack(cols)
+
+    def _knn_distances(self, Q: np.ndarray, self_rows: np.ndarray | None) -> np.ndarray:
+        """(n, k) Euclidean distances from each query row to its k nearest references, nearest first; with
+        ``self_rows`` (index of each query in the references, -1 if absent) a row never counts itself.
+
+        Brute force through torch (BLAS matmul + top-k), several times faster than numpy's partition at 50k
+        references; float64, so that a row's distances do not depend on the other rows of its block."""
+        R = torch.from_numpy(self.reference_)
+        r2 = (R * R).sum(1)
+        k = self.n_neighbors
+        out = np.empty((len(Q), k))
+        with torch.inference_mode():
+            for start in range(0, len(Q), _KNN_CHUNK):
+                q = torch.from_numpy(np.ascontiguousarray(Q[start : start + _KNN_CHUNK]))
+                # |q - r|^2 = |q|^2 + |r|^2 - 2 q.r, clipped because rounding can make it slightly negative
+                d2 = ((q * q).sum(1)[:, None] + r2[None, :] - 2.0 * (q @ R.T)).clamp_min_(0.0)
+                if self_rows is not None:
+                    own = torch.from_numpy(self_rows[start : start + len(q)])
+                    rows = torch.nonzero(own >= 0).flatten()
+                    d2[rows, own[rows]] = float("inf")
+                out[start : start + len(q)] = torch.topk(d2, k, dim=1, largest=False).values.sqrt_().numpy()
+        return out
+
+    def score_samples(self, X: np.ndarray) -> np.ndarray:
+        """Typicality of each row, higher = more normal (minus :meth:`novelty`)."""
+        self._check_fitted()
+        return self._score_from_stats(self.statistic_matrix(X))
+
+    def novelty(self, X: np.ndarray) -> np.ndarray:
+        """The novelty score, higher = more novel: the sum of absolute standardised deviations of the statistics
+        (``combine="l1"``), their Mahalanobis distance (``"mahalanobis"``) or Fisher's -2 sum log p of their
+        two-sided tails (``"fisher"``)."""
+        return -self.score_samples(X)
+
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        """``score_samples - offset_``: negative for rows less typical than the ``contamination`` quantile of the
+        fitted rows. For calibrated decisions use conformal p-values (:mod:`debias.calibration`) instead."""
+        return self.score_samples(X) - self.offset_
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """+1 for typical rows, -1 for novel ones (``decision_function < 0``), as scikit-learn's outlier detectors."""
+        return np.where(self.decision_function(X) < 0, -1, 1)
+
+    def rarity(self, X: np.ndarray) -> np.ndarray:
+        """Minus the latent-histogram log density (higher = rarer among the training latents): the audit's rarity with
+        ``--no-whiten``, per latent dimension (paper Eq. 3)."""
+        self._check_fitted()
+        return -self.density_.score_samples(split_features(self._check_array(X, fitted=True))[0])
+
+    def top_dims(self, X: np.ndarray, k: int = 5) -> list[list[dict[str, float | int]]]:
+        """Per row, the ``k`` latent dimensions whose histogram bins are least populated in training: ``dim``, its
+        ``tail`` probability (mass of bins no more likely than this one, :meth:`LatentHistogramDensity.per_dim_tail`)
+        and the latent ``value``, most unusual first (ties broken by distance from the training median)."""
+        self._check_fitted()
+        mu = split_features(self._check_array(X, fitted=True))[0]
+        tails = self.density_.per_dim_tail(mu)
+        dims = self.density_.dims_
+        # Ties in tail probability are common (few bins); the standardised distance orders them meaningfully.
+        spread = np.sqrt(np.maximum(np.diag(np.linalg.pinv(self.latent_precision_)), _EPS))
+        dist = np.abs(mu[:, dims] - self.latent_mean_[dims]) / spread[dims]
+        k = max(0, min(int(k), len(dims)))
+        out = []
+        for i in range(mu.shape[0]):
+            order = np.lexsort((-dist[i], tails[i]))[:k]
+            out.append(
+                [{"dim": int(dims[j]), "tail": float(tails[i, j]), "value": float(mu[i, dims[j]])} for j in order]
+            )
+        return out
+
+    # -- internals -------------------------------------------------------------------------------------------------
+    def _score_from_stats(self, S: np.ndarray) -> np.ndarray:
+        Zs = (S - self.stat_mean_) / self.stat_scale_
+        one_sided = np.array([name in ONE_SIDED for name in self.statistics])
+        if self.combine == "l1":
+            return -np.where(one_sided, np.maximum(Zs, 0.0), np.abs(Zs)).sum(1)
+        if self.combine == "mahalanobis":
+            return -np.sqrt(np.einsum("ij,jk,ik->i", Zs, self.stat_precision_, Zs))
+        # fisher: two-sided empirical tail of each statistic, with +1 smoothing so no p is 0
+        n = self.stat_sorted_.shape[1]
+        logp = np.zeros(S.shape[0])
+        for j in range(S.shape[1]):
+            col = self.stat_sorted_[j]
+            below = np.searchsorted(col, S[:, j], side="right")  # #{train <= s}
+            above = n - np.searchsorted(col, S[:, j], side="left")  # #{train >= s}
+            if one_sided[j]:
+                p = (1.0 + above) / (n + 1.0)
+            else:
+                p = np.minimum(1.0, 2.0 * (1.0 + np.minimum(below, above)) / (n + 1.0))
+            logp += np.log(p)
+        return 2.0 * logp  # = -(Fisher statistic)
+
+    def _check_params(self) -> None:
+        if self.combine not in _COMBINE:
+            raise ValueError(f"combine must be one of {_COMBINE}, got {self.combine!r}")
+        unknown = [s for s in self.statistics if s not in STATISTICS]
+        if unknown or not len(self.statistics):
+            raise ValueError(f"statistics must be a non-empty subset of {STATISTICS}, got {list(self.statistics)}")
+        if not 0 <= self.contamination < 1:
+            raise ValueError("contamination must be in [0, 1)")
+        if not (isinstance(self.n_neighbors, (int, np.integer)) and self.n_neighbors >= 1):
+            raise ValueError(f"n_neighbors must be a positive integer, got {self.n_neighbors!r}")
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "offset_"):
+            raise RuntimeError("NoveltyScorer is not fitted yet; call fit(X) first")
+
+    def _check_array(self, X: np.ndarray, fitted: bool) -> np.ndarray:
+        X = np.asarray(X, dtype=np.float64)
+        if X.ndim != 2 or X.shape[0] == 0 or X.shape[1] < 3 or X.shape[1] % 2 == 0:
+            raise ValueError(f"expected a non-empty (n, 2d + 1) feature matrix [mu | logvar | recon], got {X.shape}")
+        if not np.isfinite(X).all():
+            raise ValueError("features contain NaN or infinite values")
+        if fitted and X.shape[1] != self.n_features_in_:
+            raise ValueError(f"expected {self.n_features_in_} features, got {X.shape[1]}")
+        return X

@@ -1,0 +1,49 @@
+"""The FastAPI application: ``create_app(Settings)``; `debias serve` runs it under uvicorn.
+
+Also ``uvicorn --factory service.app:create_app`` with the settings in ``DEBIAS_*`` environment variables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from debias import __version__
+from service.engine import ScoringEngine
+from service.errors import install_error_handlers
+from service.metrics import ServiceMetrics
+from service.middleware import BodySizeLimitMiddleware, RequestMetricsMiddleware
+from service.routes import ops, v1
+from service.settings import Settings
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings if settings is not None else Settings()  # type: ignore[call-arg]
+    metrics = ServiceMetrics()
+    engine = ScoringEngine(settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(
+        title="debias novelty service",
+        version=__version__,
+        summary="Flags images unlike the training data, with calibrated p-values.",
+        lifespan=lifespan,
+        # The multipart parser's own file cap sits above ours, so a moderate excess gets our per-file answer.
+        form_limits={"max_files": 4 * settings.max_files + 16, "max_fields": 16},
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    install_error_handlers(app)
+    # The middleware added last is the outermost: the metrics also count the body limit's 413s.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    app.include_router(v1)
+    app.include_router(ops)
+    return app

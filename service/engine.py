@@ -1,0 +1,245 @@
+"""The scoring engine behind the routes: loads the detector in the background, decodes uploads, feeds the
+micro-batcher and keeps the recent scores for drift. Everything model-related is done by :mod:`debias`."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from starlette.concurrency import run_in_threadpool
+
+from debias.calibration import drift_report
+from debias.detector import NoveltyDetector, NoveltyResults, open_detector
+from debias.device import resolve_device
+from debias.gpu_decode import decode_jpegs_on_device, gpu_jpeg_available, is_jpeg
+from debias.intake import UploadError, UploadInfo, decode_upload, probe_upload
+from service.batcher import MicroBatcher
+from service.metrics import ServiceMetrics
+from service.settings import Settings
+
+log = logging.getLogger("debias.service")
+
+#: Uploads with at most this many pixels in all are decoded in the event loop (about a millisecond of Pillow work).
+INLINE_DECODE_PIXELS = 128 * 128
+
+
+class BadUploads(Exception):
+    """Some uploads cannot be scored: ``problems`` = [(index, UploadError)]."""
+
+    def __init__(self, problems: list[tuple[int, UploadError]]) -> None:
+        super().__init__(f"{len(problems)} unusable files")
+        self.problems = problems
+
+
+@dataclass
+class _Payload:
+    images: list[np.ndarray | bytes]  # decoded (S, S, C) uint8, or JPEG bytes to decode on the GPU
+    keep_recon: bool
+
+
+class ScoringEngine:
+    def __init__(self, settings: Settings, metrics: ServiceMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.state = "starting"  # starting -> loading -> ready | failed
+        self.error: str | None = None
+        self.detector: NoveltyDetector | None = None
+        self.batcher: MicroBatcher | None = None
+        self.gpu_jpeg = False
+        self.recent: deque[float] = deque(maxlen=settings.drift_window)
+        self._loader = threading.Thread(target=self._load, name="debias-loader", daemon=True)
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    # -- life cycle ------------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Load (and if needed fit) in the background, so /healthz answers at once and /readyz says when it is done.
+        Idempotent: a test harness may run the app's lifespan more than once."""
+        if not self._loader.is_alive() and self.state == "starting":
+            self._loader.start()
+
+    def stop(self) -> None:
+        if self.batcher is not None:
+            self.batcher.stop()
+
+    def _load(self) -> None:
+        s = self.settings
+        try:
+            self.state = "loading"
+            if s.torch_threads is not None:
+                torch.set_num_threads(s.torch_threads)
+            device = resolve_device(s.device)
+            det = open_detector(
+                s.model_dir, device=device, fit_data=s.fit_data, fit_where=s.fit_where or None,
+                target_fpr=s.target_fpr, progress=False,
+            )
+            self.gpu_jpeg = s.gpu_jpeg and gpu_jpeg_available(device)
+            # Warm-up: the first batches of each size pay for allocator and kernel set-up; do it before /readyz.
+            c, size = det.channels, det.image_size
+            for n in sorted({1, s.max_batch_size}):
+                det.score_batch(torch.zeros(n, c, size, size), top_k=s.top_k)
+            self.detector = det
+            self.batcher = MicroBatcher(
+                self._process, max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms,
+                max_queue_images=s.max_queue_images,
+            )
+            self.batcher.start()
+            self.state = "ready"
+            self.metrics.ready.set(1)
+            log.info("model %s ready on %s (calibration %d images, threshold %s)", s.model_dir, device,
+                     det.calibrator.n_calibration_, det.card.get("threshold"))
+        except Exception as exc:  # noqa: BLE001 - reported by /readyz; the process stays up for inspection
+            self.state = "failed"
+            self.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            log.error("cannot load the model: %s", self.error)
+
+    # -- request path ----------------------------------------------------------------------------------------------
+    async def prepare(self, blobs: Sequence[bytes]) -> list[np.ndarray | bytes]:
+        """Check and decode uploads. Headers are checked in the event loop (microseconds); small images are decoded
+        there too, since a thread hop costs more than decoding a few thousand pixels; anything bigger is decoded in
+        a worker thread so that the event loop never waits on Pillow."""
+        s = self.settings
+        infos: list[UploadInfo | None] = []
+        problems: list[tuple[int, UploadError]] = []
+        for i, data in enumerate(blobs):
+            try:
+                infos.append(probe_upload(data, max_pixels=s.max_pixels, max_bytes=s.max_file_bytes, formats=s.formats))
+            except UploadError as exc:
+                infos.append(None)
+                problems.append((i, exc))
+        if problems:
+            self._reject(problems)
+        if sum(info.width * info.height for info in infos if info is not None) <= INLINE_DECODE_PIXELS:
+            return self._decode(blobs)
+        return await run_in_threadpool(self._decode, blobs)
+
+    def _decode(self, blobs: Sequence[bytes]) -> list[np.ndarray | bytes]:
+        det = self.detector
+        assert det is not None
+        s = self.settings
+        out: list[np.ndarray | bytes] = []
+        problems: list[tuple[int, UploadError]] = []
+        for i, data in enumerate(blobs):
+            if self.gpu_jpeg and is_jpeg(data):
+                out.append(data)  # decoded on the GPU by the model owner
+                continue
+            try:
+                out.append(decode_upload(data, det.image_size, det.channels, max_pixels=s.max_pixels,
+                                         max_bytes=s.max_file_bytes, formats=s.formats, probed=True))
+            except UploadError as exc:
+                problems.append((i, exc))
+        if problems:
+            self._reject(problems)
+        return out
+
+    def _reject(self, problems: list[tuple[int, UploadError]]) -> None:
+        for _, exc in problems:
+            self.metrics.rejected.labels(exc.kind).inc()
+        raise BadUploads(problems)
+
+    async def score(self, images: list[np.ndarray | bytes], keep_recon: bool = False) -> NoveltyResults:
+        assert self.batcher is not None
+        self.metrics.queue_images.set(self.batcher.pending_images + len(images))
+        res: NoveltyResults = await self.batcher.submit(_Payload(images, keep_recon), len(images))
+        self.metrics.images.inc(len(res))
+        self.metrics.novel.inc(int(res.is_novel.sum()))
+        self.recent.extend(res.novelty.tolist())
+        if self.recent and self.detector is not None:
+            self.metrics.novel_fraction.set(float(self.detector.calibrator.is_novel(np.fromiter(self.recent, float)).mean()))
+        return res
+
+    def drift(self) -> dict[str, Any]:
+        assert self.detector is not None
+        return drift_report(np.fromiter(self.recent, float), self.detector.calibrator)
+
+    # -- the model-owner thread ------------------------------------------------------------------------------------
+    def _to_tensor(self, images: list[np.ndarray | bytes]) -> torch.Tensor:
+        det = self.detector
+        assert det is not None
+        arrays = [a for a in images if isinstance(a, np.ndarray)]
+        jpegs = [b for b in images if isinstance(b, bytes)]
+        if not jpegs:
+            x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+            return x.to(det.device, non_blocking=True).float().div_(255.0)
+        s = self.settings
+
+        def cpu(b: bytes) -> np.ndarray:
+            return decode_upload(b, det.image_size, det.channels, max_pixels=s.max_pixels, formats=s.formats)
+
+        decoded = iter(decode_jpegs_on_device(jpegs, det.image_size, det.channels, det.device, cpu))
+        parts = []
+        for a in images:
+            if isinstance(a, bytes):
+                parts.append(next(decoded))
+            else:
+                parts.append(torch.from_numpy(a).permute(2, 0, 1).to(det.device).float().div_(255.0))
+        return torch.stack(parts)
+
+    def _process(self, payloads: Sequence[_Payload]) -> list[NoveltyResults | BaseException]:
+        det = self.detector
+        assert det is not None
+        t0 = time.perf_counter()
+        tensors: list[torch.Tensor | None] = []
+        results: list[NoveltyResults | BaseException] = []
+        for p in payloads:
+            try:
+                tensors.append(self._to_tensor(p.images))
+                results.append(RuntimeError("not scored"))
+            except Exception as exc:  # noqa: BLE001 - one bad payload must not fail its batch-mates
+                tensors.append(None)
+                results.append(BadUploads([(0, exc if isinstance(exc, UploadError) else UploadError("corrupt", str(exc)))]))
+        good = [i for i, t in enumerate(tensors) if t is not None]
+        if not good:
+            return results
+        x = torch.cat([tensors[i] for i in good])  # type: ignore[misc]
+        keep = any(payloads[i].keep_recon for i in good)
+        chunks = [
+            det.score_batch(x[a : a + self.settings.max_batch_size], top_k=self.settings.top_k, keep_recon=keep)
+            for a in range(0, len(x), self.settings.max_batch_size)
+        ]
+        res = _concat(chunks)
+        self.metrics.batch_size.observe(len(x))
+        start = 0
+        for i in good:
+            n = len(tensors[i])  # type: ignore[arg-type]
+            results[i] = _take(res, start, start + n, payloads[i].keep_recon)
+            start += n
+        self.metrics.batch_seconds.observe(time.perf_counter() - t0)
+        return results
+
+
+def _concat(parts: list[NoveltyResults]) -> NoveltyResults:
+    if len(parts) == 1:
+        return parts[0]
+    return NoveltyResults(
+        novelty=np.concatenate([p.novelty for p in parts]),
+        p_value=np.concatenate([p.p_value for p in parts]),
+        is_novel=np.concatenate([p.is_novel for p in parts]),
+        rarity=np.concatenate([p.rarity for p in parts]),
+        recon_error=np.concatenate([p.recon_error for p in parts]),
+        top_dims=[d for p in parts for d in p.top_dims],
+        recon=torch.cat([p.recon for p in parts]) if parts[0].recon is not None else None,
+        images=torch.cat([p.images for p in parts]) if parts[0].images is not None else None,
+    )
+
+
+def _take(res: NoveltyResults, a: int, b: int, keep_recon: bool) -> NoveltyResults:
+    return NoveltyResults(
+        novelty=res.novelty[a:b],
+        p_value=res.p_value[a:b],
+        is_novel=res.is_novel[a:b],
+        rarity=res.rarity[a:b],
+        recon_error=res.recon_error[a:b],
+        top_dims=res.top_dims[a:b],
+        recon=res.recon[a:b] if keep_recon and res.recon is not None else None,
+        images=res.images[a:b] if keep_recon and res.images is not None else None,
+    )

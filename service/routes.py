@@ -1,0 +1,132 @@
+"""The HTTP routes: thin, each one validates, calls the engine and shapes the answer."""
+
+from __future__ import annotations
+
+import base64
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Query, UploadFile
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
+
+from debias.detector import NoveltyResults
+from debias.explain import heatmap_png
+from service.batcher import QueueFull
+from service.deps import EngineDep, ReadyEngineDep, SettingsDep, require_api_key
+from service.engine import BadUploads, ScoringEngine
+from service.errors import ApiError, ErrorBody, FileError
+from service.schemas import Drift, Health, ImageScore, ModelCard, ModelSummary, Readiness, ScoreResponse
+
+_ERRORS = {
+    400: {"model": ErrorBody, "description": "An upload is empty, truncated or corrupt (each file named)."},
+    401: {"model": ErrorBody, "description": "Missing or wrong X-API-Key (when the server has a key)."},
+    413: {"model": ErrorBody, "description": "Body, file, image (pixels) or file count over the limit."},
+    415: {"model": ErrorBody, "description": "Not an image, or an unsupported format or pixel mode."},
+    422: {"model": ErrorBody, "description": "The request has no `files` field or a malformed one."},
+    503: {"model": ErrorBody, "description": "The model is still loading, or too many images are queued."},
+}
+_STATUS_OF_KIND = {"too_large": 413, "unsupported": 415, "not_image": 415, "empty": 400, "corrupt": 400}
+_CODE_OF_STATUS = {413: "too_large", 415: "unsupported_image", 400: "bad_image"}
+
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["novelty"])
+ops = APIRouter(tags=["operations"])
+
+
+def _model_summary(engine: ScoringEngine) -> ModelSummary:
+    card = engine.detector.card  # type: ignore[union-attr]
+    return ModelSummary(
+        run=card.get("run", ""), model_sha256=card["model_sha256"], debias_version=card["debias_version"],
+        target_fpr=card["target_fpr"], threshold=card["threshold"],
+    )
+
+
+def _upload_error(exc: BadUploads, names: list[str], n_files: int) -> ApiError:
+    files = [FileError(index=i, filename=names[i], reason=e.reason) for i, e in exc.problems]
+    status = _STATUS_OF_KIND.get(exc.problems[0][1].kind, 400)
+    return ApiError(status, _CODE_OF_STATUS[status], f"{len(files)} of {n_files} files cannot be scored", files)
+
+
+def _heatmaps(res: NoveltyResults) -> list[str]:
+    assert res.images is not None and res.recon is not None
+    return [
+        base64.b64encode(heatmap_png(res.images[i].numpy(), res.recon[i].numpy())).decode("ascii")
+        for i in range(len(res))
+    ]
+
+
+@v1.post("/score", response_model=ScoreResponse, responses=_ERRORS)
+async def score(
+    files: Annotated[list[UploadFile], File(description="One or more images (JPEG, PNG, WebP, BMP, GIF; 8-bit).")],
+    engine: ReadyEngineDep,
+    settings: SettingsDep,
+    heatmap: Annotated[bool, Query(description="Add a base64 PNG reconstruction-error heatmap per image.")] = False,
+) -> ScoreResponse:
+    """Score images for novelty against the training data; results come back in request order."""
+    names = [f.filename or f"file {i}" for i, f in enumerate(files)]
+    if len(files) > settings.max_files:
+        extra = [
+            FileError(index=i, filename=names[i], reason=f"over the limit of {settings.max_files} files per request")
+            for i in range(settings.max_files, len(files))
+        ]
+        raise ApiError(413, "too_many_files", f"{len(files)} files sent; the limit is {settings.max_files}", extra)
+    blobs = [await f.read() for f in files]
+    try:
+        images = await engine.prepare(blobs)
+        res = await engine.score(images, keep_recon=heatmap)
+    except BadUploads as exc:
+        raise _upload_error(exc, names, len(files)) from None
+    except QueueFull as exc:
+        raise ApiError(503, "busy", str(exc), headers={"Retry-After": "1"}) from None
+    maps = await run_in_threadpool(_heatmaps, res) if heatmap else [None] * len(res)
+    return ScoreResponse(
+        model=_model_summary(engine),
+        results=[ImageScore(filename=names[i], heatmap_png=maps[i], **res.record(i)) for i in range(len(res))],
+    )
+
+
+@v1.get("/model", response_model=ModelCard, responses={401: _ERRORS[401], 503: _ERRORS[503]})
+async def model_card(engine: ReadyEngineDep, settings: SettingsDep) -> ModelCard:
+    """What is being served: the model, the data it and the scorer were fitted on, calibration and limits."""
+    det = engine.detector
+    assert det is not None
+    card = det.card
+    return ModelCard(
+        run=card.get("run", ""), model_sha256=card["model_sha256"], debias_version=card["debias_version"],
+        image_size=card["image_size"], channels=card["channels"], latent_dim=card["latent_dim"],
+        trained_on=card.get("trained_on", {}), fitted_on=card.get("fitted_on", {}), novelty=card["novelty"],
+        calibration_size=card["calibration_size"], target_fpr=card["target_fpr"], threshold=card["threshold"],
+        fitted_at=card["fitted_at"], device=str(det.device),
+        batching={"max_batch_size": settings.max_batch_size, "max_wait_ms": settings.max_wait_ms,
+                  "gpu_jpeg_decode": engine.gpu_jpeg},
+        limits={"max_files": settings.max_files, "max_body_bytes": settings.max_body_bytes,
+                "max_file_bytes": settings.max_file_bytes, "max_pixels": settings.max_pixels,
+                "formats": sorted(settings.formats)},
+    )
+
+
+@v1.get("/drift", response_model=Drift, responses={401: _ERRORS[401], 503: _ERRORS[503]})
+async def drift(engine: ReadyEngineDep) -> Drift:
+    """The recent window of novelty scores against the calibration distribution."""
+    return Drift(**await run_in_threadpool(engine.drift))
+
+
+@ops.get("/healthz", response_model=Health)
+async def healthz() -> Health:
+    """The process is alive (it may still be loading; see /readyz)."""
+    return Health(status="ok")
+
+
+@ops.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
+async def readyz(engine: EngineDep):
+    """200 once the model is loaded, the scorer fitted and the model warmed up; 503 before (or if loading failed)."""
+    body = Readiness(ready=engine.ready, state=engine.state, error=engine.error)
+    return JSONResponse(body.model_dump(), status_code=200 if engine.ready else 503)
+
+
+@ops.get("/metrics", response_class=PlainTextResponse)
+async def metrics(engine: EngineDep) -> PlainTextResponse:
+    """Prometheus metrics: requests, latency, batch sizes, images scored and flagged, fraction novel."""
+    if engine.batcher is not None:
+        engine.metrics.queue_images.set(engine.batcher.pending_images)
+    return PlainTextResponse(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,79 @@
+"""Response bodies of the service (they also make the OpenAPI schema that clients and schemathesis read)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class TopDim(BaseModel):
+    dim: int = Field(description="Latent dimension index.")
+    tail: float = Field(description="Training mass of histogram bins no more likely than this image's bin.")
+    value: float = Field(description="The image's posterior mean in this dimension.")
+
+
+class ImageScore(BaseModel):
+    filename: str
+    novelty: float = Field(description="Combined typicality distance; higher = more novel.")
+    p_value: float = Field(description="Conformal p-value against the calibration images: (1 + #{cal >= s}) / (n + 1).")
+    is_novel: bool = Field(description="p_value <= target_fpr.")
+    rarity: float = Field(description="Minus the latent-histogram log density (as in `debias audit`).")
+    recon_error: float = Field(description="Mean squared error per pixel of the reconstruction.")
+    top_dims: list[TopDim] = Field(description="The latent dimensions that make the image unusual, most first.")
+    heatmap_png: str | None = Field(
+        default=None, description="With ?heatmap=true: base64 PNG of input | reconstruction | squared error."
+    )
+
+
+class ModelSummary(BaseModel):
+    run: str
+    model_sha256: str
+    debias_version: str
+    target_fpr: float
+    threshold: float | None
+
+
+class ScoreResponse(BaseModel):
+    model: ModelSummary
+    results: list[ImageScore]
+
+
+class ModelCard(BaseModel):
+    run: str
+    model_sha256: str
+    debias_version: str
+    image_size: int
+    channels: int
+    latent_dim: int
+    trained_on: dict[str, Any]
+    fitted_on: dict[str, Any]
+    novelty: dict[str, Any]
+    calibration_size: int
+    target_fpr: float
+    threshold: float | None
+    fitted_at: str
+    device: str
+    batching: dict[str, Any]
+    limits: dict[str, Any]
+
+
+class Drift(BaseModel):
+    window: int = Field(description="Recent images in the window (at most the configured drift window).")
+    target_fpr: float
+    n_calibration: int
+    fraction_novel: float | None
+    ks_statistic: float | None = Field(description="Two-sample Kolmogorov-Smirnov statistic, window vs calibration.")
+    ks_p_value: float | None
+    binomial_p_value: float | None = Field(description="P(at least this many novel | rate = target_fpr).")
+    median_p_value: float | None
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    ready: bool
+    state: str
+    error: str | None = None

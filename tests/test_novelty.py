@@ -1,0 +1,328 @@
+"""Novelty scoring: the scorer's statistics and conventions, conformal p-values, persistence, batch independence,
+explanations and `debias score` end to end on a tiny trained model."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from sklearn.base import clone
+from sklearn.metrics import roc_auc_score
+from typer.testing import CliRunner
+
+from debias.calibration import ConformalCalibrator, drift_report
+from debias.cli import app as cli_app
+from debias.data import ImageSet, load_images
+from debias.detector import NOVELTY_FILE, encode_batch, fit_detector, open_detector
+from debias.errors import DebiasError
+from debias.explain import heatmap_png
+from debias.novelty import STATISTICS, NoveltyScorer, feature_matrix, split_features
+from debias.scoring import encode_images
+from debias.training import load_model
+from tests.novelty_support import TINY_SOURCE, noise_images, tiny_run
+
+
+def synthetic_features(n: int, d: int = 6, seed: int = 0) -> np.ndarray:
+    """[mu | logvar | recon] of a well-behaved in-distribution population."""
+    rng = np.random.default_rng(seed)
+    mu = rng.normal(size=(n, d))
+    logvar = rng.normal(-2.0, 0.1, size=(n, d))
+    recon = np.exp(rng.normal(-4.0, 0.2, size=n))
+    return np.hstack([mu, logvar, recon[:, None]])
+
+
+# -- conformal calibration -----------------------------------------------------------------------------------------
+def test_p_values_by_hand():
+    cal = ConformalCalibrator(target_fpr=0.25).fit([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])
+    # (1 + #{cal >= s}) / (n + 1), n = 7
+    np.testing.assert_allclose(cal.p_values([0.0, 3.0, 3.5, 7.0, 8.0]), np.array([8, 6, 5, 2, 1]) / 8)
+    # p <= 0.25 <=> #{cal >= s} <= 1 <=> s > 6
+    assert cal.threshold_ == 6.0
+    np.testing.assert_array_equal(cal.is_novel([6.0, 6.5, 100.0]), [False, True, True])
+
+
+def test_is_novel_agrees_with_p_value_rule():
+    rng = np.random.default_rng(3)
+    for n in (19, 99, 1000):
+        for fpr in (0.01, 0.05, 0.1, 0.2):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cal = ConformalCalibrator(target_fpr=fpr).fit(rng.normal(size=n))
+            s = np.concatenate([rng.normal(size=500) * 2, cal.scores_])  # include exact ties with calibration scores
+            np.testing.assert_array_equal(cal.is_novel(s), cal.p_values(s) <= fpr + 1e-12)
+
+
+def test_too_few_calibration_scores_flag_nothing():
+    with pytest.warns(UserWarning, match="cannot resolve"):
+        cal = ConformalCalibrator(target_fpr=0.01).fit(np.arange(20.0))
+    assert cal.threshold_ == np.inf and not cal.is_novel([1e9]).any()
+
+
+def test_conformal_false_positive_rate_is_controlled():
+    """Exchangeable inliers: P(p <= a) <= a. The guarantee is over the draw of the calibration set too, so average
+    the realised rate over many random calibration/test splits; it must not exceed a by more than sampling noise."""
+    X = synthetic_features(12000, seed=1)
+    scorer = NoveltyScorer().fit(X[:4000])
+    pool = scorer.novelty(X[4000:])
+    rng = np.random.default_rng(0)
+    reps, n_cal, n_test = 40, 500, 1000
+    for a in (0.01, 0.05, 0.1, 0.3):
+        rates = []
+        for _ in range(reps):
+            order = rng.permutation(len(pool))
+            cal = ConformalCalibrator(target_fpr=a).fit(pool[order[:n_cal]])
+            p = cal.p_values(pool[order[n_cal : n_cal + n_test]])
+            assert p.min() >= 1 / (n_cal + 1) and p.max() <= 1.0
+            rates.append((p <= a).mean())
+        # per split: binomial noise of the test part plus the calibration quantile's own spread (~ Beta)
+        sd = np.sqrt(a * (1 - a) * (1 / n_test + 1 / n_cal) / reps)
+        assert np.mean(rates) <= a + 4 * sd, (a, np.mean(rates))
+
+
+def test_drift_report_sees_a_shift():
+    rng = np.random.default_rng(0)
+    cal = ConformalCalibrator(target_fpr=0.05).fit(rng.normal(size=2000))
+    same = drift_report(rng.normal(size=500), cal)
+    shifted = drift_report(rng.normal(1.0, 1.0, size=500), cal)
+    assert shifted["ks_statistic"] > same["ks_statistic"]
+    assert shifted["ks_p_value"] < 1e-6 < same["ks_p_value"]
+    assert shifted["fraction_novel"] > same["fraction_novel"]
+    assert drift_report([], cal)["fraction_novel"] is None
+
+
+# -- the scorer ------------------------------------------------------------------------------------------------------
+def test_scorer_follows_sklearn_conventions():
+    X = synthetic_features(500)
+    scorer = NoveltyScorer(combine="fisher", bins=8)
+    assert scorer.fit(X) is scorer
+    assert clone(scorer).get_params() == scorer.get_params() and not hasattr(clone(scorer), "offset_")
+    np.testing.assert_allclose(scorer.decision_function(X), scorer.score_samples(X) - scorer.offset_)
+    np.testing.assert_allclose(scorer.novelty(X), -scorer.score_samples(X))
+    assert set(np.unique(scorer.predict(X))) <= {-1, 1}
+    # contamination is the expected rate on new images of the training distribution (a training image scored again
+    # finds itself among the kNN references, so the fitted rows are not the right check)
+    fresh = synthetic_features(2000, seed=5)
+    assert (scorer.predict(fresh) == -1).mean() == pytest.approx(0.05, abs=0.02)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        NoveltyScorer().score_samples(X)
+    with pytest.raises(ValueError, match="combine"):
+        NoveltyScorer(combine="sum").fit(X)
+    with pytest.raises(ValueError, match="statistics"):
+        NoveltyScorer(statistics=("elbo",)).fit(X)
+    with pytest.raises(ValueError, match="features"):
+        scorer.score_samples(X[:, :5])
+    with pytest.raises(ValueError, match="at least 7 images"):
+        NoveltyScorer().fit(X[:6])
+
+
+def test_knn_statistic_leaves_each_fitted_row_out():
+    """A fitted row's own posterior is not its nearest neighbour: the fitted kNN distances match those of the same
+    rows scored as new images against the other references, so training and new images are on one scale."""
+    X = synthetic_features(400)
+    scorer = NoveltyScorer(statistics=("posterior_knn",), n_neighbors=3).fit(X)
+    fitted = scorer._statistics(X[:50], self_rows=np.arange(50))[:, 0]
+    for i in range(5):
+        others = NoveltyScorer(statistics=("posterior_knn",), n_neighbors=3).fit(np.delete(X, i, axis=0))
+        assert others.statistic_matrix(X[i : i + 1])[0, 0] == pytest.approx(fitted[i], rel=1e-9)
+    assert np.isfinite(fitted).all() and fitted.min() > np.log(1e-6)
+
+
+def test_reference_is_capped():
+    X = synthetic_features(300)
+    scorer = NoveltyScorer(max_reference=100).fit(X)
+    assert scorer.reference_.shape == (100, 12)
+    assert np.isfinite(scorer.novelty(X)).all()
+
+
+@pytest.mark.parametrize("combine, min_auroc", [("l1", 0.99), ("mahalanobis", 0.99), ("fisher", 0.85)])
+def test_too_typical_is_novel_too(combine, min_auroc):
+    """The likelihood trap: outliers that reconstruct *better* than any training image. A one-sided reconstruction
+    score ranks them as the most normal; the two-sided typicality score flags them."""
+    X = synthetic_features(4000)
+    scorer = NoveltyScorer(combine=combine).fit(X[:3000])
+    inliers = X[3000:]
+    trap = inliers.copy()
+    trap[:, -1] = np.exp(-6.0)  # far lower error than training images (log error mean -4, sd 0.2)
+    y = np.r_[np.zeros(len(inliers)), np.ones(len(trap))]
+    assert roc_auc_score(y, np.r_[inliers[:, -1], trap[:, -1]]) < 0.01  # error alone: exactly backwards
+    # Fisher's empirical tails bottom out at 1/(n+1), so one extreme statistic among five moves it less
+    assert roc_auc_score(y, np.r_[scorer.novelty(inliers), scorer.novelty(trap)]) > min_auroc
+
+
+def test_each_statistic_reacts_to_its_own_shift():
+    X = synthetic_features(3000)
+    mu, logvar, recon = split_features(X)
+    for name, shifted in {
+        "posterior_knn": np.hstack([mu * 3, logvar, recon[:, None]]),
+        "latent_mahalanobis": np.hstack([mu * 3, logvar, recon[:, None]]),
+        "recon_error": np.hstack([mu, logvar, recon[:, None] * 20]),
+        "posterior_logvar": np.hstack([mu, logvar + 2, recon[:, None]]),
+    }.items():
+        scorer = NoveltyScorer(statistics=(name,)).fit(X[:2000])
+        assert np.median(scorer.novelty(shifted[2000:])) > np.quantile(scorer.novelty(X[2000:]), 0.99), name
+    assert len(NoveltyScorer(statistics=STATISTICS).fit(X).statistic_matrix(X[:3]).T) == len(STATISTICS)
+
+
+def test_top_dims_point_at_the_shifted_dimension():
+    X = synthetic_features(3000)
+    scorer = NoveltyScorer().fit(X[:2000])
+    odd = X[2000:2010].copy()
+    odd[:, 4] = 6.0  # far outside the training range of dimension 4
+    tops = scorer.top_dims(odd, k=3)
+    assert all(t[0]["dim"] == 4 and t[0]["value"] == 6.0 for t in tops)
+    assert all(0 < d["tail"] <= 1 for t in tops for d in t) and all(len(t) == 3 for t in tops)
+    assert all(t[0]["tail"] <= t[1]["tail"] <= t[2]["tail"] for t in tops)
+
+
+# -- on a tiny trained model ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return tiny_run(tmp_path_factory.mktemp("novelty") / "run")
+
+
+@pytest.fixture
+def data(run) -> ImageSet:
+    return load_images(TINY_SOURCE, image_size=32, channels=3, progress=False)
+
+
+def test_encode_batch_matches_encode_images(run, data):
+    model, _ = load_model(run)
+    ref = encode_images(model, data, batch_size=64, progress=False)
+    enc, recon = encode_batch(model, data.batch(slice(0, 64)))
+    np.testing.assert_allclose(enc.mu, ref.mu[:64], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(enc.recon_error, ref.recon_error[:64], rtol=1e-5, atol=1e-7)
+    assert recon.shape == (64, 3, 32, 32)
+
+
+def test_score_does_not_depend_on_batch_mates(run, data):
+    det = open_detector(run, progress=False)
+    x = data.batch(np.arange(24))
+    together = det.score_batch(x)
+    other_mates = det.score_batch(torch.cat([x[12:], torch.rand(9, 3, 32, 32), x[:12]]))
+    tol = 1.0 / (det.calibrator.n_calibration_ + 1)
+    for i in range(24):
+        alone = det.score_batch(x[i : i + 1])
+        j = i + 21 if i < 12 else i - 12  # where image i sits among other_mates
+        for res, k in ((together, i), (other_mates, j)):
+            np.testing.assert_allclose(res.novelty[k], alone.novelty[0], rtol=1e-4, atol=1e-6)
+            assert abs(res.p_value[k] - alone.p_value[0]) <= tol + 1e-12  # at most one calibration rank
+            assert res.top_dims[k][0]["dim"] == alone.top_dims[0][0]["dim"] or res.top_dims[k][0]["tail"] == pytest.approx(
+                alone.top_dims[0][0]["tail"]
+            )
+
+
+def test_detector_is_stored_reloaded_and_refitted_when_the_model_changes(run):
+    (run / NOVELTY_FILE).unlink(missing_ok=True)
+    first = open_detector(run, progress=False)
+    assert (run / NOVELTY_FILE).is_file()
+    card = first.card
+    assert card["calibration_size"] == 60 and card["fitted_on"]["n_fit"] == 240
+    again = open_detector(run, progress=False)
+    assert again.card["fitted_at"] == card["fitted_at"]  # loaded, not refitted
+    np.testing.assert_array_equal(again.calibrator.scores_, first.calibrator.scores_)
+    # a different target FPR is a different threshold on the same stored calibration scores
+    strict = open_detector(run, target_fpr=0.02, progress=False)
+    assert strict.calibrator.threshold_ >= first.calibrator.threshold_ and strict.card["target_fpr"] == 0.02
+    # a changed model.pt (same architecture) invalidates novelty.pt
+    model, meta = load_model(run)
+    with torch.no_grad():
+        model.head.bias.add_(0.01)
+    blob = torch.load(run / "model.pt", weights_only=True)
+    blob["model"] = model.state_dict()
+    torch.save(blob, run / "model.pt")
+    refit = open_detector(run, progress=False)
+    assert refit.card["model_sha256"] != card["model_sha256"]
+
+
+def test_novelty_file_is_loaded_safely(run, tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    open_detector(run, progress=False)
+    torch.save({"format": 1, "payload": Evil()}, run / NOVELTY_FILE)
+    with pytest.raises(DebiasError, match="cannot load"):
+        open_detector(run, progress=False)
+    assert not (tmp_path / "pwned").exists()
+    (run / NOVELTY_FILE).unlink()
+
+
+def test_fit_needs_enough_images(run, data):
+    model, meta = load_model(run)
+    with pytest.raises(DebiasError, match="cannot split"):
+        fit_detector(model, data.subset(np.arange(2)), meta=meta, progress=False)
+
+
+def test_heatmap_png(run, data):
+    model, _ = load_model(run)
+    x = data.batch([0])
+    _, recon = encode_batch(model, x)
+    png = heatmap_png(x[0].numpy(), recon[0].numpy())
+    img = Image.open(io.BytesIO(png))
+    assert img.format == "PNG" and img.mode == "RGB" and img.size == (3 * 128, 128)
+    err = np.asarray(img)[:, 256:]
+    assert err.std() > 0  # the error panel is not blank
+
+
+def test_score_command_end_to_end(run, tmp_path):
+    """`debias score`: in-distribution images are rarely flagged, noise images mostly are; outputs are complete."""
+    noise_dir = tmp_path / "noise"
+    noise_dir.mkdir()
+    for i, img in enumerate(noise_images(40)):
+        Image.fromarray(img).save(noise_dir / f"noise_{i:02d}.png")
+    runner = CliRunner()
+    out_in, out_noise = tmp_path / "in", tmp_path / "noise_scores"
+    res = runner.invoke(
+        cli_app, ["score", "--model", str(run), "--data", TINY_SOURCE, "--where", "split=test", "--out", str(out_in),
+                  "--heatmaps", "2", "-q"],
+    )
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(cli_app, ["score", "--model", str(run), "--data", str(noise_dir), "--out", str(out_noise), "-q"])
+    assert res.exit_code == 0, res.output
+    assert "novel" in res.output
+
+    scores = pd.read_parquet(out_in / "scores.parquet")
+    assert len(scores) == len(pd.read_csv(out_in / "scores.csv")) and set(scores["split"]) == {"test"}
+    for col in ("path", "shape", "novelty", "p_value", "is_novel", "rarity", "recon_error", "novelty_rank", "top_dims"):
+        assert col in scores.columns, col
+    assert scores["p_value"].between(1 / 61, 1).all()
+    dims = json.loads(scores["top_dims"].iloc[0])
+    assert len(dims) == 5 and {"dim", "tail", "value"} <= set(dims[0])
+    noise = pd.read_parquet(out_noise / "scores.parquet")
+    assert noise["is_novel"].mean() > 0.9 > 0.3 > scores["is_novel"].mean()
+    assert roc_auc_score(np.r_[np.zeros(len(scores)), np.ones(len(noise))], np.r_[scores["novelty"], noise["novelty"]]) > 0.95
+    summary = json.loads((out_in / "summary.json").read_text())
+    assert summary["n_images"] == len(scores) and summary["detector"]["calibration_size"] == 60
+    assert len(summary["heatmaps"]) == 2 and all((out_in / "heatmaps" / h).is_file() for h in summary["heatmaps"])
+
+
+def test_score_command_errors_are_one_line(run, tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(cli_app, ["score", "--model", str(tmp_path / "none"), "--data", TINY_SOURCE, "--out", str(tmp_path)])
+    assert res.exit_code != 0 and isinstance(res.exception, DebiasError) and "no trained model" in str(res.exception)
+    res = runner.invoke(
+        cli_app, ["score", "--model", str(run), "--data", TINY_SOURCE, "--out", str(tmp_path), "--target-fpr", "0"]
+    )
+    assert isinstance(res.exception, DebiasError) and "--target-fpr" in str(res.exception)
+    res = runner.invoke(
+        cli_app, ["score", "--model", str(run), "--data", TINY_SOURCE, "--out", str(tmp_path), "--refit",
+                  "--fit-data", str(tmp_path / "missing")]
+    )
+    assert isinstance(res.exception, DebiasError) and "no such file" in str(res.exception)
+
+
+def test_feature_matrix_round_trip(run, data):
+    model, _ = load_model(run)
+    enc, _ = encode_batch(model, data.batch(slice(0, 5)))
+    X = feature_matrix(enc)
+    mu, logvar, recon = split_features(X)
+    np.testing.assert_array_equal(mu, enc.mu)
+    np.testing.assert_array_equal(logvar, enc.logvar)
+    np.testing.assert_array_equal(recon, enc.recon_error)

@@ -1,0 +1,222 @@
+"""The service in-process (TestClient runs the lifespan): scoring, the bad-input corpus, limits, auth, readiness,
+metrics, drift, and a bounded schemathesis run against the OpenAPI schema."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from debias.detector import open_detector
+from service.app import create_app
+from service.settings import Settings
+from tests.novelty_support import bad_uploads, encode, noise_images, shapes_images, tiny_run
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # starlette's TestClient warns that httpx will be replaced by httpx2
+    from fastapi.testclient import TestClient
+
+
+def wait_ready(client: TestClient, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = client.get("/readyz")
+        if r.status_code == 200:
+            return r.json()
+        assert r.status_code == 503 and r.json()["ready"] is False
+        assert r.json()["state"] != "failed", r.json()
+        time.sleep(0.05)
+    raise AssertionError("service did not become ready")
+
+
+def upload(*items: tuple[str, bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("files", (name, data, "application/octet-stream")) for name, data in items]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    run = tiny_run(tmp_path_factory.mktemp("service") / "run")
+    open_detector(run, progress=False)  # fit novelty.pt once for every app of this module
+    return run
+
+
+@pytest.fixture(scope="module")
+def client(run):
+    app = create_app(Settings(model_dir=run, device="cpu", max_body_bytes=4_000_000, max_files=8, drift_window=50))
+    with TestClient(app) as c:
+        wait_ready(c)
+        yield c
+
+
+def test_health_ready_and_model_card(client, run):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json() == {"ready": True, "state": "ready", "error": None}
+    card = client.get("/v1/model").json()
+    det = open_detector(run, progress=False)
+    assert card["calibration_size"] == det.calibrator.n_calibration_ == 60
+    assert card["target_fpr"] == 0.05 and card["threshold"] == pytest.approx(det.calibrator.threshold_)
+    assert card["image_size"] == 32 and card["trained_on"]["fingerprint"] == card["fitted_on"]["fingerprint"]
+    assert card["limits"]["max_files"] == 8 and card["batching"]["max_batch_size"] == 64
+
+
+def test_score_matches_the_library_in_request_order(client, run):
+    imgs = np.concatenate([shapes_images(3), noise_images(2)])
+    r = client.post("/v1/score", files=upload(*[(f"img{i}.png", encode(a)) for i, a in enumerate(imgs)]))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [x["filename"] for x in body["results"]] == [f"img{i}.png" for i in range(5)]
+    det = open_detector(run, progress=False)
+    import torch
+
+    ref = det.score_batch(torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255)
+    for i, res in enumerate(body["results"]):
+        assert res["novelty"] == pytest.approx(ref.novelty[i], rel=1e-4, abs=1e-6)
+        assert res["p_value"] == pytest.approx(ref.p_value[i], abs=1 / 61 + 1e-9)
+        assert res["rarity"] == pytest.approx(ref.rarity[i], rel=1e-6)
+        assert len(res["top_dims"]) == 5 and res["heatmap_png"] is None
+    assert all(x["is_novel"] for x in body["results"][3:])  # noise
+    assert body["model"]["run"] == "run" and body["model"]["target_fpr"] == 0.05
+
+
+def test_heatmap_on_request(client):
+    r = client.post("/v1/score?heatmap=true", files=upload(("a.png", encode(shapes_images(1)[0]))))
+    png = base64.b64decode(r.json()["results"][0]["heatmap_png"])
+    assert Image.open(io.BytesIO(png)).size == (384, 128)
+
+
+@pytest.mark.parametrize("name", list(bad_uploads()))
+def test_bad_input_gets_a_4xx_naming_the_file(client, name):
+    data, fragment = bad_uploads()[name]
+    good = encode(shapes_images(1)[0])
+    r = client.post("/v1/score", files=upload(("fine.png", good), (name, data), ("also-fine.png", good)))
+    assert 400 <= r.status_code < 500, r.text
+    body = r.json()
+    assert body["files"] == [{"index": 1, "filename": name, "reason": body["files"][0]["reason"]}]
+    assert fragment in body["files"][0]["reason"] and body["error"] and "1 of 3" in body["message"]
+    # and the server keeps serving
+    assert client.post("/v1/score", files=upload(("fine.png", good))).status_code == 200
+
+
+def test_limits(client):
+    good = encode(shapes_images(1)[0])
+    r = client.post("/v1/score", files=upload(*[(f"f{i}.png", good) for i in range(11)]))
+    assert r.status_code == 413 and r.json()["error"] == "too_many_files"
+    assert [f["filename"] for f in r.json()["files"]] == ["f8.png", "f9.png", "f10.png"]
+    big = upload(("big.bin", b"\0" * 5_000_000))
+    r = client.post("/v1/score", files=big)
+    assert r.status_code == 413 and r.json()["error"] == "body_too_large"
+
+    def chunks():  # no Content-Length: the limit is enforced while the body streams
+        yield b"--b\r\nContent-Disposition: form-data; name=\"files\"; filename=\"x.png\"\r\n\r\n"
+        for _ in range(50):
+            yield b"\0" * 100_000
+        yield b"\r\n--b--\r\n"
+
+    r = client.post("/v1/score", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"})
+    assert r.status_code == 413 and r.json()["error"] == "body_too_large"
+    r = client.post("/v1/score")
+    assert r.status_code == 422 and r.json()["error"] == "invalid_request" and "files" in r.json()["message"]
+    r = client.post("/v1/score", data={"files": "not a file"})
+    assert r.status_code == 422
+    assert client.get("/nowhere").json()["error"] == "not_found"
+    assert client.post("/v1/score", files=upload(("fine.png", good))).status_code == 200
+
+
+def test_metrics_and_drift(client):
+    for _ in range(3):
+        client.post("/v1/score", files=upload(("n.png", encode(noise_images(1, seed=9)[0]))))
+    text = client.get("/metrics").text
+    for name in ("debias_http_requests_total", "debias_http_request_duration_seconds_bucket",
+                 "debias_model_batch_size_bucket", "debias_images_novel_total", "debias_novel_fraction",
+                 "debias_files_rejected_total", "debias_ready 1.0"):
+        assert name in text, name
+    assert 'route="/v1/score",status="200"' in text
+    drift = client.get("/v1/drift").json()
+    assert 1 <= drift["window"] <= 50 and drift["n_calibration"] == 60
+    assert 0 <= drift["fraction_novel"] <= 1 and 0 <= drift["ks_p_value"] <= 1
+
+
+def test_api_key(run, monkeypatch):
+    monkeypatch.setenv("DEBIAS_API_KEY", "s3cret-key")
+    app = create_app(Settings(model_dir=run, device="cpu"))  # the key comes from the environment
+    good = upload(("a.png", encode(shapes_images(1)[0])))
+    with TestClient(app) as c:
+        wait_ready(c)
+        for headers in ({}, {"X-API-Key": "wrong"}, {"X-API-Key": "s3cret-key "}, {"X-API-Key": ""}):
+            r = c.post("/v1/score", files=good, headers=headers)
+            assert r.status_code == 401 and r.json()["error"] == "unauthorized", headers
+            assert c.get("/v1/model", headers=headers).status_code == 401
+        assert c.post("/v1/score", files=good, headers={"X-API-Key": "s3cret-key"}).status_code == 200
+        assert c.get("/v1/drift", headers={"X-API-Key": "s3cret-key"}).status_code == 200
+        assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 200  # probes stay open
+        schema = c.get("/openapi.json").json()
+        assert "APIKeyHeader" in schema["components"]["securitySchemes"]
+
+
+def test_not_ready_until_loaded(run, monkeypatch):
+    from service import engine as engine_module
+
+    gate = threading.Event()
+    real = engine_module.open_detector
+
+    def slow_open(*args, **kwargs):
+        gate.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "open_detector", slow_open)
+    with TestClient(create_app(Settings(model_dir=run, device="cpu"))) as c:
+        assert c.get("/healthz").status_code == 200
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["state"] == "loading"
+        r = c.post("/v1/score", files=upload(("a.png", encode(shapes_images(1)[0]))))
+        assert r.status_code == 503 and r.json()["error"] == "not_ready" and r.headers["retry-after"] == "1"
+        gate.set()
+        wait_ready(c)
+
+
+def test_failed_load_is_reported(tmp_path):
+    (tmp_path / "model.pt").write_bytes(b"not a checkpoint")
+    with TestClient(create_app(Settings(model_dir=tmp_path, device="cpu"))) as c:
+        deadline = time.monotonic() + 30
+        while c.get("/readyz").json()["state"] != "failed" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        r = c.get("/readyz")
+        assert r.status_code == 503 and "cannot load checkpoint" in r.json()["error"]
+        assert c.get("/healthz").status_code == 200
+        assert c.get("/v1/model").status_code == 503
+
+
+def test_schemathesis_finds_no_server_errors(run):
+    """Bounded property-based run over every operation of the OpenAPI schema: no 5xx, whatever is sent."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+
+    app = create_app(Settings(model_dir=run, device="cpu", max_files=4))
+    # schemathesis runs the app's lifespan itself (once, kept for the process), which starts the engine
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    deadline = time.monotonic() + 60
+    while not app.state.engine.ready and time.monotonic() < deadline:
+        assert app.state.engine.state != "failed", app.state.engine.error
+        time.sleep(0.05)
+    problems, seen = [], []
+    for op in schema.get_all_operations():
+        operation = op.ok()
+
+        @settings(max_examples=25, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(case=operation.as_strategy())
+        def check(case):
+            response = case.call()
+            seen.append((case.operation.label, response.status_code))
+            if response.status_code >= 500:
+                problems.append((case.operation.label, response.status_code, response.text[:200]))
+
+        check()
+    assert not problems, problems
+    assert any(label == "POST /v1/score" for label, _ in seen)  # the upload route was exercised
