@@ -38,7 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from debias.data import ImageSet, load_images  # noqa: E402
-from debias.detector import DEFAULT_CALIBRATION_FRACTION, encode_dataset, open_detector  # noqa: E402
+from debias.detector import DEFAULT_CALIBRATION_FRACTION, open_detector
+from debias.scoring import encode_images  # noqa: E402
 from debias.device import resolve_device  # noqa: E402
 from debias.novelty import DEFAULT_STATISTICS, STATISTICS, NoveltyScorer, feature_matrix  # noqa: E402
 from debias.training import load_model  # noqa: E402
@@ -87,9 +88,9 @@ def run(args: argparse.Namespace) -> dict:
                       progress=False)
     ood = load_images(args.ood, where=args.ood_where, image_size=cfg.image_size, channels=cfg.channels, progress=False)
 
-    X_fit = feature_matrix(encode_dataset(model, train, progress=False))[fit_rows]
+    X_fit = feature_matrix(encode_images(model, train, progress=False))[fit_rows]
     t0 = time.perf_counter()
-    enc_in, enc_ood = encode_dataset(model, inn, progress=False), encode_dataset(model, ood, progress=False)
+    enc_in, enc_ood = encode_images(model, inn, progress=False), encode_images(model, ood, progress=False)
     t_enc = time.perf_counter() - t0
     X_in, X_ood = feature_matrix(enc_in), feature_matrix(enc_ood)
     y = np.r_[np.zeros(len(inn)), np.ones(len(ood))]

@@ -30,58 +30,16 @@ from debias.calibration import ConformalCalibrator
 from debias.checkpoint import load_checkpoint, save_checkpoint
 from debias.data import ImageSet, load_images
 from debias.density import LatentHistogramDensity
-from debias.device import autocast
 from debias.errors import DebiasError
 from debias.models import ConvVAE
 from debias.novelty import NoveltyScorer, feature_matrix
-from debias.progress import progress_bar
-from debias.scoring import Encoded
+from debias.scoring import Encoded, encode_batch, encode_images
 from debias.training import MODEL, load_model
 
 NOVELTY_FILE = "novelty.pt"
 FORMAT_VERSION = 2  # 2: posterior_knn + recon_error, l1 (1 was mahalanobis of five statistics)
 DEFAULT_CALIBRATION_FRACTION = 0.2
 DEFAULT_TARGET_FPR = 0.05
-
-
-# -- one batch through the model ---------------------------------------------------------------------------------
-@torch.inference_mode()
-def encode_batch(model: ConvVAE, x: torch.Tensor) -> tuple[Encoded, torch.Tensor]:
-    """(B, C, S, S) images in [0, 1] -> the same outputs as :func:`debias.scoring.encode_images`, plus the
-    reconstructions (B, C, S, S) on the CPU. Eval mode and no batch-coupled layers: each image's outputs are those it
-    gets alone (up to floating-point rounding of batched kernels)."""
-    device = next(model.parameters()).device
-    model.eval()
-    x = x.to(device, non_blocking=True)
-    with autocast(device):
-        mu, logvar, logits = model.encode(x)
-        recon = torch.sigmoid(model.decode(mu).float())
-    err = (recon - x).pow(2).flatten(1).mean(1)
-    enc = Encoded(
-        mu=mu.float().cpu().numpy().astype(np.float64),
-        logvar=logvar.float().cpu().numpy().astype(np.float64),
-        recon_error=err.float().cpu().numpy().astype(np.float64),
-        logits=logits.float().cpu().numpy() if logits is not None else None,
-    )
-    return enc, recon.float().cpu()
-
-
-def encode_dataset(
-    model: ConvVAE, data: ImageSet, *, batch_size: int = 256, progress: bool = True, description: str = "encoding"
-) -> Encoded:
-    """:func:`encode_batch` over a whole ImageSet (the reconstructions are dropped)."""
-    parts: list[Encoded] = []
-    with progress_bar(description, total=len(data), enabled=progress) as bar:
-        for start in range(0, len(data), batch_size):
-            enc, _ = encode_batch(model, data.batch(slice(start, start + batch_size)))
-            parts.append(enc)
-            bar.advance(len(enc.mu))
-    return Encoded(
-        mu=np.concatenate([p.mu for p in parts]),
-        logvar=np.concatenate([p.logvar for p in parts]),
-        recon_error=np.concatenate([p.recon_error for p in parts]),
-        logits=np.concatenate([p.logits for p in parts]) if parts and parts[0].logits is not None else None,
-    )
 
 
 # -- results -----------------------------------------------------------------------------------------------------
@@ -165,7 +123,7 @@ class NoveltyDetector:
     def score_dataset(
         self, data: ImageSet, *, top_k: int = 5, batch_size: int = 256, progress: bool = True
     ) -> NoveltyResults:
-        return self.score_encoded(encode_dataset(self.model, data, batch_size=batch_size, progress=progress), top_k=top_k)
+        return self.score_encoded(encode_images(self.model, data, batch_size=batch_size, progress=progress), top_k=top_k)
 
     # -- persistence -----------------------------------------------------------------------------------------------
     def save(self, path: str | Path, model_sha256: str) -> None:
@@ -211,7 +169,7 @@ def fit_detector(
             "need at least 3 images and a fraction in (0, 1)"
         )
     t0 = time.perf_counter()
-    enc = encode_dataset(model, data, batch_size=batch_size, progress=progress, description="encoding (novelty fit)")
+    enc = encode_images(model, data, batch_size=batch_size, progress=progress, description="encoding (novelty fit)")
     X = feature_matrix(enc)
     order = np.random.default_rng(seed).permutation(n)
     cal_rows, fit_rows = order[:n_cal], order[n_cal:]

@@ -25,30 +25,42 @@ class Encoded:
 
 
 @torch.inference_mode()
+def encode_batch(model: ConvVAE, x: torch.Tensor) -> tuple[Encoded, torch.Tensor]:
+    """(B, C, S, S) images in [0, 1] -> their encodings and the reconstructions (B, C, S, S, on the CPU).
+
+    Eval mode and no batch-coupled layers: each image's outputs are those it gets alone (up to floating-point
+    rounding of batched kernels)."""
+    device = next(model.parameters()).device
+    model.eval()
+    x = x.to(device, non_blocking=True)
+    with autocast(device):
+        mu, logvar, logits = model.encode(x)
+        recon = torch.sigmoid(model.decode(mu).float())
+    err = (recon - x.float()).pow(2).flatten(1).mean(1)
+    enc = Encoded(
+        mu=mu.float().cpu().numpy().astype(np.float64),
+        logvar=logvar.float().cpu().numpy().astype(np.float64),
+        recon_error=err.cpu().numpy().astype(np.float64),
+        logits=logits.float().cpu().numpy() if logits is not None else None,
+    )
+    return enc, recon.cpu()
+
+
 def encode_images(
     model: ConvVAE, data: ImageSet, *, batch_size: int = 256, progress: bool = True, description: str = "encoding"
 ) -> Encoded:
-    """Encode every image in eval mode; each image's outputs are independent of the others in its batch."""
-    device = next(model.parameters()).device
-    model.eval()
-    mus, logvars, errs, logits = [], [], [], []
+    """:func:`encode_batch` over a whole ImageSet (the reconstructions are dropped)."""
+    parts: list[Encoded] = []
     with progress_bar(description, total=len(data), enabled=progress) as bar:
         for start in range(0, len(data), batch_size):
-            x = data.batch(slice(start, start + batch_size)).to(device, non_blocking=True)
-            with autocast(device):
-                mu, logvar, lg = model.encode(x)
-                recon = torch.sigmoid(model.decode(mu).float())
-            mus.append(mu.float().cpu())
-            logvars.append(logvar.float().cpu())
-            errs.append((recon - x).pow(2).flatten(1).mean(1).cpu())
-            if lg is not None:
-                logits.append(lg.float().cpu())
-            bar.advance(len(x))
+            enc, _ = encode_batch(model, data.batch(slice(start, start + batch_size)))
+            parts.append(enc)
+            bar.advance(len(enc.mu))
     return Encoded(
-        mu=torch.cat(mus).numpy().astype(np.float64),
-        logvar=torch.cat(logvars).numpy().astype(np.float64),
-        recon_error=torch.cat(errs).numpy().astype(np.float64),
-        logits=torch.cat(logits).numpy() if logits else None,
+        mu=np.concatenate([p.mu for p in parts]),
+        logvar=np.concatenate([p.logvar for p in parts]),
+        recon_error=np.concatenate([p.recon_error for p in parts]),
+        logits=np.concatenate([p.logits for p in parts]) if parts[0].logits is not None else None,
     )
 
 

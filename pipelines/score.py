@@ -23,7 +23,8 @@ import pandas as pd
 from debias.calibration import drift_report
 from debias.checkpoint import write_json
 from debias.data import load_images
-from debias.detector import encode_batch, open_detector
+from debias.detector import open_detector
+from debias.scoring import encode_batch
 from debias.device import resolve_device
 from debias.explain import heatmap_png
 

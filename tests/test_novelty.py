@@ -20,11 +20,11 @@ from typer.testing import CliRunner
 from debias.calibration import ConformalCalibrator, drift_report
 from debias.cli import app as cli_app
 from debias.data import ImageSet, load_images
-from debias.detector import NOVELTY_FILE, encode_batch, fit_detector, open_detector
+from debias.detector import NOVELTY_FILE, fit_detector, open_detector
 from debias.errors import DebiasError
 from debias.explain import heatmap_png
 from debias.novelty import STATISTICS, NoveltyScorer, feature_matrix, split_features
-from debias.scoring import encode_images
+from debias.scoring import encode_batch, encode_images
 from debias.training import load_model
 from tests.novelty_support import TINY_SOURCE, noise_images, tiny_run
 
