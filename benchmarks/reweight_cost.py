@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--latent-dim", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--vae-weight", type=float, default=0.01)
+    ap.add_argument("--vae-weight", type=float, default=0.001)
     ap.add_argument("--steps", type=int, default=10, help="training steps per method per repetition")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--json", help="also write the figures here")

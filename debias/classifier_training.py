@@ -1,0 +1,298 @@
+"""The classifier training loop shared by every ``--reweight`` method, resumable after a crash.
+
+One architecture for all methods, so that a comparison measures the sampling and nothing else: the ConvVAE encoder
+and its linear head (:class:`debias.models.ConvVAE` with ``n_classes`` > 0). What differs per method:
+
+- the objective: ``"ce"`` trains the head's class logits with cross-entropy (the decoder is carried along unused, so
+  every method's checkpoint loads the same way); ``"dbvae"`` is the DB-VAE's joint loss, Eq. 5 of Amini et al.
+  (:func:`debias.models.vae_loss`), and the classifier is the DB-VAE's own head;
+- the sampling scheme (:mod:`debias.reweighting`), asked once at the start of every epoch.
+
+Model selection uses only the validation rows the caller carved out of the training rows: the epoch with the highest
+validation accuracy is kept (``select="best"``), or the last one.
+
+RUN_DIR layout:
+    checkpoint.pt   model + optimizer + epoch + configs + history + the best epoch's weights (rewritten atomically
+                    after every epoch; ``resume=True`` continues from it)
+    classifier.pt   the selected model: weights, model config, label classes and values, history
+    history.csv     one row per epoch: loss, train/validation accuracy, effective sample size, timings
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from debias import __version__
+from debias.checkpoint import load_checkpoint, save_checkpoint
+from debias.data import ImageSet
+from debias.device import autocast, resolve_device
+from debias.errors import DebiasError
+from debias.models import ConvVAE, VAEConfig, vae_loss
+from debias.progress import progress_bar
+from debias.reweighting import Scheme, draw_epoch
+
+CHECKPOINT = "checkpoint.pt"
+CLASSIFIER = "classifier.pt"
+OBJECTIVES = ("ce", "dbvae")
+_IN_MEMORY_LIMIT = 4 << 30  # bytes of uint8 pixels held in RAM; larger sets are read from the memmap per batch
+
+
+@dataclass
+class ClassifierTrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+    device: str = "auto"
+    objective: str = "ce"  # "ce" or "dbvae" (paper Eq. 5)
+    vae_weight: float = 0.001  # dbvae: weight of the VAE term next to the cross-entropy (see dbvae_loss)
+    select: str = "best"  # "best" validation accuracy, or "last" epoch
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise DebiasError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.select not in ("best", "last"):
+            raise DebiasError(f"select must be best or last, got {self.select!r}")
+
+
+class ImageTensor:
+    """Some rows of an ImageSet, indexable by position. Held in memory as one uint8 (N, H, W, C) tensor when that
+    fits (a quarter of the float size; gathering a batch is then one indexing op instead of memmap reads)."""
+
+    def __init__(self, data: ImageSet, rows: np.ndarray | None = None) -> None:
+        self.rows = np.arange(len(data)) if rows is None else np.asarray(rows, dtype=np.int64)
+        self._data = data
+        self._u8: torch.Tensor | None = None
+        if len(self.rows) * data.image_size**2 * data.channels <= _IN_MEMORY_LIMIT:
+            self._u8 = torch.from_numpy(np.ascontiguousarray(data.images[self.rows]))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(self, idx: np.ndarray) -> torch.Tensor:
+        """float32 (B, C, H, W) in [0, 1] for positions ``idx``, in channels_last memory format (NHWC underneath,
+        as the cache stores the pixels, so no copy is needed to get there)."""
+        if self._u8 is not None:
+            x = self._u8[torch.as_tensor(idx, dtype=torch.long)].permute(0, 3, 1, 2)
+        else:
+            x = torch.from_numpy(np.ascontiguousarray(self._data.images[self.rows[np.asarray(idx)]])).permute(0, 3, 1, 2)
+        return x.float().div_(255.0)
+
+
+@dataclass
+class TrainedClassifier:
+    model: ConvVAE  # the selected epoch's weights, eval mode
+    history: list[dict[str, Any]]
+    selected_epoch: int
+    path: Path
+
+
+def classifier_loss(
+    model: ConvVAE, x: torch.Tensor, y: torch.Tensor, objective: str, vae_weight: float
+) -> tuple[torch.Tensor, dict]:
+    """One batch's loss for ``objective`` ("ce" or "dbvae") and its parts as floats, for the log."""
+    if objective == "dbvae":
+        return dbvae_loss(model, x, y, vae_weight)
+    _, _, logits = model.encode(x)  # encoder + head only: the decoder is not part of the classifier
+    loss = F.cross_entropy(logits.float(), y)
+    acc = (logits.argmax(1) == y).float().mean()
+    return loss, {"loss": loss.item(), "ce": loss.item(), "acc": acc.item()}
+
+
+def dbvae_loss(model: ConvVAE, x: torch.Tensor, y: torch.Tensor, vae_weight: float) -> tuple[torch.Tensor, dict]:
+    """The DB-VAE's joint loss (Amini et al., Eq. 5) with the VAE term weighted: L = CE + w * (recon + beta * KL).
+
+    With w = 1 this is exactly :func:`debias.models.vae_loss`. The reconstruction there is a Bernoulli NLL summed
+    over pixels (thousands of nats against a cross-entropy below 1), so in the shared encoder it drowns the
+    classifier's gradient; w < 1 restores the balance (the public MIT lab gets the same effect from a per-pixel mean
+    reconstruction error and a KL weight of 5e-4). The VAE term is vae_loss's own, computed by vae_loss."""
+    if vae_weight == 1.0:
+        return vae_loss(model, x, y)
+    # L = w * [CE + VAE] + (1 - w) * CE: vae_loss gives the bracket, one more head read-out gives the CE. The
+    # encoder features are computed once and shared by both through the cache below.
+    cache: dict[str, torch.Tensor] = {}
+    hook = model.head.register_forward_hook(lambda _m, _i, out: cache.__setitem__("head", out))
+    try:
+        joint, parts = vae_loss(model, x, y)
+    finally:
+        hook.remove()
+    logits = cache["head"][:, 2 * model.config.latent_dim :]
+    ce = F.cross_entropy(logits.float(), y)
+    loss = vae_weight * joint + (1.0 - vae_weight) * ce
+    parts["loss"] = loss.item()
+    return loss, parts
+
+
+@torch.inference_mode()
+def predict_proba(model: ConvVAE, images: ImageTensor, batch_size: int = 512) -> np.ndarray:
+    """(n, n_classes) softmax probabilities, eval mode (each row independent of its batch)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(images)))
+        with autocast(device):
+            _, _, logits = model.encode(images.batch(idx).to(device, non_blocking=True))
+        out.append(torch.softmax(logits.float(), 1).cpu())
+    model.train(was_training)
+    if not out:
+        return np.zeros((0, model.config.n_classes))
+    return torch.cat(out).numpy().astype(np.float64)
+
+
+def train_classifier(
+    model_config: VAEConfig,
+    config: ClassifierTrainConfig,
+    train: ImageTensor,
+    y_train: np.ndarray,
+    scheme: Scheme,
+    out_dir: str | Path,
+    *,
+    val: ImageTensor | None = None,
+    y_val: np.ndarray | None = None,
+    meta: dict[str, Any],
+    resume: bool = False,
+    progress: bool = True,
+    description: str = "",
+) -> TrainedClassifier:
+    """Train (or resume) one classifier; ``meta`` (data description, label, method, ...) is stored with it and a
+    resume on different data or options is refused."""
+    out = Path(out_dir)
+    ckpt_path = out / CHECKPOINT
+    if model_config.n_classes < 2:
+        raise DebiasError("a classifier needs a label with at least two classes")
+    if ckpt_path.exists() and not resume:
+        raise DebiasError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
+    device = resolve_device(config.device)
+
+    torch.manual_seed(config.seed)
+    # channels_last: oneDNN (CPU) and cuDNN convolutions run faster on NHWC, which is also how the images are cached
+    # (measured ~25 % per training step on CPU for both objectives, benchmarks/reweight_cost.py).
+    model = ConvVAE(model_config).to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    start_epoch, history = 0, []
+    best: dict[str, Any] = {"epoch": 0, "val_accuracy": -1.0, "model": None}
+
+    if resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path, map_location=device)
+        for key, now in (("meta", meta), ("model_config", model_config.to_dict())):
+            if ckpt[key] != now:
+                diff = sorted(k for k in set(ckpt[key]) | set(now) if ckpt[key].get(k) != now.get(k))
+                raise DebiasError(f"cannot resume {out}: the data or options differ from the checkpoint's ({diff})")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch, history, best = int(ckpt["epoch"]), list(ckpt["history"]), dict(ckpt["best"])
+        if progress:
+            print(f"resuming {out} after epoch {start_epoch}")
+
+    out.mkdir(parents=True, exist_ok=True)
+    y_all = torch.as_tensor(y_train, dtype=torch.long)
+    n = len(train)
+    for epoch in range(start_epoch, config.epochs):
+        # Seeds derived from the epoch make a resumed run draw the same rows and noise as an uninterrupted one.
+        torch.manual_seed(config.seed * 100_003 + epoch)
+        rng = np.random.default_rng([config.seed, epoch])
+        t0 = time.perf_counter()
+        weights, winfo = scheme.weights(epoch, model)  # DB-VAE: re-encode + refit the histograms (Algorithm 1)
+        order = draw_epoch(weights, n, rng)
+        t1 = time.perf_counter()
+        model.train()
+        sums: dict[str, float] = {}
+        label = f"{description}epoch {epoch + 1}/{config.epochs}"
+        with progress_bar(label, total=n, enabled=progress) as bar:
+            for start in range(0, n, config.batch_size):
+                idx = order[start : start + config.batch_size]
+                x = train.batch(idx).to(device, non_blocking=True)
+                y = y_all[idx].to(device, non_blocking=True)
+                with autocast(device):
+                    loss, parts = classifier_loss(model, x, y, config.objective, config.vae_weight)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + v * len(idx)
+                bar.advance(len(idx), loss=parts["loss"])
+        t2 = time.perf_counter()
+        val_acc = None
+        if val is not None and len(val):
+            val_acc = float((predict_proba(model, val).argmax(1) == y_val).mean())
+        t3 = time.perf_counter()
+        row = {
+            "epoch": epoch + 1,
+            **{k: v / n for k, v in sums.items()},
+            "val_accuracy": val_acc,
+            **winfo,
+            "weights_s": t1 - t0,  # re-encoding, density fit and drawing the epoch's rows
+            "train_s": t2 - t1,
+            "epoch_s": t2 - t0,  # weights + training passes; validation is timed apart
+            "val_s": t3 - t2,
+        }
+        history.append(row)
+        if val_acc is not None and val_acc > best["val_accuracy"]:
+            best = {"epoch": epoch + 1, "val_accuracy": val_acc, "model": _cpu_copy(model)}
+        save_checkpoint(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch + 1,
+                "model_config": model_config.to_dict(),
+                "train_config": asdict(config),
+                "meta": meta,
+                "history": history,
+                "best": best,
+                "version": __version__,
+            },
+            ckpt_path,
+        )
+        pd.DataFrame(history).to_csv(out / "history.csv", index=False)
+        if progress:
+            print(_epoch_line(description, row))
+
+    selected = config.epochs
+    if config.select == "best" and best["model"] is not None:
+        model.load_state_dict(best["model"])
+        selected = int(best["epoch"])
+    model.eval()
+    path = out / CLASSIFIER
+    save_checkpoint(
+        {
+            "model": model.state_dict(),
+            "model_config": model_config.to_dict(),
+            "meta": meta,
+            "history": history,
+            "selected_epoch": selected,
+            "version": __version__,
+        },
+        path,
+    )
+    return TrainedClassifier(model=model, history=history, selected_epoch=selected, path=path)
+
+
+def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tuple[ConvVAE, dict[str, Any]]:
+    """A trained classifier (eval mode) and its stored metadata, from classifier.pt or its run directory."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / CLASSIFIER
+    ckpt = load_checkpoint(p, map_location=device)
+    model = ConvVAE(VAEConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt
+
+
+def _cpu_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def _epoch_line(description: str, row: dict[str, Any]) -> str:
+    keys = ("epoch", "loss", "acc", "val_accuracy", "ess_fraction", "weights_s", "epoch_s")
+    parts = [f"{k} {row[k]:.4g}" if isinstance(row[k], float) else f"{k} {row[k]}" for k in keys if k in row]
+    return description + "  ".join(parts)

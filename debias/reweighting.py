@@ -1,0 +1,186 @@
+"""Where each epoch's training batches come from: uniform (ERM), fixed weights (an audit, JTT) or the DB-VAE's
+adaptive weights, refitted from the model's own latents at the start of every epoch (Amini et al., AIES 2019,
+Algorithm 1).
+
+Every scheme answers one question per epoch, ``weights(epoch, model)``: ``None`` for a uniform pass over the data
+(each row once, shuffled), or sampling probabilities that sum to 1, from which the epoch's n rows are drawn with
+replacement. Only labels and images reach this module; group columns never do.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+
+from debias.density import LatentHistogramDensity, effective_sample_size
+from debias.device import autocast
+from debias.errors import DebiasError
+from debias.models import ConvVAE
+
+BatchFn = Callable[[np.ndarray], torch.Tensor]  # row indices -> float (B, C, H, W) in [0, 1]
+
+
+class Scheme(Protocol):
+    name: str
+
+    def weights(self, epoch: int, model: ConvVAE) -> tuple[np.ndarray | None, dict[str, Any]]:
+        """Sampling probabilities for this epoch (None = uniform) and what to log about them."""
+        ...
+
+
+def draw_epoch(weights: np.ndarray | None, n: int, rng: np.random.Generator) -> np.ndarray:
+    """The row indices of one epoch: a permutation, or n draws with replacement ∝ ``weights``."""
+    if weights is None:
+        return rng.permutation(n)
+    return rng.choice(n, size=n, replace=True, p=weights)
+
+
+def _info(weights: np.ndarray | None, n: int) -> dict[str, Any]:
+    ess = float(n) if weights is None else effective_sample_size(weights)
+    return {"ess": ess, "ess_fraction": ess / n if n else 0.0}
+
+
+class Uniform:
+    """ERM: every training row once per epoch, in a fresh random order."""
+
+    name = "none"
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def weights(self, epoch: int, model: ConvVAE) -> tuple[None, dict[str, Any]]:
+        return None, _info(None, self.n)
+
+
+class Fixed:
+    """The same probabilities every epoch (a WeightedRandomSampler): audit weights (two-stage) or JTT's upweighting."""
+
+    def __init__(self, name: str, weights: np.ndarray) -> None:
+        w = np.asarray(weights, dtype=np.float64)
+        if w.ndim != 1 or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+            raise DebiasError(f"{name}: sampling weights must be finite, non-negative and not all zero")
+        self.name = name
+        self.p = w / w.sum()
+
+    def weights(self, epoch: int, model: ConvVAE) -> tuple[np.ndarray, dict[str, Any]]:
+        return self.p, _info(self.p, len(self.p))
+
+
+def jtt_upweight_auto(misclassified: np.ndarray, cap: float = 100.0) -> float:
+    """A label-free lambda_up: (1 - e) / e for an error rate e, so that the error set and the other rows are drawn
+    equally often. JTT's paper tunes lambda_up on worst-group validation accuracy, which needs group labels this
+    project does not use; a fixed lambda_up fails when the first model is weak (lambda_up = 20 with e = 0.35 gives
+    the error set 90 % of the draws and the second model learns to get the easy rows wrong)."""
+    e = float(np.mean(misclassified))
+    if e <= 0.0:
+        return 1.0
+    return float(np.clip((1.0 - e) / e, 1.0, cap))
+
+
+def jtt_weights(misclassified: np.ndarray, upweight: float) -> np.ndarray:
+    """Just Train Twice (Liu et al., ICML 2021, Algorithm 1 step 2): the error set of the first model is upsampled
+    ``upweight`` (lambda_up) times, every other row kept once; returned as probabilities."""
+    err = np.asarray(misclassified, dtype=bool)
+    w = np.where(err, float(upweight), 1.0)
+    return w / w.sum()
+
+
+def audit_weights(scores_path: str | Path, paths: pd.Series, column: str = "weight") -> np.ndarray:
+    """Sampling probabilities for the training rows from an audit's scores file (joined on ``path``)."""
+    p = Path(scores_path)
+    if not p.is_file():
+        raise DebiasError(f"--weights: no such file {p} (expected scores.parquet or scores.csv from 'debias audit')")
+    try:
+        scores = pd.read_parquet(p) if p.suffix.lower() in (".parquet", ".pq") else pd.read_csv(p)
+    except Exception as exc:  # noqa: BLE001 - pandas/pyarrow raise many kinds
+        raise DebiasError(f"--weights: cannot read {p}: {type(exc).__name__}") from None
+    for col in ("path", column):
+        if col not in scores.columns:
+            raise DebiasError(f"--weights: {p} has no {col!r} column")
+    scores = scores.drop_duplicates("path")
+    lookup = pd.Series(scores[column].to_numpy(dtype=np.float64), index=scores["path"].astype(str).to_numpy())
+    keys = paths.astype(str)
+    missing = ~keys.isin(lookup.index)
+    if missing.any():
+        raise DebiasError(
+            f"--weights: {int(missing.sum())} of {len(keys)} training rows have no weight in {p} "
+            f"(first: {keys[missing].iloc[0]}); audit the same rows you train on"
+        )
+    w = lookup.loc[keys.to_numpy()].to_numpy()
+    if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise DebiasError(f"--weights: the {column!r} column of {p} must be finite, non-negative and not all zero")
+    return w / w.sum()
+
+
+@torch.inference_mode()
+def encode_latents(model: ConvVAE, batch: BatchFn, n: int, batch_size: int = 512) -> np.ndarray:
+    """Posterior means of n rows. Encoder and head only (the decoder is not run), eval mode, large batches: this is
+    what keeps the per-epoch re-encoding of Algorithm 1 cheap next to a training epoch."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, min(start + batch_size, n))
+        with autocast(device):
+            mu, _, _ = model.encode(batch(idx).to(device, non_blocking=True))
+        out.append(mu.float().cpu())
+    model.train(was_training)
+    return torch.cat(out).numpy().astype(np.float64)
+
+
+class DBVAEAdaptive:
+    """Algorithm 1 of Amini et al.: at the start of each epoch encode the training rows with the current DB-VAE,
+    fit the per-dimension latent histograms (Eq. 3) and sample rows ∝ prod_i 1 / (Q_i(z_i) + alpha) (Eq. 4), tempered
+    as set in ``density`` (see :class:`LatentHistogramDensity`).
+
+    ``warmup_epochs``: epochs of uniform sampling first, while the latent space is still untrained noise.
+    ``labels`` (optional, per-class mode): fit one density per class and keep every class's share of the draws as in
+    the data, so that the resampling changes which faces are seen, not how often each label is.
+    """
+
+    name = "dbvae"
+
+    def __init__(
+        self,
+        batch: BatchFn,
+        n: int,
+        density: Callable[[], LatentHistogramDensity],
+        *,
+        warmup_epochs: int = 0,
+        labels: np.ndarray | None = None,
+        encode_batch_size: int = 512,
+    ) -> None:
+        self.batch, self.n, self.density = batch, n, density
+        self.warmup_epochs = warmup_epochs
+        self.labels = labels
+        self.encode_batch_size = encode_batch_size
+
+    def weights(self, epoch: int, model: ConvVAE) -> tuple[np.ndarray | None, dict[str, Any]]:
+        if epoch < self.warmup_epochs:
+            return None, {**_info(None, self.n), "encode_s": 0.0, "fit_s": 0.0}
+        t0 = time.perf_counter()
+        z = encode_latents(model, self.batch, self.n, self.encode_batch_size)
+        t1 = time.perf_counter()
+        info: dict[str, Any] = {}
+        if self.labels is None:
+            est = self.density().fit(z)
+            w = est.sampling_weights(z)
+            info["temperature"] = est.temperature_
+        else:
+            w = np.zeros(self.n)
+            temps = []
+            for k in np.unique(self.labels):
+                rows = np.flatnonzero(self.labels == k)
+                est = self.density().fit(z[rows])
+                w[rows] = est.sampling_weights(z[rows]) * (len(rows) / self.n)  # keep the class's share
+                temps.append(est.temperature_)
+            info["temperature"] = float(np.mean(temps))
+        t2 = time.perf_counter()
+        return w, {**_info(w, self.n), **info, "encode_s": t1 - t0, "fit_s": t2 - t1}

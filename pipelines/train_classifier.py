@@ -1,0 +1,389 @@
+"""`debias train-classifier`: train a label classifier with one of four sampling methods and evaluate it per group.
+
+Methods (``--reweight``):
+    none       ERM: every training row once per epoch.
+    dbvae      DB-VAE, Amini et al. (AIES 2019) Algorithm 1: the classifier is the DB-VAE's own head, trained jointly
+               with the VAE (Eq. 5); each epoch re-encodes the training rows, refits the latent histograms and draws
+               the epoch's rows ∝ the inverse density (Eq. 3-4).
+    two-stage  fixed weights from an earlier audit (``--weights DIR/scores.parquet``, joined on ``path``).
+    jtt        Just Train Twice, Liu et al. (ICML 2021): ``jtt_epochs`` of ERM, then a fresh model trained with the
+               rows the first one misclassified upsampled ``jtt_upweight`` times.
+
+Groups (``--eval-groups``) are read only after training, for the evaluation; the validation rows used to select the
+epoch come from the training rows (seeded, stratified by label), never from the evaluation rows.
+
+Outputs in ``--out``: predictions.csv, metrics.json, classifier.pt (+ checkpoint.pt, history.csv; jtt_stage1/ for
+JTT's first model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from debias.checkpoint import write_json
+from debias.classifier_training import (
+    ClassifierTrainConfig,
+    ImageTensor,
+    predict_proba,
+    train_classifier,
+)
+from debias.data import load_images
+from debias.errors import DebiasError
+from debias.metrics import CROSS, classification_metrics
+from debias.models import VAEConfig
+from debias.reweighting import DBVAEAdaptive, Fixed, Uniform, audit_weights, jtt_upweight_auto, jtt_weights
+from debias.training import encode_labels
+from pipelines.audit import DensityOptions
+
+METHODS = ("none", "dbvae", "two-stage", "jtt")
+
+
+@dataclass
+class ClassifierJob:
+    data: str
+    label: str
+    out: Path
+    method: str = "dbvae"
+    where: list[str] = field(default_factory=list)
+    eval_where: list[str] = field(default_factory=list)  # empty: evaluate on the validation rows
+    eval_groups: list[str] = field(default_factory=list)
+    subsample: list[str] = field(default_factory=list)  # COL=VALUE:FRACTION, applied to the training rows
+    subsample_seed: int = 0  # fixed apart from --seed so that every method and seed sees the same reduced data
+    image_size: int = 64
+    channels: int | None = None
+    latent_dim: int = 32
+    beta: float = 1.0
+    width: int = 32
+    train: ClassifierTrainConfig = field(default_factory=ClassifierTrainConfig)
+    val_fraction: float = 0.1
+    # dbvae
+    density: DensityOptions = field(default_factory=DensityOptions)
+    warmup_epochs: int = 0
+    per_class: bool = False
+    # two-stage
+    weights: Path | None = None
+    # jtt
+    jtt_epochs: int = 2
+    jtt_upweight: float | str = "auto"  # lambda_up, or "auto": (1 - error rate) / error rate
+    resume: bool = False
+    progress: bool = True
+    show_table: bool = True
+
+
+@dataclass
+class ClassifierResult:
+    metrics: dict[str, Any]
+    predictions: pd.DataFrame
+    out: Path
+
+
+# ------------------------------------------------------------------------------------------------ data helpers
+def parse_subsample(spec: str) -> tuple[str, str, float]:
+    """``COL=VALUE:FRACTION`` -> (COL, VALUE, FRACTION)."""
+    col, eq, rest = spec.partition("=")
+    value, colon, frac = rest.rpartition(":")
+    try:
+        fraction = float(frac)
+    except ValueError:
+        fraction = -1.0
+    if not eq or not colon or not col.strip() or not 0.0 <= fraction <= 1.0:
+        raise DebiasError(f"bad --subsample {spec!r}: expected COL=VALUE:FRACTION with FRACTION in [0, 1]")
+    return col.strip(), value.strip(), fraction
+
+
+def apply_subsample(table: pd.DataFrame, rows: np.ndarray, specs: list[str], seed: int) -> np.ndarray:
+    """Keep a seeded FRACTION of the rows where COL == VALUE (string comparison, as --where), all others."""
+    for spec in specs:
+        col, value, fraction = parse_subsample(spec)
+        if col not in table.columns:
+            raise DebiasError(f"unknown column {col!r} in --subsample (available: {', '.join(table.columns)})")
+        match = rows[table[col].astype(str).to_numpy()[rows] == value]
+        if len(match) == 0:
+            raise DebiasError(f"--subsample {spec}: no training rows have {col}={value}")
+        rng = np.random.default_rng([seed, zlib.crc32(spec.encode())])
+        drop = rng.permutation(match)[int(round(len(match) * fraction)) :]
+        rows = np.setdiff1d(rows, drop)
+    return rows
+
+
+def validation_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (fit, validation): a seeded ``fraction`` of every label class, at least one row left to fit."""
+    if fraction <= 0:
+        return np.arange(len(y)), np.zeros(0, dtype=np.int64)
+    rng = np.random.default_rng([seed, 0x5A1])
+    val = []
+    for k in np.unique(y):
+        rows = np.flatnonzero(y == k)
+        take = min(int(round(len(rows) * fraction)), len(rows) - 1)
+        val.append(rng.permutation(rows)[:take])
+    v = np.sort(np.concatenate(val)).astype(np.int64)
+    return np.setdiff1d(np.arange(len(y)), v), v
+
+
+def label_values(column: pd.Series, classes: list[str]) -> list[Any]:
+    """The label's own value for each class string (first occurrence), as plain Python scalars."""
+    first = column.groupby(column.astype(str)).first()
+    return [first[c].item() if hasattr(first[c], "item") else first[c] for c in classes]
+
+
+def _require(table: pd.DataFrame, columns: list[str], option: str) -> None:
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise DebiasError(f"{option} column(s) {missing} not in the data (columns: {', '.join(table.columns)})")
+
+
+def _rows_fingerprint(fingerprint: str, rows: np.ndarray) -> str:
+    h = hashlib.sha256(fingerprint.encode())
+    h.update(np.ascontiguousarray(rows, dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------- the job
+def run_train_classifier(job: ClassifierJob) -> ClassifierResult:
+    if job.method not in METHODS:
+        raise DebiasError(f"--reweight must be one of {', '.join(METHODS)}, got {job.method!r}")
+    if job.density.dims not in ("all", "active"):
+        raise DebiasError(f"--dims must be all or active, got {job.density.dims!r}")
+    if (job.method == "two-stage") != (job.weights is not None):
+        raise DebiasError("--weights DIR/scores.parquet is needed by --reweight two-stage, and only by it")
+    if not 0.0 <= job.val_fraction < 1.0:
+        raise DebiasError("--val-fraction must be in [0, 1)")
+    if job.jtt_upweight != "auto" and not (isinstance(job.jtt_upweight, (int, float)) and job.jtt_upweight >= 1):
+        raise DebiasError(f"--jtt-upweight must be 'auto' or a number >= 1, got {job.jtt_upweight!r}")
+    if job.out.joinpath("metrics.json").exists() and not job.resume:
+        raise DebiasError(f"{job.out} already holds a finished run; choose another --out")
+
+    data = load_images(job.data, where=job.where, image_size=job.image_size, channels=job.channels, progress=job.progress)
+    table = data.table
+    _require(table, [job.label], "--label")
+    rows = np.flatnonzero(table[job.label].notna().to_numpy())
+    if len(rows) < len(table) and job.progress:
+        print(f"{len(table) - len(rows)} training rows without a {job.label!r} value left out")
+    rows = apply_subsample(table, rows, job.subsample, job.subsample_seed)
+    y_rows, classes = encode_labels(table[job.label].iloc[rows])
+    if len(classes) < 2:
+        raise DebiasError(f"--label {job.label!r} has a single value ({classes[0]}); a classifier needs two or more")
+    values = label_values(table[job.label].iloc[rows], classes)
+    fit_pos, val_pos = validation_split(y_rows, job.val_fraction, job.train.seed)
+    fit_rows, val_rows = rows[fit_pos], rows[val_pos]
+    y_fit, y_val = y_rows[fit_pos], y_rows[val_pos]
+
+    # The evaluation rows are only looked up now (to fail early on a bad column); they are read after training.
+    if job.eval_where:
+        eval_data = load_images(
+            job.data, where=job.eval_where, image_size=job.image_size, channels=data.channels, progress=job.progress
+        )
+        eval_table = eval_data.table
+        _require(eval_table, [job.label, *job.eval_groups], "--eval-where/--eval-groups")
+        unseen = sorted(set(eval_table[job.label].dropna().astype(str)) - set(classes))
+        if unseen:
+            raise DebiasError(f"evaluation rows have {job.label} values never seen in training: {unseen[:5]}")
+        overlap = int(eval_table["path"].isin(table["path"].iloc[fit_rows]).sum())
+        if overlap and job.progress:
+            print(f"warning: {overlap} evaluation rows are also training rows; their accuracy will be optimistic")
+    else:
+        if len(val_rows) == 0:
+            raise DebiasError("nothing to evaluate: give --eval-where or a --val-fraction above 0")
+        eval_data, eval_table = data, table.iloc[val_rows].reset_index(drop=True)
+        _require(eval_table, job.eval_groups, "--eval-groups")
+
+    try:
+        model_config = VAEConfig(
+            image_size=job.image_size,
+            channels=data.channels,
+            latent_dim=job.latent_dim,
+            beta=job.beta,
+            width=job.width,
+            n_classes=len(classes),
+            classes=classes,
+            vae_class=None,  # a classifier between faces: the VAE loss applies to every row
+        )
+    except ValueError as exc:
+        raise DebiasError(str(exc)) from exc
+    train_cfg = replace(job.train, objective="dbvae" if job.method == "dbvae" else "ce")
+    method_options = _method_options(job)
+    meta = {
+        "method": job.method,
+        "method_options": method_options,
+        "source": job.data,
+        "where": list(job.where),
+        "subsample": list(job.subsample),
+        "fingerprint": _rows_fingerprint(data.fingerprint, fit_rows),
+        "label": job.label,
+        "classes": classes,
+        "label_values": values,
+        "n_train": int(len(fit_rows)),
+        "n_val": int(len(val_rows)),
+        "train_config": {k: v for k, v in job_signature(job)["train"].items() if k != "epochs"},
+    }
+    train_images, val_images = ImageTensor(data, fit_rows), ImageTensor(data, val_rows)
+    extra: dict[str, Any] = {}
+
+    if job.method == "none":
+        scheme: Any = Uniform(len(fit_rows))
+    elif job.method == "two-stage":
+        scheme = Fixed("two-stage", audit_weights(job.weights, table["path"].iloc[fit_rows]))
+    elif job.method == "dbvae":
+        scheme = DBVAEAdaptive(
+            train_images.batch,
+            len(fit_rows),
+            job.density.build,
+            warmup_epochs=job.warmup_epochs,
+            labels=y_fit if job.per_class else None,
+        )
+    else:  # jtt: an ERM model for jtt_epochs, then its training errors upsampled in a second, fresh training
+        first = train_classifier(
+            model_config,
+            replace(train_cfg, epochs=job.jtt_epochs, select="last"),
+            train_images,
+            y_fit,
+            Uniform(len(fit_rows)),
+            job.out / "jtt_stage1",
+            meta={**meta, "method": "jtt-stage1"},
+            resume=job.resume,
+            progress=job.progress,
+            description="jtt stage 1 ",
+        )
+        errors = predict_proba(first.model, train_images).argmax(1) != y_fit
+        upweight = jtt_upweight_auto(errors) if job.jtt_upweight == "auto" else float(job.jtt_upweight)
+        scheme = Fixed("jtt", jtt_weights(errors, upweight))
+        extra["jtt"] = {
+            "stage1_epochs": job.jtt_epochs,
+            "upweight": upweight,
+            "error_set_size": int(errors.sum()),
+            "error_set_fraction": float(errors.mean()),
+            "stage1_epoch_s": [h["epoch_s"] for h in first.history],
+        }
+
+    trained = train_classifier(
+        model_config,
+        train_cfg,
+        train_images,
+        y_fit,
+        scheme,
+        job.out,
+        val=val_images,
+        y_val=y_val,
+        meta=meta,
+        resume=job.resume,
+        progress=job.progress,
+        description="" if job.method != "jtt" else "jtt stage 2 ",
+    )
+
+    # ---- evaluation: the first time group columns are read
+    eval_images = ImageTensor(eval_data) if job.eval_where else val_images
+    probs = predict_proba(trained.model, eval_images)
+    predictions = eval_table.copy()
+    predictions["prediction"] = [values[i] for i in probs.argmax(1)]
+    predictions["probability"] = probs.max(1)
+    # Rows without a label are predicted but cannot be scored.
+    scored = eval_table[job.label].notna().to_numpy()
+    lookup = {c: i for i, c in enumerate(classes)}
+    y_eval = eval_table[job.label][scored].astype(str).map(lookup).to_numpy(dtype=np.int64)
+    evaluation = classification_metrics(
+        eval_table[scored].reset_index(drop=True), y_eval, probs[scored], job.eval_groups
+    )
+
+    hist = trained.history
+    metrics: dict[str, Any] = {
+        "method": job.method,
+        "seed": job.train.seed,
+        "label": job.label,
+        "classes": values,
+        "eval_set": "eval-where " + " ".join(job.eval_where) if job.eval_where else "validation rows",
+        "eval_groups": list(job.eval_groups),
+        **{k: v for k, v in evaluation.items() if k != "groupings"},
+        "groupings": evaluation["groupings"],
+        "selected_epoch": trained.selected_epoch,
+        "validation_accuracy": next(
+            (h["val_accuracy"] for h in hist if h["epoch"] == trained.selected_epoch), None
+        ),
+        "n_train": int(len(fit_rows)),
+        "n_val": int(len(val_rows)),
+        "n_eval": int(len(eval_table)),
+        "effective_sample_size_per_epoch": [h["ess"] for h in hist],
+        "epoch_s": [h["epoch_s"] for h in hist],
+        "weights_s": [h["weights_s"] for h in hist],
+        "history": hist,
+        **extra,
+        "config": {**job_signature(job), "model": model_config.to_dict()},
+    }
+    job.out.mkdir(parents=True, exist_ok=True)
+    predictions.to_csv(job.out / "predictions.csv", index=False)
+    write_json(metrics, job.out / "metrics.json")
+    if job.show_table:
+        print_group_table(metrics)
+    return ClassifierResult(metrics=metrics, predictions=predictions, out=job.out)
+
+
+def job_signature(job: ClassifierJob) -> dict[str, Any]:
+    """Everything that decides a run's result apart from the seed and the device (JSON-safe): two runs with equal
+    signatures and seeds are the same experiment."""
+    train = {k: v for k, v in asdict(job.train).items() if k not in ("seed", "device")}
+    train["objective"] = "dbvae" if job.method == "dbvae" else "ce"
+    if job.method != "dbvae":
+        del train["vae_weight"]  # unused by the other methods: their runs stay comparable whatever it is set to
+    return {
+        "data": job.data,
+        "label": job.label,
+        "method": job.method,
+        "where": list(job.where),
+        "eval_where": list(job.eval_where),
+        "eval_groups": list(job.eval_groups),
+        "subsample": list(job.subsample),
+        "subsample_seed": job.subsample_seed,
+        "image_size": job.image_size,
+        "channels": job.channels,
+        "latent_dim": job.latent_dim,
+        "beta": job.beta,
+        "width": job.width,
+        "train": train,
+        "val_fraction": job.val_fraction,
+        "method_options": _method_options(job),
+    }
+
+
+def _method_options(job: ClassifierJob) -> dict[str, Any]:
+    if job.method == "dbvae":
+        return {"density": asdict(job.density), "warmup_epochs": job.warmup_epochs, "per_class": job.per_class}
+    if job.method == "jtt":
+        return {"jtt_epochs": job.jtt_epochs, "jtt_upweight": job.jtt_upweight}
+    if job.method == "two-stage":
+        return {"weights": str(job.weights)}
+    return {}
+
+
+def print_group_table(metrics: dict[str, Any], console: Console | None = None) -> None:
+    console = console or Console()
+    auroc = metrics["auroc"]
+    title = (
+        f"{metrics['method']}: accuracy {metrics['accuracy']:.1%}"
+        + (f", AUROC {auroc:.3f}" if auroc is not None else "")
+        + f" on {metrics['n_eval']} rows ({metrics['eval_set']})"
+    )
+    table = Table(title=title)
+    for col, justify in (("grouping", "left"), ("group", "left"), ("n", "right"), ("accuracy", "right")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for name, g in metrics["groupings"].items():
+        for i, (group, row) in enumerate(g["groups"].items()):
+            worst = group == g["worst_group"]
+            acc = f"{row['accuracy']:.1%}" + (" (worst)" if worst else "")
+            table.add_row(name if i == 0 else "", group, str(row["n"]), f"[bold red]{acc}[/]" if worst else acc)
+        table.add_row("", f"[dim]variance of accuracies[/]", "", f"[dim]{g['accuracy_variance']:.5f}[/]", end_section=True)
+    console.print(table)
+    if metrics["groupings"]:
+        finest = list(metrics["groupings"])[-1]
+        console.print(
+            f"worst group ({finest.replace(CROSS, ' x ')}): {metrics['worst_group_accuracy']:.1%}; "
+            f"selected epoch {metrics['selected_epoch']} (validation accuracy "
+            f"{metrics['validation_accuracy'] or float('nan'):.1%})"
+        )

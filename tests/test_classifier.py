@@ -1,0 +1,182 @@
+"""train-classifier end to end on tiny data: every method's outputs, labels in their own values, evaluation groups that
+never touch training, model selection on validation rows only, and resume."""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from debias.checkpoint import load_checkpoint
+from debias.classifier_training import ClassifierTrainConfig, load_classifier
+from debias.data import BUILTIN_DATASETS
+from debias.errors import DebiasError
+from pipelines.train_classifier import ClassifierJob, run_train_classifier
+
+SPURIOUS = "builtin:spurious?n=400"
+
+
+def tiny_job(out: Path, method: str, **kw) -> ClassifierJob:
+    base = dict(
+        data=SPURIOUS,
+        label="label",
+        out=out,
+        method=method,
+        where=["split=train"],
+        eval_where=["split=test"],
+        eval_groups=["colour", "label"],
+        image_size=32,
+        latent_dim=6,
+        width=8,
+        train=ClassifierTrainConfig(epochs=2, batch_size=64, seed=1, device="cpu"),
+        jtt_epochs=1,
+        progress=False,
+        show_table=False,
+    )
+    base.update(kw)
+    return ClassifierJob(**base)
+
+
+def weights_of(run: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run / "classifier.pt")["model"]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["none", "dbvae", "jtt", "two-stage"])
+def test_every_method_writes_its_outputs(tmp_path, method):
+    weights = None
+    if method == "two-stage":  # a stand-in audit: every training row, heavier weight on blue shapes
+        table = BUILTIN_DATASETS["spurious"].table(n=400)
+        scores = table.assign(weight=np.where(table["colour"] == "blue", 3.0, 1.0))
+        weights = tmp_path / "scores.parquet"
+        scores.to_parquet(weights)
+    res = run_train_classifier(tiny_job(tmp_path / "run", method, weights=weights))
+    out = res.out
+    for name in ("predictions.csv", "metrics.json", "classifier.pt", "checkpoint.pt", "history.csv"):
+        assert (out / name).is_file(), name
+    pred = pd.read_csv(out / "predictions.csv")
+    assert len(pred) == 80 and set(pred["split"]) == {"test"}
+    assert {"path", "label", "colour", "group", "split", "prediction", "probability"} <= set(pred.columns)
+    assert set(pred["prediction"]) <= {"circle", "square"}
+    assert pred["probability"].between(0.5, 1.0).all()
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["accuracy"] == pytest.approx((pred["prediction"] == pred["label"]).mean())
+    assert set(m["groupings"]) == {"colour", "label", "colour x label"}
+    assert len(m["groupings"]["colour x label"]["groups"]) == 4
+    assert m["worst_group_accuracy"] == min(g["accuracy"] for g in m["groupings"]["colour x label"]["groups"].values())
+    assert len(m["effective_sample_size_per_epoch"]) == len(m["epoch_s"]) == 2
+    ess = np.asarray(m["effective_sample_size_per_epoch"])
+    assert ((ess > 0) & (ess <= m["n_train"] + 1e-6)).all()
+    if method == "none":
+        assert (ess == m["n_train"]).all()
+    else:
+        assert (ess < m["n_train"]).all()
+    # the classifier file loads on its own and reproduces the predictions' probabilities' shape
+    model, meta = load_classifier(out)
+    assert meta["meta"]["classes"] == ["circle", "square"] and model.config.n_classes == 2
+    if method == "jtt":
+        assert (out / "jtt_stage1" / "classifier.pt").is_file()
+        assert 0 <= m["jtt"]["error_set_size"] <= m["n_train"]
+
+
+def test_validation_rows_come_from_training_rows_and_select_the_epoch(tmp_path):
+    m = run_train_classifier(tiny_job(tmp_path / "run", "none", train=replace(tiny_job(tmp_path, "none").train, epochs=3))).metrics
+    assert m["n_train"] + m["n_val"] == 320 and m["n_val"] == 32  # 10 % of the 320 training rows; the test rows: 80
+    val = [h["val_accuracy"] for h in m["history"]]
+    assert m["selected_epoch"] == int(np.argmax(val)) + 1  # first epoch with the best validation accuracy
+    assert m["validation_accuracy"] == max(val)
+
+
+def _write_manifest(folder: Path, n: int = 200) -> pd.DataFrame:
+    images, table = BUILTIN_DATASETS["spurious"](image_size=32, n=n)
+    (folder / "img").mkdir(parents=True)
+    paths = []
+    for i, img in enumerate(images):
+        paths.append(f"img/{i:04d}.png")
+        Image.fromarray(img).save(folder / paths[-1])
+    return table.assign(path=paths)
+
+
+def test_eval_groups_never_reach_training(tmp_path):
+    """Permuting the group columns changes the per-group results but leaves the trained weights bit for bit equal."""
+    table = _write_manifest(tmp_path)
+    table.to_csv(tmp_path / "a.csv", index=False)
+    perm = np.random.default_rng(0).permutation(len(table))
+    shuffled = table.assign(colour=table["colour"].to_numpy()[perm], group=table["group"].to_numpy()[perm])
+    shuffled.to_csv(tmp_path / "b.csv", index=False)
+    train = ClassifierTrainConfig(epochs=1, batch_size=64, seed=2, device="cpu")
+    kw = dict(eval_groups=["colour", "group"], where=["split=train"], eval_where=["split=test"], train=train)
+    for method in ("dbvae", "jtt"):  # the adaptive weights and JTT's error set both come from the model alone
+        a = run_train_classifier(tiny_job(tmp_path / f"{method}_a", method, data=str(tmp_path / "a.csv"), **kw))
+        b = run_train_classifier(tiny_job(tmp_path / f"{method}_b", method, data=str(tmp_path / "b.csv"), **kw))
+        assert_same_weights(weights_of(a.out), weights_of(b.out))
+        assert a.predictions["prediction"].tolist() == b.predictions["prediction"].tolist()
+        assert a.metrics["groupings"]["colour"] != b.metrics["groupings"]["colour"]  # the groups did change
+
+
+def test_integer_multiclass_labels_are_predicted_in_their_own_values(tmp_path):
+    table = BUILTIN_DATASETS["shapes"].table(n=300)
+    res = run_train_classifier(
+        tiny_job(tmp_path / "run", "dbvae", data="builtin:shapes?n=300", label="rare", eval_groups=["shape"],
+                 train=ClassifierTrainConfig(epochs=1, batch_size=64, device="cpu"))
+    )
+    pred = pd.read_csv(res.out / "predictions.csv")
+    assert pred["prediction"].dtype.kind == "i" and set(pred["prediction"]) <= {0, 1}
+    assert res.metrics["classes"] == [0, 1]
+    multi = run_train_classifier(
+        tiny_job(tmp_path / "multi", "none", data="builtin:shapes?n=300", label="shape", eval_groups=["colour"],
+                 train=ClassifierTrainConfig(epochs=1, batch_size=64, device="cpu"))
+    )
+    assert set(multi.predictions["prediction"]) <= set(table["shape"])
+    assert multi.metrics["auroc"] is not None and len(multi.metrics["classes"]) == 3
+
+
+def test_resume_continues_to_the_same_weights(tmp_path):
+    """A dbvae run stopped after one epoch and resumed to two equals an uninterrupted two-epoch run."""
+    one = tiny_job(tmp_path / "resumed", "dbvae", train=ClassifierTrainConfig(epochs=1, batch_size=64, seed=1, device="cpu"))
+    run_train_classifier(one)
+    run_train_classifier(replace(one, train=replace(one.train, epochs=2), resume=True))
+    run_train_classifier(tiny_job(tmp_path / "fresh", "dbvae"))
+    a = load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "fresh" / "checkpoint.pt")
+    assert a["epoch"] == b["epoch"] == 2
+    assert_same_weights(a["model"], b["model"])
+    assert [h["ess"] for h in a["history"]] == pytest.approx([h["ess"] for h in b["history"]])
+
+
+def test_refusals(tmp_path):
+    with pytest.raises(DebiasError, match="--weights"):
+        run_train_classifier(tiny_job(tmp_path / "r", "two-stage"))
+    with pytest.raises(DebiasError, match="--reweight"):
+        run_train_classifier(tiny_job(tmp_path / "r", "bogus"))
+    with pytest.raises(DebiasError, match="--eval-where/--eval-groups"):
+        run_train_classifier(tiny_job(tmp_path / "r", "none", eval_groups=["nosuch"]))
+    with pytest.raises(DebiasError, match="--label"):
+        run_train_classifier(tiny_job(tmp_path / "r", "none", label="nosuch"))
+
+
+def test_dbvae_loss_weights_the_vae_term():
+    """L = CE + w * (recon + beta * KL): w = 1 is vae_loss itself, w = 0 the classifier's cross-entropy alone."""
+    import torch.nn.functional as F
+
+    from debias.classifier_training import dbvae_loss
+    from debias.models import ConvVAE, VAEConfig, vae_loss
+
+    torch.manual_seed(0)
+    model = ConvVAE(VAEConfig(image_size=32, latent_dim=4, width=4, n_classes=3, classes=["a", "b", "c"])).eval()
+    x, y = torch.rand(8, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])  # eval mode: z = mu, deterministic
+    joint = vae_loss(model, x, y)[0]
+    ce = F.cross_entropy(model.encode(x)[2], y)
+    assert dbvae_loss(model, x, y, 1.0)[0].item() == pytest.approx(joint.item())
+    assert dbvae_loss(model, x, y, 0.0)[0].item() == pytest.approx(ce.item(), rel=1e-5)
+    w = 0.01
+    assert dbvae_loss(model, x, y, w)[0].item() == pytest.approx(ce.item() + w * (joint - ce).item(), rel=1e-5)

@@ -1,0 +1,108 @@
+"""`debias compare` and the train-classifier command line: tables from real runs, reuse of finished runs, errors."""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from debias.classifier_training import ClassifierTrainConfig
+from debias.errors import DebiasError
+from pipelines.compare import CompareJob, run_compare, run_dir
+from pipelines.train_classifier import ClassifierJob
+
+SPURIOUS = "builtin:spurious?n=400"
+TINY = ["--image-size", "32", "--latent-dim", "6", "--width", "8", "--batch-size", "64", "--device", "cpu"]
+
+
+def base_job(out: Path) -> ClassifierJob:
+    return ClassifierJob(
+        data=SPURIOUS, label="label", out=out, where=["split=train"], eval_where=["split=test"],
+        eval_groups=["colour", "label"], image_size=32, latent_dim=6, width=8,
+        train=ClassifierTrainConfig(epochs=1, batch_size=64, device="cpu"), progress=False,
+    )
+
+
+def test_compare_tables_summarise_the_runs(tmp_path):
+    out = tmp_path / "cmp"
+    job = CompareJob(base=base_job(out), out=out, methods=["none", "jtt"], seeds=[0, 1], progress=False)
+    res = run_compare(job)
+    for name in ("comparison.md", "comparison.json", "groups_colour.png", "groups_label.png", "groups_colour_x_label.png"):
+        assert (out / name).is_file(), name
+    runs = {(m, s): json.loads((run_dir(out, m, s) / "metrics.json").read_text()) for m in ("none", "jtt") for s in (0, 1)}
+    summary = json.loads((out / "comparison.json").read_text())
+    for m in ("none", "jtt"):
+        acc = [runs[m, s]["accuracy"] for s in (0, 1)]
+        got = summary["methods"][m]["metrics"]["accuracy"]
+        assert got["values"] == pytest.approx(acc)
+        assert got["mean"] == pytest.approx(np.mean(acc)) and got["std"] == pytest.approx(np.std(acc, ddof=1))
+        worst = [runs[m, s]["groupings"]["colour"]["worst_group_accuracy"] for s in (0, 1)]
+        assert summary["methods"][m]["metrics"]["worst colour accuracy"]["values"] == pytest.approx(worst)
+    delta = summary["deltas_vs_none"]["jtt"]["worst colour x label accuracy"]["values"]
+    expected = [runs["jtt", s]["worst_group_accuracy"] - runs["none", s]["worst_group_accuracy"] for s in (0, 1)]
+    assert delta == pytest.approx(expected)
+    assert "| worst colour x label accuracy |" in res.markdown and "| blue x circle |" in res.markdown
+
+    # run again: every finished run is reused, nothing is retrained
+    stamp = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/classifier.pt")}
+    run_compare(job)
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/classifier.pt")} == stamp
+    # other options on the same folder are refused rather than mixed in
+    other = replace(job, base=replace(job.base, width=12))
+    with pytest.raises(DebiasError, match="other options"):
+        run_compare(other)
+
+
+def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """Run the command line in this process (as `debias ARGS`): exit code, stdout, stderr."""
+    from debias.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["debias", *args])
+    monkeypatch.setenv("COLUMNS", "120")
+    with pytest.raises(SystemExit) as exc:
+        main()
+    out = capsys.readouterr()
+    return int(exc.value.code or 0), out.out, out.err
+
+
+def test_cli_train_classifier_prints_the_group_table(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    code, stdout, stderr = cli(
+        monkeypatch, capsys,
+        "train-classifier", "--data", SPURIOUS, "--label", "label", "--where", "split=train", "--eval-where",
+        "split=test", "--eval-groups", "colour,label", "--reweight", "none", "--epochs", "1", "--out", str(out),
+        "-q", *TINY,
+    )
+    assert code == 0, stderr
+    assert "colour x label" in stdout and "worst" in stdout and "blue x square" in stdout
+    assert len(pd.read_csv(out / "predictions.csv")) == 80
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--reweight", "bogus"], "--reweight must be one of"),
+        (["--reweight", "two-stage"], "--weights"),
+        (["--reweight", "none", "--subsample", "colour=red"], "--subsample"),
+        (["--reweight", "none", "--eval-groups", "nosuch"], "nosuch"),
+    ],
+    ids=["unknown-method", "two-stage-without-weights", "bad-subsample", "unknown-group"],
+)
+def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys, args, fragment):
+    code, _, stderr = cli(monkeypatch, capsys, "train-classifier", "--data", SPURIOUS, "--label", "label", "--where",
+                          "split=train", "--eval-where", "split=test", "--out", str(tmp_path / "r"), "-q", *TINY, *args)
+    assert code == 2, stderr
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in stderr
+
+
+def test_python_m_debias_lists_the_commands():
+    """One real subprocess: the commands are registered on the installed entry point."""
+    proc = subprocess.run([sys.executable, "-m", "debias", "--help"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "120"})
+    assert proc.returncode == 0 and "train-classifier" in proc.stdout and "compare" in proc.stdout

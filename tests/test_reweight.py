@@ -1,0 +1,142 @@
+"""Sampling schemes, group metrics and the data helpers of train-classifier, against small hand-computed cases."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from debias.density import LatentHistogramDensity
+from debias.errors import DebiasError
+from debias.metrics import auroc, classification_metrics
+from debias.models import ConvVAE, VAEConfig
+from debias.reweighting import (
+    DBVAEAdaptive,
+    Fixed,
+    Uniform,
+    audit_weights,
+    draw_epoch,
+    jtt_upweight_auto,
+    jtt_weights,
+)
+from pipelines.train_classifier import apply_subsample, label_values, parse_subsample, validation_split
+
+
+def test_group_metrics_hand_computed():
+    table = pd.DataFrame({"race": ["a", "a", "a", "b", "b", "c"], "sex": ["f", "m", "m", "f", "f", "m"]})
+    y = np.array([0, 1, 1, 0, 0, 1])
+    # predictions: right, right, wrong, wrong, right, right -> accuracy 4/6
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7], [0.8, 0.2], [0.1, 0.9]])
+    m = classification_metrics(table, y, probs, ["race", "sex"])
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    race = m["groupings"]["race"]
+    assert {g: r["accuracy"] for g, r in race["groups"].items()} == pytest.approx({"a": 2 / 3, "b": 0.5, "c": 1.0})
+    assert race["worst_group"] == "b" and race["worst_group_accuracy"] == pytest.approx(0.5)
+    assert race["accuracy_variance"] == pytest.approx(np.var([2 / 3, 0.5, 1.0]))
+    cross = m["groupings"]["race x sex"]["groups"]
+    assert set(cross) == {"a x f", "a x m", "b x f", "c x m"}
+    assert cross["a x m"] == {"n": 2, "accuracy": 0.5}
+    # the top level reports the finest grouping (the cross product)
+    assert m["worst_group_accuracy"] == pytest.approx(0.5)
+    assert m["group_accuracy_variance"] == pytest.approx(np.var([1.0, 0.5, 0.5, 1.0]))
+    # AUROC of the second class's probability: positives {.8,.4,.9} vs negatives {.1,.7,.2} -> 8 of 9 pairs
+    assert m["auroc"] == pytest.approx(8 / 9)
+
+
+def test_auroc_multiclass_and_single_class():
+    y = np.array([0, 1, 2, 2])
+    probs = np.eye(3)[y] * 0.9 + 0.1 / 3
+    assert auroc(y, probs) == pytest.approx(1.0)
+    assert auroc(np.array([1, 1]), np.array([[0.2, 0.8], [0.6, 0.4]])) is None
+
+
+def test_draw_epoch_uniform_is_a_permutation_and_weighted_follows_weights():
+    rng = np.random.default_rng(0)
+    assert sorted(draw_epoch(None, 50, rng)) == list(range(50))
+    w = np.array([0.0, 0.0, 1.0])
+    assert set(draw_epoch(w, 3, rng)) == {2}
+
+
+def test_jtt_weights_upsample_the_error_set():
+    w = jtt_weights(np.array([True, False, False, True]), upweight=5)
+    np.testing.assert_allclose(w, np.array([5, 1, 1, 5]) / 12)
+
+
+def test_jtt_auto_upweight_draws_the_error_set_half_the_time():
+    err = np.array([True] * 20 + [False] * 80)
+    lam = jtt_upweight_auto(err)
+    assert lam == pytest.approx(4.0)
+    assert jtt_weights(err, lam)[err].sum() == pytest.approx(0.5)
+    assert jtt_upweight_auto(np.zeros(10, dtype=bool)) == 1.0  # no errors: plain ERM
+    assert jtt_upweight_auto(np.array([True] + [False] * 999)) == 100.0  # capped
+
+
+def test_fixed_rejects_bad_weights():
+    with pytest.raises(DebiasError):
+        Fixed("two-stage", np.array([0.0, 0.0]))
+    with pytest.raises(DebiasError):
+        Fixed("two-stage", np.array([1.0, np.nan]))
+
+
+def test_audit_weights_join_on_path(tmp_path):
+    scores = pd.DataFrame({"path": ["c", "a", "b", "x"], "weight": [3.0, 1.0, 2.0, 100.0]})
+    scores.to_parquet(tmp_path / "scores.parquet")
+    w = audit_weights(tmp_path / "scores.parquet", pd.Series(["a", "b", "c"]))
+    np.testing.assert_allclose(w, [1 / 6, 2 / 6, 3 / 6])
+    with pytest.raises(DebiasError, match="no weight"):
+        audit_weights(tmp_path / "scores.parquet", pd.Series(["a", "zz"]))
+
+
+def test_dbvae_scheme_refits_on_the_models_latents():
+    torch.manual_seed(0)
+    model = ConvVAE(VAEConfig(image_size=32, latent_dim=4, width=4, n_classes=2, classes=["a", "b"]))
+    images = torch.rand(60, 3, 32, 32)
+    labels = np.repeat([0, 1], [45, 15])
+    density = lambda: LatentHistogramDensity(bins=5, target_ess=0.5)  # noqa: E731
+    scheme = DBVAEAdaptive(lambda idx: images[torch.as_tensor(idx)], 60, density, warmup_epochs=1)
+    w0, info0 = scheme.weights(0, model)
+    assert w0 is None and info0["ess"] == 60  # warm-up: uniform
+    w1, info1 = scheme.weights(1, model)
+    assert w1.sum() == pytest.approx(1.0) and info1["ess"] == pytest.approx(30, rel=0.05)
+    # the same weights as fitting the density by hand on the encoder's posterior means
+    with torch.no_grad():
+        mu = model.eval().encode(images)[0].double().numpy()
+    np.testing.assert_allclose(w1, density().fit(mu).sampling_weights(mu), rtol=1e-5)
+    # per-class mode keeps each class's share of the draws
+    per_class = DBVAEAdaptive(lambda idx: images[torch.as_tensor(idx)], 60, density, labels=labels)
+    w, _ = per_class.weights(0, model)
+    assert w[labels == 1].sum() == pytest.approx(15 / 60)
+
+
+def test_uniform_scheme():
+    w, info = Uniform(10).weights(0, None)
+    assert w is None and info["ess_fraction"] == 1.0
+
+
+def test_validation_split_is_stratified_seeded_and_disjoint():
+    y = np.repeat([0, 1, 2], [50, 30, 2])
+    fit, val = validation_split(y, 0.2, seed=3)
+    assert len(np.intersect1d(fit, val)) == 0 and len(fit) + len(val) == len(y)
+    assert np.bincount(y[val], minlength=3).tolist() == [10, 6, 0]  # round(2 * 0.2) = 0: the tiny class stays in training
+    fit2, val2 = validation_split(y, 0.2, seed=3)
+    assert np.array_equal(val, val2)
+    assert not np.array_equal(val, validation_split(y, 0.2, seed=4)[1])
+    assert len(validation_split(y, 0.0, seed=0)[1]) == 0
+
+
+def test_subsample_keeps_a_seeded_fraction_of_one_value():
+    table = pd.DataFrame({"race": ["black"] * 10 + ["white"] * 10})
+    rows = np.arange(20)
+    kept = apply_subsample(table, rows, ["race=black:0.2"], seed=0)
+    assert (table["race"][kept] == "black").sum() == 2 and (table["race"][kept] == "white").sum() == 10
+    assert np.array_equal(kept, apply_subsample(table, rows, ["race=black:0.2"], seed=0))
+    assert parse_subsample("a=b:c:0.5") == ("a", "b:c", 0.5)
+    for bad in ("race=black", "race:0.2", "race=black:2", "=x:0.1"):
+        with pytest.raises(DebiasError, match="--subsample"):
+            parse_subsample(bad)
+    with pytest.raises(DebiasError, match="no training rows"):
+        apply_subsample(table, rows, ["race=green:0.5"], seed=0)
+
+
+def test_label_values_keep_the_columns_own_types():
+    assert label_values(pd.Series([3, 1, 3, 10]), ["1", "10", "3"]) == [1, 10, 3]
+    assert label_values(pd.Series(["m", "f"]), ["f", "m"]) == ["f", "m"]
