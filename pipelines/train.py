@@ -28,6 +28,14 @@ class TrainJob:
     progress: bool = True
 
 
+def vae_config(**options: object) -> VAEConfig:
+    """A VAEConfig from command-line options; an out-of-range option is a one-line user error, not a traceback."""
+    try:
+        return VAEConfig(**options)
+    except ValueError as exc:
+        raise DebiasError(str(exc)) from exc
+
+
 def run_train(job: TrainJob) -> Path:
     data = load_images(job.data, where=job.where, image_size=job.image_size, channels=job.channels, progress=job.progress)
     labels, classes, vae_class = None, [], None
@@ -43,19 +51,16 @@ def run_train(job: TrainJob) -> Path:
             vae_class = classes.index(job.vae_class)
     elif job.vae_class is not None:
         raise DebiasError("--vae-class needs --label")
-    try:
-        model_config = VAEConfig(
-            image_size=job.image_size,
-            channels=data.channels,
-            latent_dim=job.latent_dim,
-            beta=job.beta,
-            width=job.width,
-            n_classes=len(classes),
-            classes=classes,
-            vae_class=vae_class,
-        )
-    except ValueError as exc:
-        raise DebiasError(str(exc)) from exc
+    model_config = vae_config(
+        image_size=job.image_size,
+        channels=data.channels,
+        latent_dim=job.latent_dim,
+        beta=job.beta,
+        width=job.width,
+        n_classes=len(classes),
+        classes=classes,
+        vae_class=vae_class,
+    )
     desc = DataDescription(
         source=job.data,
         where=list(job.where),

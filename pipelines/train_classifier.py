@@ -39,10 +39,10 @@ from debias.classifier_training import (
 from debias.data import load_images
 from debias.errors import DebiasError
 from debias.metrics import CROSS, classification_metrics
-from debias.models import VAEConfig
 from debias.reweighting import DBVAEAdaptive, Fixed, Uniform, audit_weights, jtt_upweight_auto, jtt_weights
 from debias.training import encode_labels
 from pipelines.audit import DensityOptions
+from pipelines.train import vae_config
 
 METHODS = ("none", "dbvae", "two-stage", "jtt")
 
@@ -196,19 +196,16 @@ def run_train_classifier(job: ClassifierJob) -> ClassifierResult:
         eval_data, eval_table = data, table.iloc[val_rows].reset_index(drop=True)
         _require(eval_table, job.eval_groups, "--eval-groups")
 
-    try:
-        model_config = VAEConfig(
-            image_size=job.image_size,
-            channels=data.channels,
-            latent_dim=job.latent_dim,
-            beta=job.beta,
-            width=job.width,
-            n_classes=len(classes),
-            classes=classes,
-            vae_class=None,  # a classifier between faces: the VAE loss applies to every row
-        )
-    except ValueError as exc:
-        raise DebiasError(str(exc)) from exc
+    model_config = vae_config(
+        image_size=job.image_size,
+        channels=data.channels,
+        latent_dim=job.latent_dim,
+        beta=job.beta,
+        width=job.width,
+        n_classes=len(classes),
+        classes=classes,
+        vae_class=None,  # a classifier between faces: the VAE loss applies to every row
+    )
     train_cfg = replace(job.train, objective="dbvae" if job.method == "dbvae" else "ce")
     method_options = _method_options(job)
     meta = {
