@@ -16,10 +16,18 @@ RUN_DIR layout:
                     after every epoch; ``resume=True`` continues from it)
     classifier.pt   the selected model: weights, model config, label classes and values, history
     history.csv     one row per epoch: loss, train/validation accuracy, effective sample size, timings
+
+Under ``torchrun --nproc-per-node N`` the loop runs data-parallel (DDP, :mod:`debias.distributed`). The epoch's
+sampling weights (for DB-VAE: re-encoding the training rows and refitting the histograms) are computed by rank 0
+alone and broadcast, so every rank draws the very same global epoch (the draw is seeded alike everywhere) and trains
+on its slice of it; recomputing them on every rank would cost the same wall time but leave the ranks' draws agreeing
+only as long as their floating-point results are bit-identical. Validation accuracy (model selection) is likewise
+rank 0's, broadcast. ``batch_size`` stays the global batch; rank 0 alone writes files and shows progress.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,7 +41,20 @@ import torch.nn.functional as F
 from debias import __version__
 from debias.checkpoint import load_checkpoint, save_checkpoint
 from debias.data import ImageSet
-from debias.device import autocast, resolve_device
+from debias.device import autocast
+from debias.distributed import (
+    DistContext,
+    ModelWithLoss,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    init_distributed,
+    per_rank_batch,
+    record_rows,
+    seed_rank_noise,
+    shard,
+    wrap,
+)
 from debias.errors import DebiasError
 from debias.models import ConvVAE, VAEConfig, vae_loss
 from debias.progress import progress_bar
@@ -163,18 +184,24 @@ def train_classifier(
     resume: bool = False,
     progress: bool = True,
     description: str = "",
+    ctx: DistContext | None = None,
 ) -> TrainedClassifier:
     """Train (or resume) one classifier; ``meta`` (data description, label, method, ...) is stored with it and a
-    resume on different data or options is refused."""
+    resume on different data or options is refused. ``ctx``: the torchrun context (default: joined here from the
+    environment; single-process without torchrun)."""
     out = Path(out_dir)
     ckpt_path = out / CHECKPOINT
     if model_config.n_classes < 2:
         raise DebiasError("a classifier needs a label with at least two classes")
     if ckpt_path.exists() and not resume:
         raise DebiasError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
-    device = resolve_device(config.device)
+    ctx = ctx or init_distributed(config.device)
+    device = ctx.device
+    local_batch = per_rank_batch(config.batch_size, ctx)
+    progress = progress and ctx.is_main
+    barrier(ctx)  # every rank has looked at the run folder before rank 0 writes to it
 
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     # channels_last: oneDNN (CPU) and cuDNN convolutions run faster on NHWC, which is also how the images are cached
     # (measured ~25 % per training step on CPU for both objectives, benchmarks/reweight_cost.py).
     model = ConvVAE(model_config).to(device, memory_format=torch.channels_last)
@@ -194,41 +221,54 @@ def train_classifier(
         if progress:
             print(f"resuming {out} after epoch {start_epoch}")
 
-    out.mkdir(parents=True, exist_ok=True)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    loss_fn = functools.partial(classifier_loss, objective=config.objective, vae_weight=config.vae_weight)
+    # The cross-entropy objective never runs the decoder: DDP must be told, or it waits for the decoder's gradients.
+    step = wrap(ModelWithLoss(model, loss_fn), ctx, find_unused_parameters=config.objective == "ce")
     y_all = torch.as_tensor(y_train, dtype=torch.long)
     n = len(train)
     for epoch in range(start_epoch, config.epochs):
         # Seeds derived from the epoch make a resumed run draw the same rows and noise as an uninterrupted one.
-        torch.manual_seed(config.seed * 100_003 + epoch)
+        epoch_seed = config.seed * 100_003 + epoch
+        torch.manual_seed(epoch_seed)
         rng = np.random.default_rng([config.seed, epoch])
         t0 = time.perf_counter()
-        weights, winfo = scheme.weights(epoch, model)  # DB-VAE: re-encode + refit the histograms (Algorithm 1)
-        order = draw_epoch(weights, n, rng)
+        # DB-VAE: re-encode + refit the histograms (Algorithm 1); rank 0's result, the same on every rank.
+        weights, winfo = broadcast_object(scheme.weights(epoch, model) if ctx.is_main else None, ctx)
+        order = draw_epoch(weights, n, rng)  # the same global epoch on every rank (same seed, same weights)
+        seed_rank_noise(epoch_seed, ctx)
+        rows = shard(order, ctx)
+        record_rows(out.name, epoch, rows, ctx)
         t1 = time.perf_counter()
-        model.train()
+        step.train()
         sums: dict[str, float] = {}
         label = f"{description}epoch {epoch + 1}/{config.epochs}"
-        with progress_bar(label, total=n, enabled=progress) as bar:
-            for start in range(0, n, config.batch_size):
-                idx = order[start : start + config.batch_size]
+        with progress_bar(label, total=len(rows) * ctx.world_size, enabled=progress) as bar:
+            for start in range(0, len(rows), local_batch):
+                idx = rows[start : start + local_batch]
                 x = train.batch(idx).to(device, non_blocking=True)
                 y = y_all[idx].to(device, non_blocking=True)
                 with autocast(device):
-                    loss, parts = classifier_loss(model, x, y, config.objective, config.vae_weight)
+                    loss, parts = step(x, y)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss.backward()  # DDP averages the gradients over the ranks here
                 optimizer.step()
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + v * len(idx)
-                bar.advance(len(idx), loss=parts["loss"])
+                sums["rows"] = sums.get("rows", 0.0) + len(idx)
+                bar.advance(len(idx) * ctx.world_size, loss=parts["loss"])
         t2 = time.perf_counter()
+        totals = all_reduce_sum(sums, ctx)  # rank 0 logs the means over every rank's rows
+        seen = totals.pop("rows")
         val_acc = None
-        if val is not None and len(val):
+        if val is not None and len(val) and ctx.is_main:
             val_acc = float((predict_proba(model, val).argmax(1) == y_val).mean())
+        val_acc = broadcast_object(val_acc, ctx)  # every rank keeps the same best epoch
         t3 = time.perf_counter()
         row = {
             "epoch": epoch + 1,
-            **{k: v / n for k, v in sums.items()},
+            **{k: v / seen for k, v in totals.items()},
             "val_accuracy": val_acc,
             **winfo,
             "weights_s": t1 - t0,  # re-encoding, density fit and drawing the epoch's rows
@@ -239,6 +279,8 @@ def train_classifier(
         history.append(row)
         if val_acc is not None and val_acc > best["val_accuracy"]:
             best = {"epoch": epoch + 1, "val_accuracy": val_acc, "model": _cpu_copy(model)}
+        if not ctx.is_main:
+            continue
         save_checkpoint(
             {
                 "model": model.state_dict(),
@@ -263,17 +305,19 @@ def train_classifier(
         selected = int(best["epoch"])
     model.eval()
     path = out / CLASSIFIER
-    save_checkpoint(
-        {
-            "model": model.state_dict(),
-            "model_config": model_config.to_dict(),
-            "meta": meta,
-            "history": history,
-            "selected_epoch": selected,
-            "version": __version__,
-        },
-        path,
-    )
+    if ctx.is_main:
+        save_checkpoint(
+            {
+                "model": model.state_dict(),  # the plain module's weights: loads without DDP or torchrun
+                "model_config": model_config.to_dict(),
+                "meta": meta,
+                "history": history,
+                "selected_epoch": selected,
+                "version": __version__,
+            },
+            path,
+        )
+    barrier(ctx)  # the other ranks may read classifier.pt once this returns
     return TrainedClassifier(model=model, history=history, selected_epoch=selected, path=path)
 
 

@@ -78,7 +78,10 @@ def train(
         progress=not quiet,
     )
     path = run_train(job)
-    typer.echo(f"model written to {path}")
+    from debias.distributed import is_main_process
+
+    if is_main_process():  # under torchrun: once, from rank 0
+        typer.echo(f"model written to {path}")
 
 
 def _temperature(value: str) -> float | str:
@@ -109,6 +112,13 @@ def audit(
     device: DeviceOpt = "auto",
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
     report: Annotated[bool, typer.Option(help="Write report.html.")] = True,
+    open_browser: Annotated[
+        bool, typer.Option("--open", help="Then serve the model and this audit, print the URL of /audit, open it.")
+    ] = False,
+    engine: Annotated[str, typer.Option(help="local, or ray: decode + encode as a Ray Data job (pip install debias[ray]).")] = "local",
+    address: Annotated[Optional[str], typer.Option(help="Ray engines: cluster address (default: start a local Ray).")] = None,
+    actors: Annotated[Optional[int], typer.Option(min=1, help="Ray: encoder actors (default: one per GPU, else per CPU).")] = None,
+    gpus_per_actor: Annotated[Optional[float], typer.Option(min=0.0, help="Ray: GPUs per actor (default: 1 if the cluster has GPUs).")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Score every sample for rarity and write scores, a summary and an HTML report."""
@@ -138,12 +148,23 @@ def audit(
         report=report,
         progress=not quiet,
     )
-    result = run_audit(job)
+    if engine == "ray":
+        from pipelines.ray_audit import RayAuditOptions, run_ray_audit
+
+        result = run_ray_audit(job, RayAuditOptions(address=address, actors=actors, gpus_per_actor=gpus_per_actor))
+    elif engine == "local":
+        result = run_audit(job)
+    else:
+        raise DebiasError(f"--engine must be local or ray, got {engine!r}")
     s = result.summary
     typer.echo(
         f"audited {s['n_images']} images ({s['n_skipped']} skipped); effective sample size "
         f"{s['effective_sample_size']:.0f} ({s['effective_sample_fraction']:.0%}); outputs in {result.out}"
     )
+    if open_browser:
+        from pipelines.serve import serve_audit
+
+        serve_audit(model, result.out, device=device)
 
 
 @app.command()
@@ -304,7 +325,10 @@ def train_classifier(
 
     opts = dict(locals())
     result = run_train_classifier(_classifier_job(out, reweight, seed, opts))
-    typer.echo(f"outputs in {result.out}")
+    from debias.distributed import is_main_process
+
+    if is_main_process():  # under torchrun: once, from rank 0
+        typer.echo(f"outputs in {result.out}")
 
 
 # -- compare (issue 3) -------------------------------------------------------------------------------------------
@@ -421,17 +445,147 @@ def serve(
     fit_data: FitDataOpt = None,
     fit_where: FitWhereOpt = None,
     target_fpr: TargetFprOpt = None,
+    audit: Annotated[
+        Optional[Path], typer.Option("--audit", help="Folder written by 'debias audit': browse it at /audit.")
+    ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    engine: Annotated[str, typer.Option(help="local (uvicorn) or ray (Ray Serve; pip install debias[ray]).")] = "local",
+    replicas: Annotated[int, typer.Option(min=1, help="Ray: copies of the model behind Serve's proxy.")] = 1,
+    gpus_per_replica: Annotated[float, typer.Option(min=0.0, help="Ray: GPUs per replica (fractions share one).")] = 0.0,
+    address: Annotated[Optional[str], typer.Option(help="Ray: cluster address (default: start a local Ray).")] = None,
 ) -> None:
     """Serve novelty scoring over HTTP (POST /v1/score); API key from DEBIAS_API_KEY, limits from DEBIAS_* ."""
     from pipelines.serve import run_serve
 
     if target_fpr is not None and not 0 < target_fpr < 1:
         raise DebiasError(f"--target-fpr must be between 0 and 1 (exclusive), got {target_fpr}")
+    if engine not in ("local", "ray"):
+        raise DebiasError(f"--engine must be local or ray, got {engine!r}")
+    if engine == "ray":
+        from pipelines.ray_serve import run_ray_serve
+
+        return run_ray_serve(
+            host, port, replicas=replicas, gpus_per_replica=gpus_per_replica, address=address, model_dir=model,
+            device=device, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, fit_data=fit_data,
+            fit_where=fit_where or None, target_fpr=target_fpr, audit_dir=audit,
+        )
     run_serve(
         host, port, log_level, model_dir=model, device=device, max_batch_size=max_batch_size,
         max_wait_ms=max_wait_ms, fit_data=fit_data, fit_where=fit_where or None, target_fpr=target_fpr,
+        audit_dir=audit,
     )
+
+
+@app.command()
+def quality(
+    real: Annotated[str, typer.Option("--real", help="SOURCE of the real images (as --data elsewhere).")],
+    synthetic: Annotated[
+        Path, typer.Option("--synthetic", help="Output folder of 'debias augment' (manifest.csv + images).")
+    ],
+    features: Annotated[
+        Path, typer.Option("--features", help="Run directory of 'debias train' on the real data: the feature model.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Folder for quality.json and quality.html.")],
+    real_where: Annotated[
+        Optional[list[str]], typer.Option("--real-where", help="Keep real rows where COL=VALUE (repeatable).")
+    ] = None,
+    group_by: Annotated[Optional[str], typer.Option(help="Column in both sets: metrics per group.")] = None,
+    label: Annotated[
+        Optional[str], typer.Option(help="Label column in both sets: classification accuracy score.")
+    ] = None,
+    k: Annotated[int, typer.Option(min=1, help="Nearest neighbours for precision / recall.")] = 3,
+    kid_subset_size: Annotated[
+        int, typer.Option(min=2, help="KID images per subset (at most; shrunk to fit small groups).")
+    ] = 1000,
+    kid_subsets: Annotated[int, typer.Option(min=1, help="KID random subsets.")] = 100,
+    cas_epochs: Annotated[int, typer.Option(min=1, help="Epochs of the CAS classifier.")] = 10,
+    device: DeviceOpt = "auto",
+    seed: int = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Quality of generated images against real ones: FID, KID, precision/recall per group, CAS; an HTML page."""
+    from debias.generation_metrics import CasConfig
+    from pipelines.synthetic_quality import QualityJob, format_table, run_quality
+
+    job = QualityJob(
+        real=real, synthetic=synthetic, features=features, out=out, real_where=real_where or [], group_by=group_by,
+        label=label, k=k, kid_subset_size=kid_subset_size, kid_subsets=kid_subsets,
+        cas=CasConfig(epochs=cas_epochs, seed=seed, device=device), device=device, seed=seed, progress=not quiet,
+    )
+    result = run_quality(job)
+    typer.echo(format_table(result["metrics"]))
+    for method, cas in result["cas"].items():
+        acc = cas["accuracy"]
+        typer.echo(f"CAS ({method}): " + (f"accuracy {acc:.3f} on real images" if acc is not None else cas["reason"]))
+    typer.echo(f"outputs in {out} (quality.json, quality.html)")
+
+
+# -- augment (issue 5) ------------------------------------------------------------------------------------------
+@app.command()
+def augment(
+    method: Annotated[str, typer.Option("--method", help="gan (rarity-weighted generation) or cyclegan (translation).")],
+    data: DataOpt,
+    n: Annotated[int, typer.Option("--n", min=1, help="Synthetic images to write.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for images/, manifest.csv, the training run and samples/.")],
+    where: WhereOpt = None,
+    weights: Annotated[
+        Optional[Path], typer.Option("--weights", help="An audit's scores.parquet: rarity weights (joined on path).")
+    ] = None,
+    model: Annotated[
+        Optional[Path], typer.Option("--model", help="A VAE run directory: compute the rarity weights from it.")
+    ] = None,
+    label: Annotated[
+        Optional[str], typer.Option("--label", help="gan: condition on this column; cyclegan: carry it over.")
+    ] = None,
+    domain_column: Annotated[
+        Optional[str], typer.Option("--domain-column", help="cyclegan: the column whose values --from/--to name.")
+    ] = None,
+    from_: Annotated[
+        Optional[str], typer.Option("--from", help="cyclegan: domain to translate from (or 'common' with --weights).")
+    ] = None,
+    to: Annotated[Optional[str], typer.Option("--to", help="cyclegan: domain to translate into (or 'rare').")] = None,
+    rare_quantile: Annotated[
+        float, typer.Option(help="cyclegan --from common --to rare: share of the rarest rows that form 'rare'.")
+    ] = 0.1,
+    epochs: Annotated[int, typer.Option(min=1)] = 20,
+    image_size: Annotated[int, typer.Option(min=28, max=128)] = 64,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Default: 64 (gan), 8 (cyclegan).")] = None,
+    width: Annotated[int, typer.Option(min=4, help="Channels of the full-resolution layers (doubled per halving).")] = 32,
+    z_dim: Annotated[int, typer.Option(min=1, help="gan: noise dimensions.")] = 128,
+    n_blocks: Annotated[int, typer.Option(min=0, help="cyclegan: residual blocks of the generator.")] = 6,
+    lr: Annotated[float, typer.Option(min=0.0)] = 2e-4,
+    ema_decay: Annotated[float, typer.Option(min=0.0, max=1.0, help="gan: EMA decay of the generator copy.")] = 0.999,
+    diffaugment: Annotated[bool, typer.Option(help="gan: DiffAugment (colour, translation, cutout).")] = True,
+    balanced_labels: Annotated[
+        bool, typer.Option(help="gan --label: generate classes equally often (default: the weighted label mix).")
+    ] = False,
+    merge_with: Annotated[
+        Optional[Path],
+        typer.Option("--merge-with", help="Original manifest: also write OUT/combined.csv (both, absolute paths)."),
+    ] = None,
+    device: DeviceOpt = "auto",
+    seed: int = 0,
+    resume: Annotated[bool, typer.Option(help="Continue the training run in --out from its last checkpoint.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Add synthetic rare samples: a rarity-weighted (conditional) GAN, or CycleGAN translation from common to rare."""
+    from pipelines.augment import AugmentJob, CycleGANOptions, GANOptions, run_augment
+
+    if method not in ("gan", "cyclegan"):
+        raise DebiasError(f"--method must be gan or cyclegan, got {method!r}")
+    job = AugmentJob(
+        method=method, data=data, out=out, n=n, where=where or [], weights=weights, model=model, label=label,
+        image_size=image_size, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
+        gan=GANOptions(z_dim=z_dim, width=width, ema_decay=ema_decay, diffaugment=diffaugment,
+                       balanced_labels=balanced_labels),
+        cyclegan=CycleGANOptions(domain_column=domain_column, source=from_, target=to, rare_quantile=rare_quantile,
+                                 width=width, n_blocks=n_blocks),
+        merge_with=merge_with, resume=resume, progress=not quiet,
+    )
+    result = run_augment(job)
+    if result.is_main:
+        typer.echo(f"wrote {result.n_images} {method} images and {result.manifest}"
+                   + (f" and {result.combined}" if result.combined else ""))
 
 
 # -- commands of later issues are added above this line, one block per command ----------------------------------

@@ -7,6 +7,10 @@ RUN_DIR layout:
     config.json    the model and training configuration, human readable
     loss.csv       one row per epoch: loss parts, images/s
     loss.png       the loss curve
+
+Under ``torchrun --nproc-per-node N`` the loop runs data-parallel (DDP, see :mod:`debias.distributed`): every rank
+draws the same epoch order and trains on its slice, ``batch_size`` stays the global batch, and rank 0 alone writes
+the files above and shows progress.
 """
 
 from __future__ import annotations
@@ -23,7 +27,19 @@ import torch
 from debias import __version__
 from debias.checkpoint import load_checkpoint, save_checkpoint, write_json
 from debias.data import ImageSet
-from debias.device import autocast, resolve_device
+from debias.device import autocast
+from debias.distributed import (
+    DistContext,
+    ModelWithLoss,
+    all_reduce_sum,
+    barrier,
+    init_distributed,
+    per_rank_batch,
+    record_rows,
+    seed_rank_noise,
+    shard,
+    wrap,
+)
 from debias.errors import DebiasError
 from debias.models import ConvVAE, VAEConfig, vae_loss
 from debias.progress import progress_bar
@@ -75,15 +91,22 @@ def train_vae(
     labels: np.ndarray | None = None,
     resume: bool = False,
     progress: bool = True,
+    ctx: DistContext | None = None,
 ) -> Path:
-    """Train (or resume training) and return the path of model.pt."""
+    """Train (or resume training) and return the path of model.pt. ``ctx``: the torchrun context (default: joined
+    here from the environment; single-process without torchrun)."""
     out = Path(out_dir)
     ckpt_path = out / CHECKPOINT
-    device = resolve_device(config.device)
+    ctx = ctx or init_distributed(config.device)
+    device = ctx.device
+    local_batch = per_rank_batch(config.batch_size, ctx)
+    progress = progress and ctx.is_main
     if ckpt_path.exists() and not resume:
         raise DebiasError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
+    # Every rank has read the checkpoint state above before rank 0 writes anything below.
+    barrier(ctx)
 
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     model = ConvVAE(model_config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     start_epoch, history = 0, []
@@ -100,38 +123,52 @@ def train_vae(
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, history = int(ckpt["epoch"]), list(ckpt["history"])
-        print(f"resuming {out} after epoch {start_epoch}")
-    elif resume:
+        if progress:
+            print(f"resuming {out} after epoch {start_epoch}")
+    elif resume and progress:
         print(f"no checkpoint in {out}; starting a new run")
 
-    out.mkdir(parents=True, exist_ok=True)
-    write_json({"model": model_config.to_dict(), "train": asdict(config), "data": asdict(data_desc)}, out / "config.json")
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(
+            {"model": model_config.to_dict(), "train": asdict(config), "data": asdict(data_desc)}, out / "config.json"
+        )
+    step = wrap(ModelWithLoss(model, vae_loss), ctx)  # every parameter takes part in the VAE / DB-VAE loss
     y_all = torch.from_numpy(labels) if labels is not None else None
     n = len(data)
 
     for epoch in range(start_epoch, config.epochs):
         # Seeds derived from the epoch number make a resumed run see the same batches as an uninterrupted one.
-        torch.manual_seed(config.seed * 100_003 + epoch)
-        order = torch.randperm(n)
-        model.train()
+        epoch_seed = config.seed * 100_003 + epoch
+        torch.manual_seed(epoch_seed)
+        order = torch.randperm(n).numpy()  # the same global order on every rank
+        seed_rank_noise(epoch_seed, ctx)
+        rows = shard(order, ctx)
+        record_rows("vae", epoch, rows, ctx)
+        step.train()
         sums: dict[str, float] = {}
         t0 = time.perf_counter()
-        with progress_bar(f"epoch {epoch + 1}/{config.epochs}", total=n, enabled=progress) as bar:
-            for start in range(0, n, config.batch_size):
-                idx = np.sort(order[start : start + config.batch_size].numpy())  # sorted reads suit the memmap
+        with progress_bar(f"epoch {epoch + 1}/{config.epochs}", total=len(rows) * ctx.world_size, enabled=progress) as bar:
+            for start in range(0, len(rows), local_batch):
+                idx = np.sort(rows[start : start + local_batch])  # sorted reads suit the memmap
                 x = data.batch(idx).to(device, non_blocking=True)
                 y = y_all[idx].to(device) if y_all is not None else None
                 with autocast(device):
-                    loss, parts = vae_loss(model, x, y)
+                    loss, parts = step(x, y)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss.backward()  # DDP averages the gradients over the ranks here
                 optimizer.step()
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + v * len(idx)
-                bar.advance(len(idx), loss=parts["loss"])
+                sums["rows"] = sums.get("rows", 0.0) + len(idx)
+                bar.advance(len(idx) * ctx.world_size, loss=parts["loss"])
         elapsed = time.perf_counter() - t0
-        row = {"epoch": epoch + 1, **{k: v / n for k, v in sums.items()}, "images_per_s": n / elapsed}
+        totals = all_reduce_sum(sums, ctx)  # rank 0 logs the means over every rank's rows
+        seen = totals.pop("rows")
+        row = {"epoch": epoch + 1, **{k: v / seen for k, v in totals.items()}, "images_per_s": seen / elapsed}
         history.append(row)
+        if not ctx.is_main:
+            continue
         save_checkpoint(
             {
                 "model": model.state_dict(),
@@ -150,16 +187,18 @@ def train_vae(
             print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
 
     model_path = out / MODEL
-    save_checkpoint(
-        {
-            "model": model.state_dict(),
-            "model_config": model_config.to_dict(),
-            "data": asdict(data_desc),
-            "history": history,
-            "version": __version__,
-        },
-        model_path,
-    )
+    if ctx.is_main:
+        save_checkpoint(
+            {
+                "model": model.state_dict(),  # the plain module's weights: loads without DDP or torchrun
+                "model_config": model_config.to_dict(),
+                "data": asdict(data_desc),
+                "history": history,
+                "version": __version__,
+            },
+            model_path,
+        )
+    barrier(ctx)  # the other ranks may read model.pt once this returns
     return model_path
 
 

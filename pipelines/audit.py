@@ -11,14 +11,14 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 import torch
 
 from debias.checkpoint import write_json
-from debias.data import ImageSet, load_images
+from debias.data import load_images
 from debias.density import LatentHistogramDensity, effective_sample_size
 from debias.device import resolve_device
 from debias.errors import DebiasError
@@ -26,6 +26,7 @@ from debias.models import ConvVAE
 from debias.report import AuditReport, write_report
 from debias.scoring import Encoded, encode_images, group_stats, kl_per_dim, rarity_table
 from debias.training import load_model
+from pipelines.audit_browser import write_browser_assets
 
 
 @dataclass
@@ -65,6 +66,27 @@ class AuditResult:
     out: Path
 
 
+@dataclass
+class EncodedRows:
+    """What an engine hands the shared density/outputs stage: the kept rows, their encodings, and a way back to the
+    pixels of a few rows for the report. The local engine reads them from its decode cache; the Ray engine
+    (pipelines/ray_audit.py) decodes and encodes on a cluster and decodes the report's few rows again on the driver."""
+
+    table: pd.DataFrame  # one row per encoded image (RangeIndex): the source's columns
+    skipped: pd.DataFrame  # path, reason of the rows that could not be read
+    fingerprint: str
+    enc: Encoded  # row i of every array belongs to table row i
+    encode_s: float
+    pixels: Callable[[np.ndarray], np.ndarray]  # row positions -> (k, H, W, C) uint8
+    engine: dict[str, Any] = field(default_factory=lambda: {"name": "local"})
+
+
+def check_group_by(job: AuditJob, columns: pd.Index) -> None:
+    missing = [c for c in job.group_by if c not in columns]
+    if missing:
+        raise DebiasError(f"--group-by column(s) {missing} not in the data (columns: {', '.join(columns)})")
+
+
 def run_audit(job: AuditJob) -> AuditResult:
     device = resolve_device(job.device)
     model, meta = load_model(job.model, device)
@@ -72,15 +94,23 @@ def run_audit(job: AuditJob) -> AuditResult:
     data = load_images(
         job.data, where=job.where, image_size=cfg.image_size, channels=cfg.channels, progress=job.progress
     )
-    missing = [c for c in job.group_by if c not in data.table.columns]
-    if missing:
-        raise DebiasError(f"--group-by column(s) {missing} not in the data (columns: {', '.join(data.table.columns)})")
+    check_group_by(job, data.table.columns)
 
     t0 = time.perf_counter()
     enc = encode_images(model, data, batch_size=job.batch_size, progress=job.progress)
-    encode_s = time.perf_counter() - t0
+    rows = EncodedRows(
+        table=data.table, skipped=data.skipped, fingerprint=data.fingerprint, enc=enc,
+        encode_s=time.perf_counter() - t0, pixels=lambda idx: np.asarray(data.images[idx]),
+    )
+    return write_audit(job, model, meta, rows)
+
+
+def write_audit(job: AuditJob, model: ConvVAE, meta: dict[str, Any], rows: EncodedRows) -> AuditResult:
+    """The part every engine shares: fit the density on the latents, score, and write the tables, summary, report."""
+    cfg = model.config
+    enc, n = rows.enc, len(rows.table)
     density = job.density.build().fit(enc.mu)
-    scores = rarity_table(data.table, enc, density)
+    scores = rarity_table(rows.table, enc, density)
     if enc.logits is not None:
         probs = torch.softmax(torch.from_numpy(enc.logits), 1).numpy()
         scores["predicted_label"] = [cfg.classes[i] for i in probs.argmax(1)]
@@ -96,15 +126,16 @@ def run_audit(job: AuditJob) -> AuditResult:
         "model_trained_on": meta["data"],
         "source": job.data,
         "where": job.where,
-        "fingerprint": data.fingerprint,
-        "n_images": len(data),
-        "n_skipped": len(data.skipped),
-        "skipped": data.skipped.head(100).to_dict("records"),
+        "fingerprint": rows.fingerprint,
+        "n_images": n,
+        "n_skipped": len(rows.skipped),
+        "skipped": rows.skipped.head(100).to_dict("records"),
         "effective_sample_size": density.ess_,
-        "effective_sample_fraction": density.ess_ / len(data),
+        "effective_sample_fraction": density.ess_ / n,
         "density": {**asdict(job.density), "temperature_used": density.temperature_, "dims_used": density.dims_.tolist()},
         "active_dims_kl_gt_0.01": int((kl > 0.01).sum()),
-        "encode_images_per_s": len(data) / encode_s,
+        "encode_images_per_s": n / rows.encode_s,
+        "engine": rows.engine,
         "groups": {name: _records(tbl) for name, tbl in groups.items()},
     }
 
@@ -112,8 +143,9 @@ def run_audit(job: AuditJob) -> AuditResult:
     scores.to_parquet(job.out / "scores.parquet", index=False)
     scores.to_csv(job.out / "scores.csv", index=False)
     write_json(summary, job.out / "summary.json")
+    write_browser_assets(job.out, rows.pixels, scores, density)  # thumbnails + histograms for the /audit page
     if job.report:
-        write_report(_report(model, data, enc, density, scores, groups, summary, kl), job.out / "report.html")
+        write_report(_report(model, rows.pixels, enc, density, scores, groups, summary, kl), job.out / "report.html")
     return AuditResult(scores=scores, summary=summary, out=job.out)
 
 
@@ -129,7 +161,7 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
 
 def _report(
     model: ConvVAE,
-    data: ImageSet,
+    pixels: Callable[[np.ndarray], np.ndarray],
     enc: Encoded,
     density: LatentHistogramDensity,
     scores: pd.DataFrame,
@@ -146,7 +178,7 @@ def _report(
         return [f"#{scores['rarity_rank'][i]} rarity {scores['rarity'][i]:.1f}" for i in rows]
 
     recon_rows = np.concatenate([rarest[:4], typical[:4]])
-    x = data.batch(recon_rows).to(device)
+    x = torch.from_numpy(pixels(recon_rows)).permute(0, 3, 1, 2).float().div_(255.0).to(device)  # as ImageSet.batch
     with torch.inference_mode():
         recon = torch.sigmoid(model.decode(model.encode(x)[0]).float())
 
@@ -172,9 +204,9 @@ def _report(
         scores=scores,
         latent_hist=hists,
         dim_labels=labels,
-        rarest=np.asarray(data.images[rarest]),
+        rarest=pixels(rarest),
         rarest_captions=captions(rarest),
-        typical=np.asarray(data.images[typical]),
+        typical=pixels(typical),
         typical_captions=captions(typical),
         recon_originals=_to_uint8(x),
         recon_outputs=_to_uint8(recon),

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import sys
+import threading
+import webbrowser
+from pathlib import Path
 from typing import Any
 
+from debias.errors import DebiasError
 from debias.training import load_model
 
 
@@ -19,4 +26,33 @@ def run_serve(host: str, port: int, log_level: str = "info", **overrides: Any) -
 
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     load_model(settings.model_dir, "cpu")
+    if settings.audit_dir is not None and not (settings.audit_dir / "scores.parquet").is_file():
+        raise DebiasError(f"--audit {settings.audit_dir}: no audit there (scores.parquet missing; run 'debias audit')")
     uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, workers=1, access_log=False)
+
+
+def _port(host: str, preferred: int) -> int:
+    """``preferred`` when it is free, else one the kernel picks."""
+    for port in (preferred, 0):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise DebiasError(f"cannot listen on {host}")
+
+
+def _can_show_a_browser() -> bool:
+    # Without a display, webbrowser would start a console browser (lynx, w3m) in this terminal, on top of the log.
+    return sys.platform in ("darwin", "win32") or bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def serve_audit(model: Path, audit_dir: Path, device: str = "auto", host: str = "127.0.0.1", port: int = 8000) -> None:
+    """`debias audit --open`: serve the model and the audit just written, print the URL of /audit, open it."""
+    port = _port(host, port)
+    url = f"http://{host}:{port}/audit"
+    print(f"audit browser at {url} (scoring page at http://{host}:{port}/); Ctrl+C stops it", flush=True)
+    if _can_show_a_browser():
+        threading.Timer(1.0, webbrowser.open, args=(url,)).start()  # by then uvicorn listens
+    run_serve(host, port, log_level="warning", model_dir=model, audit_dir=audit_dir, device=device)

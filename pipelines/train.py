@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from debias.data import load_images
+from debias.distributed import DistContext, cleanup, init_distributed
 from debias.errors import DebiasError
 from debias.models import VAEConfig
 from debias.training import DataDescription, TrainConfig, encode_labels, train_vae
@@ -37,7 +38,19 @@ def vae_config(**options: object) -> VAEConfig:
 
 
 def run_train(job: TrainJob) -> Path:
-    data = load_images(job.data, where=job.where, image_size=job.image_size, channels=job.channels, progress=job.progress)
+    # Under torchrun: join the process group first, so that only rank 0 reports progress from here on. Every rank
+    # loads the same images; the decode cache is safe to build from several processes at once (the first takes a
+    # lock and builds, the others wait for it and read its store; see debias/data/cache.py).
+    ctx = init_distributed(job.train.device)
+    try:
+        return _run_train(job, ctx)
+    finally:
+        cleanup(ctx)
+
+
+def _run_train(job: TrainJob, ctx: DistContext) -> Path:
+    progress = job.progress and ctx.is_main
+    data = load_images(job.data, where=job.where, image_size=job.image_size, channels=job.channels, progress=progress)
     labels, classes, vae_class = None, [], None
     if job.label is not None:
         if job.label not in data.table.columns:
@@ -70,5 +83,13 @@ def run_train(job: TrainJob) -> Path:
         label=job.label,
     )
     return train_vae(
-        data, model_config, job.train, job.out, data_desc=desc, labels=labels, resume=job.resume, progress=job.progress
+        data,
+        model_config,
+        job.train,
+        job.out,
+        data_desc=desc,
+        labels=labels,
+        resume=job.resume,
+        progress=job.progress,
+        ctx=ctx,
     )

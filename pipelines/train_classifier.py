@@ -37,6 +37,7 @@ from debias.classifier_training import (
     train_classifier,
 )
 from debias.data import load_images
+from debias.distributed import DistContext, barrier, broadcast_object, cleanup, init_distributed
 from debias.errors import DebiasError
 from debias.metrics import CROSS, classification_metrics
 from debias.reweighting import DBVAEAdaptive, Fixed, Uniform, audit_weights, jtt_upweight_auto, jtt_weights
@@ -149,6 +150,18 @@ def _rows_fingerprint(fingerprint: str, rows: np.ndarray) -> str:
 
 # ---------------------------------------------------------------------------------------------------- the job
 def run_train_classifier(job: ClassifierJob) -> ClassifierResult:
+    """Under torchrun every rank trains (data-parallel); rank 0 alone evaluates and writes the outputs, the other
+    ranks return a result with empty metrics and predictions."""
+    # Join the process group first, so that only rank 0 reports progress. Every rank loads the same images; the
+    # decode cache is safe to build from several processes at once (debias/data/cache.py: a lock, then one builder).
+    ctx = init_distributed(job.train.device)
+    try:
+        return _run_train_classifier(job, ctx)
+    finally:
+        cleanup(ctx)
+
+
+def _run_train_classifier(job: ClassifierJob, ctx: DistContext) -> ClassifierResult:
     if job.method not in METHODS:
         raise DebiasError(f"--reweight must be one of {', '.join(METHODS)}, got {job.method!r}")
     if job.density.dims not in ("all", "active"):
@@ -162,11 +175,12 @@ def run_train_classifier(job: ClassifierJob) -> ClassifierResult:
     if job.out.joinpath("metrics.json").exists() and not job.resume:
         raise DebiasError(f"{job.out} already holds a finished run; choose another --out")
 
-    data = load_images(job.data, where=job.where, image_size=job.image_size, channels=job.channels, progress=job.progress)
+    progress = job.progress and ctx.is_main
+    data = load_images(job.data, where=job.where, image_size=job.image_size, channels=job.channels, progress=progress)
     table = data.table
     _require(table, [job.label], "--label")
     rows = np.flatnonzero(table[job.label].notna().to_numpy())
-    if len(rows) < len(table) and job.progress:
+    if len(rows) < len(table) and progress:
         print(f"{len(table) - len(rows)} training rows without a {job.label!r} value left out")
     rows = apply_subsample(table, rows, job.subsample, job.subsample_seed)
     y_rows, classes = encode_labels(table[job.label].iloc[rows])
@@ -180,7 +194,7 @@ def run_train_classifier(job: ClassifierJob) -> ClassifierResult:
     # The evaluation rows are only looked up now (to fail early on a bad column); they are read after training.
     if job.eval_where:
         eval_data = load_images(
-            job.data, where=job.eval_where, image_size=job.image_size, channels=data.channels, progress=job.progress
+            job.data, where=job.eval_where, image_size=job.image_size, channels=data.channels, progress=progress
         )
         eval_table = eval_data.table
         _require(eval_table, [job.label, *job.eval_groups], "--eval-where/--eval-groups")
@@ -188,7 +202,7 @@ def run_train_classifier(job: ClassifierJob) -> ClassifierResult:
         if unseen:
             raise DebiasError(f"evaluation rows have {job.label} values never seen in training: {unseen[:5]}")
         overlap = int(eval_table["path"].isin(table["path"].iloc[fit_rows]).sum())
-        if overlap and job.progress:
+        if overlap and progress:
             print(f"warning: {overlap} evaluation rows are also training rows; their accuracy will be optimistic")
     else:
         if len(val_rows) == 0:
@@ -249,8 +263,11 @@ def run_train_classifier(job: ClassifierJob) -> ClassifierResult:
             resume=job.resume,
             progress=job.progress,
             description="jtt stage 1 ",
+            ctx=ctx,
         )
-        errors = predict_proba(first.model, train_images).argmax(1) != y_fit
+        # rank 0's error set on every rank, so that all ranks draw stage 2's epochs from the same weights
+        errors = predict_proba(first.model, train_images).argmax(1) != y_fit if ctx.is_main else None
+        errors = broadcast_object(errors, ctx)
         upweight = jtt_upweight_auto(errors) if job.jtt_upweight == "auto" else float(job.jtt_upweight)
         scheme = Fixed("jtt", jtt_weights(errors, upweight))
         extra["jtt"] = {
@@ -274,7 +291,11 @@ def run_train_classifier(job: ClassifierJob) -> ClassifierResult:
         resume=job.resume,
         progress=job.progress,
         description="" if job.method != "jtt" else "jtt stage 2 ",
+        ctx=ctx,
     )
+    if not ctx.is_main:  # data-parallel helpers are done: evaluation and outputs are rank 0's
+        barrier(ctx)  # leave together: a rank tearing down its connections early can abort the other's (gloo)
+        return ClassifierResult(metrics={}, predictions=pd.DataFrame(), out=job.out)
 
     # ---- evaluation: the first time group columns are read
     eval_images = ImageTensor(eval_data) if job.eval_where else val_images
@@ -319,6 +340,7 @@ def run_train_classifier(job: ClassifierJob) -> ClassifierResult:
     write_json(metrics, job.out / "metrics.json")
     if job.show_table:
         print_group_table(metrics)
+    barrier(ctx)
     return ClassifierResult(metrics=metrics, predictions=predictions, out=job.out)
 
 

@@ -11,18 +11,20 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from debias import __version__
-from service.engine import ScoringEngine
+from service.audit_data import AuditStore
+from service.engine import ScoringEngine, Submit
 from service.errors import install_error_handlers
 from service.metrics import ServiceMetrics
 from service.middleware import BodySizeLimitMiddleware, RequestMetricsMiddleware
 from service.routes import ops, v1
 from service.settings import Settings
+from service.web import audit_api, pages, static_files
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, submit: Submit | None = None) -> FastAPI:
     settings = settings if settings is not None else Settings()  # type: ignore[call-arg]
     metrics = ServiceMetrics()
-    engine = ScoringEngine(settings, metrics)
+    engine = ScoringEngine(settings, metrics, submit)  # submit: see service/engine.py (Ray Serve passes its own)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -46,4 +48,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     app.include_router(v1)
     app.include_router(ops)
+    app.state.audit_store = AuditStore(settings.audit_dir)  # the web pages: / and /audit (service/web.py)
+    app.include_router(pages)
+    app.include_router(audit_api)
+    app.mount("/static", static_files(), name="static")
     return app

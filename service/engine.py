@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,10 +44,17 @@ class _Payload:
     keep_recon: bool
 
 
+#: How a payload reaches the model: ``await submit(payload, n_images)`` -> its NoveltyResults. By default the engine's
+#: own micro-batcher thread; under Ray Serve a ``@serve.batch`` method of the deployment (service/ray_serve.py), which
+#: calls :meth:`ScoringEngine.process_batch` itself.
+Submit = Callable[[Any, int], Awaitable[Any]]
+
+
 class ScoringEngine:
-    def __init__(self, settings: Settings, metrics: ServiceMetrics) -> None:
+    def __init__(self, settings: Settings, metrics: ServiceMetrics, submit: Submit | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
+        self._submit = submit
         self.state = "starting"  # starting -> loading -> ready | failed
         self.error: str | None = None
         self.detector: NoveltyDetector | None = None
@@ -88,11 +95,12 @@ class ScoringEngine:
             for n in sorted({1, s.max_batch_size}):
                 det.score_batch(torch.zeros(n, c, size, size), top_k=s.top_k)
             self.detector = det
-            self.batcher = MicroBatcher(
-                self._process, max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms,
-                max_queue_images=s.max_queue_images,
-            )
-            self.batcher.start()
+            if self._submit is None:
+                self.batcher = MicroBatcher(
+                    self.process_batch, max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms,
+                    max_queue_images=s.max_queue_images,
+                )
+                self.batcher.start()
             self.state = "ready"
             self.metrics.ready.set(1)
             log.info("model %s ready on %s (calibration %d images, threshold %s)", s.model_dir, device,
@@ -147,9 +155,12 @@ class ScoringEngine:
         raise BadUploads(problems)
 
     async def score(self, images: list[np.ndarray | bytes], keep_recon: bool = False) -> NoveltyResults:
-        assert self.batcher is not None
-        self.metrics.queue_images.set(self.batcher.pending_images + len(images))
-        res: NoveltyResults = await self.batcher.submit(_Payload(images, keep_recon), len(images))
+        if self._submit is not None:
+            res: NoveltyResults = await self._submit(_Payload(images, keep_recon), len(images))
+        else:
+            assert self.batcher is not None
+            self.metrics.queue_images.set(self.batcher.pending_images + len(images))
+            res = await self.batcher.submit(_Payload(images, keep_recon), len(images))
         self.metrics.images.inc(len(res))
         self.metrics.novel.inc(int(res.is_novel.sum()))
         self.recent.extend(res.novelty.tolist())
@@ -184,7 +195,7 @@ class ScoringEngine:
                 parts.append(torch.from_numpy(a).permute(2, 0, 1).to(det.device).float().div_(255.0))
         return torch.stack(parts)
 
-    def _process(self, payloads: Sequence[_Payload]) -> list[NoveltyResults | BaseException]:
+    def process_batch(self, payloads: Sequence[_Payload]) -> list[NoveltyResults | BaseException]:
         det = self.detector
         assert det is not None
         t0 = time.perf_counter()

@@ -18,6 +18,9 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         default=None, description="When set (DEBIAS_API_KEY), /v1/* requires this value in the X-API-Key header."
     )
+    audit_dir: Path | None = Field(
+        default=None, description="Folder written by 'debias audit', browsed at /audit (DEBIAS_AUDIT_DIR)."
+    )
     device: str = Field(default="auto", description="auto, cpu or cuda.")
     torch_threads: int | None = Field(
         default=None, ge=1, description="torch intra-op threads of the model owner (default: torch's own choice)."

@@ -32,7 +32,7 @@ import pandas as pd
 
 from debias.errors import DataError
 
-__all__ = ["FORMAT_VERSION", "cache_root", "make_fingerprint", "Store", "load_store", "build_store"]
+__all__ = ["FORMAT_VERSION", "cache_root", "make_fingerprint", "Store", "load_store", "build_store", "load_row"]
 
 FORMAT_VERSION = 1
 _STALE_TMP_S = 24 * 3600
@@ -229,6 +229,20 @@ def report_skipped(skipped: pd.DataFrame) -> None:
     _report_skipped(skipped)
 
 
+def load_row(
+    loader: Callable[[int], np.ndarray], pos: int, expected: tuple[int, ...]
+) -> tuple[np.ndarray | None, str]:
+    """``(pixels, "")`` for a readable row, ``(None, reason)`` otherwise: one bad image never stops a job.
+    The one place that turns a row into pixels or a skip reason (the cache builder and the Ray engine use it)."""
+    try:
+        arr = loader(pos)
+        if arr.shape != expected:
+            raise ValueError(f"decoder returned shape {arr.shape}, expected {expected}")
+        return arr, ""
+    except Exception as exc:  # noqa: BLE001 - any failure is a skip reason
+        return None, getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}".replace("\n", " ")
+
+
 def _decode_all(
     mm: np.ndarray,
     loader: Callable[[int], np.ndarray],
@@ -244,14 +258,11 @@ def _decode_all(
     def run(start: int, stop: int) -> tuple[int, list[tuple[int, str]]]:
         errors = []
         for pos in range(start, stop):
-            try:
-                arr = loader(pos)
-                if arr.shape != expected:
-                    raise ValueError(f"decoder returned shape {arr.shape}, expected {expected}")
-                mm[pos] = arr
-            except Exception as exc:  # noqa: BLE001 - one bad image never stops the job
-                reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}".replace("\n", " ")
+            arr, reason = load_row(loader, pos, expected)
+            if arr is None:
                 errors.append((pos, reason))
+            else:
+                mm[pos] = arr
         return stop - start, errors
 
     failures: dict[int, str] = {}

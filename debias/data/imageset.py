@@ -13,10 +13,10 @@ import pandas as pd
 import torch
 
 from debias.data.cache import build_store, cache_root, load_store, make_fingerprint, report_skipped
-from debias.data.sources import apply_where, normalised_where, resolve_source
+from debias.data.sources import Source, apply_where, normalised_where, resolve_source
 from debias.errors import DataError
 
-__all__ = ["ImageSet", "load_images"]
+__all__ = ["ImageSet", "SourceRows", "list_rows", "load_images"]
 
 
 @dataclass(eq=False, repr=False)
@@ -101,6 +101,43 @@ def _as_indices(idx: Any, n: int) -> np.ndarray:
     return np.where(arr < 0, arr + n, arr)
 
 
+@dataclass
+class SourceRows:
+    """A SOURCE listed and filtered but not decoded: what :func:`load_images` decodes into the cache, and what a
+    distributed engine (pipelines/ray_audit.py) decodes row by row with ``source.loader(table, ...)`` instead."""
+
+    source: Source
+    source_str: str
+    table: pd.DataFrame  # the rows ``where`` keeps, with their index labels in the unfiltered source
+    where: list[str]
+    channels: int
+    fingerprint: str  # the cache key: the same rows, size and channels give the same fingerprint in every engine
+
+
+def list_rows(
+    source: str, *, where: Sequence[str] = (), image_size: int = 64, channels: int | None = None
+) -> SourceRows:
+    """Resolve SOURCE and apply ``where`` (reads no pixels); one-line :class:`DataError` for bad arguments."""
+    source_str = os.fspath(source)
+    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
+        raise DataError(f"image_size must be a positive integer, not {image_size!r}")
+    if channels is not None and channels not in (1, 3):
+        raise DataError(f"channels must be 1 or 3, not {channels!r}")
+    if where is None:
+        where = []
+    elif isinstance(where, str):
+        where = [where]
+    where = list(where)
+    src = resolve_source(source_str)
+    table = apply_where(src.table, where)
+    if channels is None:
+        channels = src.default_channels(table)
+    fp = make_fingerprint(
+        src.kind, src.canonical, src.identity(table), normalised_where(where), int(image_size), channels
+    )
+    return SourceRows(src, source_str, table, where, channels, fp)
+
+
 def load_images(
     source: str,
     *,
@@ -120,25 +157,9 @@ def load_images(
     call again decodes nothing. Unreadable images are reported on stderr, listed in ``skipped`` and
     left out; if none can be read, :class:`DataError`.
     """
-    source_str = os.fspath(source)
-    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
-        raise DataError(f"image_size must be a positive integer, not {image_size!r}")
-    image_size = int(image_size)
-    if channels is not None and channels not in (1, 3):
-        raise DataError(f"channels must be 1 or 3, not {channels!r}")
-    if where is None:
-        where = []
-    elif isinstance(where, str):
-        where = [where]
-    where = list(where)
-
-    src = resolve_source(source_str)
-    table = apply_where(src.table, where)
-    if channels is None:
-        channels = src.default_channels(table)
-    fp = make_fingerprint(
-        src.kind, src.canonical, src.identity(table), normalised_where(where), image_size, channels
-    )
+    rows = list_rows(source, where=where, image_size=image_size, channels=channels)
+    src, table, channels, fp = rows.source, rows.table, rows.channels, rows.fingerprint
+    image_size, where, source_str = int(image_size), rows.where, rows.source_str
     root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
 
     store = load_store(root / fp, image_size, channels)

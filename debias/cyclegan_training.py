@@ -1,0 +1,326 @@
+"""The CycleGAN training loop (Zhu et al., ICCV 2017): translate images of domain A (common) into domain B (rare).
+
+The paper's recipe: least-squares GAN losses, cycle-consistency weight 10, identity weight 5 (0.5 x the cycle weight),
+discriminators trained on a pool of the last 50 generated images, Adam with lr 2e-4 and betas (0.5, 0.999), the
+learning rate constant for the first half of the epochs and decayed linearly towards 0 over the second half.
+
+An epoch is max(|A|, |B|) pairs: each domain is walked in shuffled passes (the smaller one several times), so the rare
+domain's few images are all used every epoch.
+
+RUN_DIR layout:
+    checkpoint.pt   both generators, both discriminators, both optimizers and LR schedules, the image pools, epoch,
+                    configs, data fingerprint, loss history (atomic, after every epoch; ``resume=True`` continues)
+    generators.pt   G_AB and G_BA for translation (weights, model config, data description)
+    config.json, loss.csv, samples/epoch_NNN.png (rows: real A, A->B, real B, B->A)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from debias import __version__
+from debias import distributed as dist
+from debias.checkpoint import load_checkpoint, save_checkpoint, write_json
+from debias.data import ImageSet
+from debias.device import autocast
+from debias.errors import DebiasError
+from debias.gan_training import save_image_grid, to_uint8
+from debias.models.cyclegan import CycleGANConfig, PatchDiscriminator, ResnetGenerator
+from debias.progress import progress_bar
+from debias.training import DataDescription
+
+CHECKPOINT = "checkpoint.pt"
+GENERATORS = "generators.pt"
+
+
+@dataclass
+class CycleGANTrainConfig:
+    epochs: int = 20
+    batch_size: int = 8
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    lambda_cycle: float = 10.0
+    lambda_identity: float = 5.0
+    pool_size: int = 50
+    grid_size: int = 8  # images per row of the sample grid
+    seed: int = 0
+    device: str = "auto"
+
+
+class ImagePool:
+    """The last ``size`` generated images (Shrivastava et al. 2017): half of what the discriminator sees as fake is
+    drawn from the pool, so it does not just chase the generator's latest output."""
+
+    def __init__(self, size: int = 50) -> None:
+        self.size = size
+        self.images: list[torch.Tensor] = []
+
+    def query(self, images: torch.Tensor) -> torch.Tensor:
+        if self.size == 0:
+            return images
+        out = []
+        for img in images.detach():
+            if len(self.images) < self.size:
+                self.images.append(img.clone())
+                out.append(img)
+            elif torch.rand(1).item() < 0.5:  # return an older image and keep this one in its place
+                i = int(torch.randint(0, self.size, (1,)).item())
+                out.append(self.images[i].clone())
+                self.images[i] = img.clone()
+            else:
+                out.append(img)
+        return torch.stack(out)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"images": torch.stack(self.images).cpu() if self.images else torch.empty(0)}
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        self.images = [img.to(device) for img in state["images"]] if state["images"].numel() else []
+
+
+def linear_decay(epochs: int):
+    """LambdaLR factor per epoch (0-based): 1 for the first half, then down by 1 / (decay epochs + 1) per epoch to
+    1 / (decay epochs + 1) in the last one (the reference implementation's rule)."""
+    constant = (epochs + 1) // 2  # a single epoch keeps the full rate
+
+    def factor(epoch: int) -> float:
+        return 1.0 - max(0, epoch + 1 - constant) / float(epochs - constant + 1)
+
+    return factor
+
+
+def epoch_pairs(n_a: int, n_b: int, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row orders of A and B for one epoch, each max(n_a, n_b) long: shuffled passes over each domain."""
+    rng = np.random.default_rng([seed, epoch])
+    n = max(n_a, n_b)
+
+    def passes(k: int) -> np.ndarray:
+        return np.concatenate([rng.permutation(k) for _ in range(-(-n // k))])[:n]
+
+    return passes(n_a), passes(n_b)
+
+
+def train_cyclegan(
+    domain_a: ImageSet,
+    domain_b: ImageSet,
+    model_config: CycleGANConfig,
+    config: CycleGANTrainConfig,
+    out_dir: str | Path,
+    *,
+    data_desc: DataDescription,
+    resume: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Train (or resume) and return the path of generators.pt."""
+    out = Path(out_dir)
+    ckpt_path = out / CHECKPOINT
+    if ckpt_path.exists() and not resume:
+        raise DebiasError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
+    ctx = dist.init_distributed(config.device)
+    device = ctx.device
+    batch_size = dist.per_rank_batch(config.batch_size, ctx)  # --batch-size is the global batch
+
+    torch.manual_seed(config.seed)
+    g_ab, g_ba = ResnetGenerator(model_config).to(device), ResnetGenerator(model_config).to(device)
+    d_a, d_b = PatchDiscriminator(model_config).to(device), PatchDiscriminator(model_config).to(device)
+    opt_g = torch.optim.Adam([*g_ab.parameters(), *g_ba.parameters()], lr=config.lr, betas=config.betas)
+    opt_d = torch.optim.Adam([*d_a.parameters(), *d_b.parameters()], lr=config.lr, betas=config.betas)
+    sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, linear_decay(config.epochs))
+    sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, linear_decay(config.epochs))
+    pool_a, pool_b = ImagePool(config.pool_size), ImagePool(config.pool_size)  # fakes of A and of B
+    start_epoch, history = 0, []
+
+    if resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path, map_location=device)
+        _check_resumable(ckpt, out, data_desc, model_config, config)
+        for net, key in ((g_ab, "g_ab"), (g_ba, "g_ba"), (d_a, "d_a"), (d_b, "d_b")):
+            net.load_state_dict(ckpt[key])
+        opt_g.load_state_dict(ckpt["opt_g"])
+        opt_d.load_state_dict(ckpt["opt_d"])
+        start_epoch, history = int(ckpt["epoch"]), list(ckpt["history"])
+        # The schedule is a function of the epoch (and of --epochs, which a resume may change): set it from them.
+        for sched in (sched_g, sched_d):
+            sched.last_epoch = start_epoch
+            for group, base_lr, factor in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+                group["lr"] = base_lr * factor(start_epoch)  # what LambdaLR computes after start_epoch steps
+        pool_a.load_state_dict(ckpt["pool_a"], device)
+        pool_b.load_state_dict(ckpt["pool_b"], device)
+        if ctx.is_main:
+            print(f"resuming {out} after epoch {start_epoch}")
+
+    gab_t, gba_t, da_t, db_t = (dist.wrap(m, ctx) for m in (g_ab, g_ba, d_a, d_b))
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json({"model": model_config.to_dict(), "train": asdict(config), "data": asdict(data_desc)}, out / "config.json")
+    k = min(config.grid_size, len(domain_a), len(domain_b))
+    grid_a = domain_a.batch(np.arange(k)).mul(2).sub(1)
+    grid_b = domain_b.batch(np.arange(k)).mul(2).sub(1)
+
+    for epoch in range(start_epoch, config.epochs):
+        torch.manual_seed(config.seed * 100_003 + epoch)
+        rows_a, rows_b = epoch_pairs(len(domain_a), len(domain_b), config.seed, epoch)
+        rows_a, rows_b = dist.shard(rows_a, ctx), dist.shard(rows_b, ctx)
+        dist.record_rows("cyclegan-a", epoch, rows_a, ctx)
+        dist.record_rows("cyclegan-b", epoch, rows_b, ctx)
+        dist.seed_rank_noise(config.seed * 100_003 + epoch, ctx)  # each rank its own image-pool draws
+        for m in (g_ab, g_ba, d_a, d_b):
+            m.train()
+        sums: dict[str, float] = {}
+        t0 = time.perf_counter()
+        with progress_bar(f"CycleGAN epoch {epoch + 1}/{config.epochs}", total=len(rows_a), enabled=progress and ctx.is_main) as bar:
+            for start in range(0, len(rows_a), batch_size):
+                real_a = _batch(domain_a, rows_a[start : start + batch_size], device)
+                real_b = _batch(domain_b, rows_b[start : start + batch_size], device)
+                b = len(real_a)
+
+                # Generators: fool both discriminators (LSGAN: D(fake) -> 1), cycle back, leave the target domain alone.
+                with autocast(device):
+                    fake_b, fake_a = gab_t(real_a), gba_t(real_b)
+                    rec_a, rec_b = gba_t(fake_b), gab_t(fake_a)
+                    idt_b, idt_a = gab_t(real_b), gba_t(real_a)
+                    pred_fake_b, pred_fake_a = db_t(fake_b).float(), da_t(fake_a).float()
+                adv = F.mse_loss(pred_fake_b, torch.ones_like(pred_fake_b)) + F.mse_loss(pred_fake_a, torch.ones_like(pred_fake_a))
+                cycle = F.l1_loss(rec_a.float(), real_a) + F.l1_loss(rec_b.float(), real_b)
+                identity = F.l1_loss(idt_b.float(), real_b) + F.l1_loss(idt_a.float(), real_a)
+                g_loss = adv + config.lambda_cycle * cycle + config.lambda_identity * identity
+                opt_g.zero_grad(set_to_none=True)
+                g_loss.backward()
+                opt_g.step()
+
+                # Discriminators: real -> 1, pooled fakes -> 0, each loss halved as in the paper.
+                fake_b_pool = pool_b.query(fake_b.detach().float())
+                fake_a_pool = pool_a.query(fake_a.detach().float())
+                with autocast(device):
+                    pb_real, pb_fake = db_t(torch.cat([real_b, fake_b_pool])).float().split(b)
+                    pa_real, pa_fake = da_t(torch.cat([real_a, fake_a_pool])).float().split(b)
+                d_b_loss = 0.5 * (F.mse_loss(pb_real, torch.ones_like(pb_real)) + F.mse_loss(pb_fake, torch.zeros_like(pb_fake)))
+                d_a_loss = 0.5 * (F.mse_loss(pa_real, torch.ones_like(pa_real)) + F.mse_loss(pa_fake, torch.zeros_like(pa_fake)))
+                opt_d.zero_grad(set_to_none=True)
+                (d_a_loss + d_b_loss).backward()
+                opt_d.step()
+
+                parts = {
+                    "g_loss": g_loss.item(),
+                    "adv": adv.item(),
+                    "cycle": cycle.item(),
+                    "identity": identity.item(),
+                    "d_a": d_a_loss.item(),
+                    "d_b": d_b_loss.item(),
+                }
+                for key, v in parts.items():
+                    sums[key] = sums.get(key, 0.0) + v * b
+                bar.advance(b, g=parts["g_loss"], cyc=parts["cycle"], d_a=parts["d_a"], d_b=parts["d_b"])
+        lr = opt_g.param_groups[0]["lr"]  # this epoch's rate, before the schedule moves on
+        sched_g.step()
+        sched_d.step()
+        elapsed = time.perf_counter() - t0
+        reduced = dist.all_reduce_sum({**sums, "_rows": float(len(rows_a))}, ctx)  # all ranks' totals
+        total = reduced.pop("_rows")
+        sums = {k: reduced[k] for k in sums}
+        row = {
+            "epoch": epoch + 1,
+            **{key: v / total for key, v in sums.items()},
+            "lr": lr,
+            "pairs_per_s": total / elapsed,
+            "seconds": elapsed,
+        }
+        history.append(row)
+        if ctx.is_main:
+            save_checkpoint(
+                {
+                    "g_ab": g_ab.state_dict(),
+                    "g_ba": g_ba.state_dict(),
+                    "d_a": d_a.state_dict(),
+                    "d_b": d_b.state_dict(),
+                    "opt_g": opt_g.state_dict(),
+                    "opt_d": opt_d.state_dict(),
+                    "pool_a": pool_a.state_dict(),
+                    "pool_b": pool_b.state_dict(),
+                    "epoch": epoch + 1,
+                    "model_config": model_config.to_dict(),
+                    "train_config": _comparable(config),
+                    "data": asdict(data_desc),
+                    "history": history,
+                    "version": __version__,
+                },
+                ckpt_path,
+            )
+            pd.DataFrame(history).to_csv(out / "loss.csv", index=False)
+            _save_samples(g_ab, g_ba, grid_a, grid_b, out / "samples" / f"epoch_{epoch + 1:03d}.png")
+            if progress:
+                print("  ".join(f"{key} {v:.4g}" if isinstance(v, float) else f"{key} {v}" for key, v in row.items()))
+        dist.barrier(ctx)
+
+    path = out / GENERATORS
+    if ctx.is_main:
+        save_checkpoint(
+            {
+                "g_ab": g_ab.state_dict(),
+                "g_ba": g_ba.state_dict(),
+                "model_config": model_config.to_dict(),
+                "data": asdict(data_desc),
+                "history": history,
+                "version": __version__,
+            },
+            path,
+        )
+    dist.barrier(ctx)
+    return path
+
+
+def _batch(data: ImageSet, rows: np.ndarray, device: torch.device) -> torch.Tensor:
+    # Rows are read in their drawn order (not sorted) so that A and B stay paired as drawn.
+    return data.batch(rows).to(device, non_blocking=True).mul_(2).sub_(1)
+
+
+@torch.no_grad()
+def _save_samples(g_ab: ResnetGenerator, g_ba: ResnetGenerator, a: torch.Tensor, b: torch.Tensor, path: Path) -> None:
+    device = next(g_ab.parameters()).device
+    a, b = a.to(device), b.to(device)
+    rows = torch.cat([a, g_ab(a), b, g_ba(b)])
+    save_image_grid(to_uint8(rows), path, columns=len(a))
+
+
+def _comparable(config: CycleGANTrainConfig) -> dict[str, Any]:
+    d = asdict(config)
+    d.pop("epochs")
+    d.pop("device")
+    d["betas"] = list(d["betas"])
+    return d
+
+
+def _check_resumable(
+    ckpt: dict[str, Any], out: Path, data_desc: DataDescription, model_config: CycleGANConfig, config: CycleGANTrainConfig
+) -> None:
+    if ckpt["data"]["fingerprint"] != data_desc.fingerprint:
+        raise DebiasError(f"cannot resume {out}: it was trained on other data or other domains")
+    if ckpt["model_config"] != model_config.to_dict():
+        raise DebiasError(f"cannot resume {out}: the model options differ from the checkpoint's")
+    if ckpt["train_config"] != _comparable(config):
+        raise DebiasError(f"cannot resume {out}: the training options (other than --epochs) differ from the checkpoint's")
+
+
+def load_generators(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[ResnetGenerator, ResnetGenerator, dict[str, Any]]:
+    """G_AB and G_BA of a finished run, in eval mode, and the stored metadata."""
+    run = Path(run_dir)
+    path = run / GENERATORS if run.is_dir() else run
+    if not path.exists():
+        if (run / CHECKPOINT).exists():
+            raise DebiasError(f"{run} has a checkpoint but no {GENERATORS}: training did not finish; resume it with --resume")
+        raise DebiasError(f"no trained CycleGAN at {run}")
+    meta = load_checkpoint(path, map_location=device)
+    config = CycleGANConfig(**meta["model_config"])
+    nets = []
+    for key in ("g_ab", "g_ba"):
+        net = ResnetGenerator(config)
+        net.load_state_dict(meta[key])
+        nets.append(net.to(device).eval())
+    return nets[0], nets[1], meta

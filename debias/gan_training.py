@@ -1,0 +1,320 @@
+"""The GAN training loop: a DCGAN-family generator trained on rarity-weighted draws of the data.
+
+Every epoch draws n rows with replacement in proportion to the rarity weights (an audit's ``weight`` column, or
+weights computed from a VAE run), so the rare rows are seen many times more often and the generator spends its
+capacity on the rare regions of the data. Without weights an epoch is a plain shuffled pass.
+
+Per step: a discriminator step on real and fake images (non-saturating logistic loss, both DiffAugmented with the same
+kind of random transforms), a generator step through the augmentation, and an exponential moving average (EMA) of the
+generator's weights, which gives visibly cleaner samples than the last iterate and is what generation uses.
+
+RUN_DIR layout:
+    checkpoint.pt   both networks, both optimizers, the EMA generator, epoch, configs, data fingerprint, loss history
+                    (rewritten atomically after every epoch; ``resume=True`` continues from it bit-identically)
+    generator.pt    the EMA generator for generation (weights, model config, data description)
+    config.json     model and training configuration, human readable
+    loss.csv        one row per epoch: mean losses, discriminator outputs, images/s, seconds
+    samples/epoch_NNN.png  a grid from the EMA generator on fixed noise (and fixed labels) after every epoch
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from debias import __version__
+from debias import distributed as dist
+from debias.checkpoint import load_checkpoint, save_checkpoint, write_json
+from debias.data import ImageSet
+from debias.device import autocast
+from debias.diffaugment import DiffAugmentConfig, diff_augment
+from debias.errors import DebiasError
+from debias.models.dcgan import DCGANConfig, Discriminator, Generator
+from debias.progress import progress_bar
+from debias.reweighting import draw_epoch
+from debias.training import DataDescription
+
+CHECKPOINT = "checkpoint.pt"
+GENERATOR = "generator.pt"
+
+
+@dataclass
+class GANTrainConfig:
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.5, 0.999)  # DCGAN's Adam settings
+    ema_decay: float = 0.999
+    augment: DiffAugmentConfig = field(default_factory=DiffAugmentConfig)
+    grid_size: int = 64  # images in each epoch's sample grid
+    seed: int = 0
+    device: str = "auto"
+
+
+def weights_digest(weights: np.ndarray | None) -> str:
+    """What a checkpoint remembers of the sampling weights, so that a resume with other weights is refused."""
+    if weights is None:
+        return "uniform"
+    return hashlib.sha256(np.ascontiguousarray(weights, dtype=np.float64).tobytes()).hexdigest()[:16]
+
+
+def epoch_rows(weights: np.ndarray | None, n: int, seed: int, epoch: int) -> np.ndarray:
+    """The global row order of one epoch: a permutation, or n draws with replacement ∝ ``weights``.
+
+    Seeded by (seed, epoch) only, so every rank of a distributed run and a resumed run draw the same order."""
+    return draw_epoch(weights, n, np.random.default_rng([seed, epoch]))
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 100_003 + epoch
+
+
+@torch.no_grad()
+def update_ema(ema: Generator, model: Generator, decay: float, step: int) -> None:
+    """ema <- d * ema + (1 - d) * model, with d warmed up as (1 + step) / (10 + step) so that short runs average over
+    their trained weights rather than stay at the random initialisation; buffers (BN statistics) are copied."""
+    d = min(decay, (1 + step) / (10 + step))
+    for p_ema, p in zip(ema.parameters(), model.parameters()):
+        p_ema.lerp_(p.detach(), 1.0 - d)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8."""
+    arr = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+    return np.moveaxis(arr, 1, -1)
+
+
+def save_image_grid(images: np.ndarray, path: Path, columns: int = 8) -> None:
+    """(B, H, W, C) uint8 -> one PNG, ``columns`` images per row, 2 px gaps."""
+    b, h, w, c = images.shape
+    rows = -(-b // columns)
+    pad = 2
+    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, col = divmod(i, columns)
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = img
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid[:, :, 0] if c == 1 else grid).save(path)
+
+
+def grid_labels(config: DCGANConfig, k: int) -> torch.Tensor | None:
+    """Labels for a sample grid: the classes in turn (each row of 8 cycles through them)."""
+    return torch.arange(k) % config.n_classes if config.n_classes else None
+
+
+def train_gan(
+    data: ImageSet,
+    model_config: DCGANConfig,
+    config: GANTrainConfig,
+    out_dir: str | Path,
+    *,
+    data_desc: DataDescription,
+    labels: np.ndarray | None = None,
+    weights: np.ndarray | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Train (or resume) and return the path of generator.pt. ``labels``: class indices, for a conditional model;
+    ``weights``: sampling probabilities of the rows (None: uniform)."""
+    out = Path(out_dir)
+    ckpt_path = out / CHECKPOINT
+    if ckpt_path.exists() and not resume:
+        raise DebiasError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
+    if (labels is not None) != bool(model_config.n_classes):
+        raise DebiasError("labels must be given exactly when the model is conditional")
+    ctx = dist.init_distributed(config.device)
+    device = ctx.device
+    n = len(data)
+    digest = weights_digest(weights)
+    batch_size = dist.per_rank_batch(config.batch_size, ctx)  # --batch-size is the global batch
+
+    torch.manual_seed(config.seed)
+    generator = Generator(model_config).to(device)
+    discriminator = Discriminator(model_config).to(device)
+    ema = copy.deepcopy(generator).eval()
+    opt_g = torch.optim.Adam(generator.parameters(), lr=config.lr, betas=config.betas)
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.lr, betas=config.betas)
+    start_epoch, step, history = 0, 0, []
+
+    if resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path, map_location=device)
+        _check_resumable(ckpt, out, data_desc, model_config, config, digest)
+        generator.load_state_dict(ckpt["generator"])
+        discriminator.load_state_dict(ckpt["discriminator"])
+        ema.load_state_dict(ckpt["ema"])
+        opt_g.load_state_dict(ckpt["opt_g"])
+        opt_d.load_state_dict(ckpt["opt_d"])
+        start_epoch, step, history = int(ckpt["epoch"]), int(ckpt["step"]), list(ckpt["history"])
+        if ctx.is_main:
+            print(f"resuming {out} after epoch {start_epoch}")
+
+    g_train, d_train = dist.wrap(generator, ctx), dist.wrap(discriminator, ctx)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(
+            {"model": model_config.to_dict(), "train": asdict(config), "data": asdict(data_desc), "weights": digest},
+            out / "config.json",
+        )
+    y_all = torch.tensor(labels, dtype=torch.long) if labels is not None else None
+    # Fixed noise and labels for the sample grids: the same images evolve from epoch to epoch.
+    grid_noise = torch.Generator().manual_seed(config.seed + 1)
+    grid_z = torch.randn(config.grid_size, model_config.z_dim, generator=grid_noise)
+    grid_y = grid_labels(model_config, config.grid_size)
+
+    for epoch in range(start_epoch, config.epochs):
+        torch.manual_seed(_epoch_seed(config.seed, epoch))
+        rows = dist.shard(epoch_rows(weights, n, config.seed, epoch), ctx)
+        dist.record_rows("gan", epoch, rows, ctx)
+        dist.seed_rank_noise(_epoch_seed(config.seed, epoch), ctx)  # each rank its own z and augmentations
+        generator.train()
+        discriminator.train()
+        sums: dict[str, float] = {}
+        t0 = time.perf_counter()
+        with progress_bar(f"GAN epoch {epoch + 1}/{config.epochs}", total=len(rows), enabled=progress and ctx.is_main) as bar:
+            for start in range(0, len(rows), batch_size):
+                idx = np.sort(rows[start : start + batch_size])  # sorted reads suit the memmap
+                real = data.batch(idx).to(device, non_blocking=True).mul_(2).sub_(1)
+                y = y_all[idx].to(device) if y_all is not None else None
+                b = len(idx)
+
+                # Discriminator: real -> 1, fake -> 0; one forward over both (no batch-coupled layers in D).
+                z = torch.randn(b, model_config.z_dim, device=device)
+                with torch.no_grad(), autocast(device):
+                    fake = g_train(z, y)
+                both = torch.cat([real, fake.to(real.dtype)])
+                y2 = torch.cat([y, y]) if y is not None else None
+                with autocast(device):
+                    logits = d_train(_augment(both, config.augment), y2).float()
+                d_loss = F.softplus(-logits[:b]).mean() + F.softplus(logits[b:]).mean()
+                opt_d.zero_grad(set_to_none=True)
+                d_loss.backward()
+                opt_d.step()
+
+                # Generator: make D call its (augmented) samples real; the non-saturating loss of Goodfellow et al.
+                z = torch.randn(b, model_config.z_dim, device=device)
+                with autocast(device):
+                    g_logits = d_train(_augment(g_train(z, y), config.augment), y).float()
+                g_loss = F.softplus(-g_logits).mean()
+                opt_g.zero_grad(set_to_none=True)
+                g_loss.backward()
+                opt_g.step()
+                update_ema(ema, generator, config.ema_decay, step)
+                step += 1
+
+                parts = {
+                    "d_loss": d_loss.item(),
+                    "g_loss": g_loss.item(),
+                    "d_real": torch.sigmoid(logits[:b]).mean().item(),
+                    "d_fake": torch.sigmoid(logits[b:]).mean().item(),
+                }
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + v * b
+                bar.advance(b, d=parts["d_loss"], g=parts["g_loss"])
+        elapsed = time.perf_counter() - t0
+        reduced = dist.all_reduce_sum({**sums, "_rows": float(len(rows))}, ctx)  # all ranks' totals
+        total = reduced.pop("_rows")
+        sums = {k: reduced[k] for k in sums}
+        row = {"epoch": epoch + 1, **{k: v / total for k, v in sums.items()}, "images_per_s": total / elapsed, "seconds": elapsed}
+        history.append(row)
+        if ctx.is_main:
+            save_checkpoint(
+                {
+                    "generator": generator.state_dict(),
+                    "discriminator": discriminator.state_dict(),
+                    "ema": ema.state_dict(),
+                    "opt_g": opt_g.state_dict(),
+                    "opt_d": opt_d.state_dict(),
+                    "epoch": epoch + 1,
+                    "step": step,
+                    "model_config": model_config.to_dict(),
+                    "train_config": _comparable(config),
+                    "data": asdict(data_desc),
+                    "weights": digest,
+                    "history": history,
+                    "version": __version__,
+                },
+                ckpt_path,
+            )
+            pd.DataFrame(history).to_csv(out / "loss.csv", index=False)
+            with torch.no_grad():
+                grid = to_uint8(ema(grid_z.to(device), _to(grid_y, device)))
+            save_image_grid(grid, out / "samples" / f"epoch_{epoch + 1:03d}.png")
+            if progress:
+                print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+        dist.barrier(ctx)
+
+    path = out / GENERATOR
+    if ctx.is_main:
+        save_checkpoint(
+            {
+                "generator": ema.state_dict(),
+                "model_config": model_config.to_dict(),
+                "data": asdict(data_desc),
+                "history": history,
+                "version": __version__,
+            },
+            path,
+        )
+    dist.barrier(ctx)
+    return path
+
+
+def _augment(x: torch.Tensor, config: DiffAugmentConfig) -> torch.Tensor:
+    return diff_augment(x, config) if config.enabled else x
+
+
+def _to(y: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return y.to(device) if y is not None else None
+
+
+def _comparable(config: GANTrainConfig) -> dict[str, Any]:
+    """The training options a resume must keep (all but the number of epochs and the device)."""
+    d = asdict(config)
+    d.pop("epochs")
+    d.pop("device")
+    d["betas"] = list(d["betas"])
+    return d
+
+
+def _check_resumable(
+    ckpt: dict[str, Any],
+    out: Path,
+    data_desc: DataDescription,
+    model_config: DCGANConfig,
+    config: GANTrainConfig,
+    digest: str,
+) -> None:
+    if ckpt["data"]["fingerprint"] != data_desc.fingerprint:
+        raise DebiasError(f"cannot resume {out}: it was trained on other data")
+    if ckpt["model_config"] != model_config.to_dict():
+        raise DebiasError(f"cannot resume {out}: the model options differ from the checkpoint's")
+    if ckpt["train_config"] != _comparable(config):
+        raise DebiasError(f"cannot resume {out}: the training options (other than --epochs) differ from the checkpoint's")
+    if ckpt["weights"] != digest:
+        raise DebiasError(f"cannot resume {out}: the sampling weights differ from the checkpoint's")
+
+
+def load_generator(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[Generator, dict[str, Any]]:
+    """The trained (EMA) generator in eval mode and its stored metadata."""
+    run = Path(run_dir)
+    path = run / GENERATOR if run.is_dir() else run
+    if not path.exists():
+        if (run / CHECKPOINT).exists():
+            raise DebiasError(f"{run} has a checkpoint but no {GENERATOR}: training did not finish; resume it with --resume")
+        raise DebiasError(f"no trained generator at {run}")
+    meta = load_checkpoint(path, map_location=device)
+    model = Generator(DCGANConfig(**meta["model_config"]))
+    model.load_state_dict(meta["generator"])
+    return model.to(device).eval(), meta

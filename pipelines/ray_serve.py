@@ -1,0 +1,52 @@
+"""`debias serve --engine ray`: the novelty service as a Ray Serve application (service/ray_serve.py) on a local Ray
+or a cluster, `--replicas` copies of the model behind Serve's HTTP proxy, until interrupted."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from debias.errors import DebiasError
+from debias.training import load_model
+from pipelines.ray_cluster import connect
+
+
+def run_ray_serve(
+    host: str,
+    port: int,
+    *,
+    replicas: int = 1,
+    gpus_per_replica: float = 0.0,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    **overrides: Any,
+) -> None:
+    """``overrides`` are :class:`service.settings.Settings` fields; those not given come from ``DEBIAS_*`` variables
+    (read here, on the driver, and shipped to every replica)."""
+    from service.settings import Settings
+
+    if replicas < 1:
+        raise DebiasError(f"--replicas must be at least 1, got {replicas}")
+    if gpus_per_replica < 0:
+        raise DebiasError(f"--gpus-per-replica must be >= 0, got {gpus_per_replica}")
+    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    load_model(settings.model_dir, "cpu")  # a one-line error now beats replicas that never become ready
+    started = connect(address, num_cpus)
+    try:
+        from ray import serve
+
+        from service.ray_serve import build
+
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build(settings, replicas, gpus_per_replica), name="debias", route_prefix="/")
+        print(f"serving on http://{host}:{port} with {replicas} replica(s) (Ray Serve); Ctrl-C stops", flush=True)
+        while True:
+            time.sleep(3600)
+    finally:
+        from ray import serve
+
+        serve.shutdown()
+        if started:
+            import ray
+
+            ray.shutdown()
