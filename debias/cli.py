@@ -563,6 +563,10 @@ def augment(
         Optional[Path],
         typer.Option("--merge-with", help="Original manifest: also write OUT/combined.csv (both, absolute paths)."),
     ] = None,
+    features: Annotated[
+        Optional[Path],
+        typer.Option(help="A VAE run on the same data: also measure FID/KID, precision/recall, CAS (OUT/quality/)."),
+    ] = None,
     device: DeviceOpt = "auto",
     seed: int = 0,
     resume: Annotated[bool, typer.Option(help="Continue the training run in --out from its last checkpoint.")] = False,
@@ -580,12 +584,14 @@ def augment(
                        balanced_labels=balanced_labels),
         cyclegan=CycleGANOptions(domain_column=domain_column, source=from_, target=to, rare_quantile=rare_quantile,
                                  width=width, n_blocks=n_blocks),
-        merge_with=merge_with, resume=resume, progress=not quiet,
+        merge_with=merge_with, features=features, resume=resume, progress=not quiet,
     )
     result = run_augment(job)
     if result.is_main:
         typer.echo(f"wrote {result.n_images} {method} images and {result.manifest}"
                    + (f" and {result.combined}" if result.combined else ""))
+        if result.quality is not None:
+            typer.echo(f"quality: {result.quality}")
 
 
 # -- commands of later issues are added above this line, one block per command ----------------------------------

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -196,7 +197,8 @@ def train_gan(
                 both = torch.cat([real, fake.to(real.dtype)])
                 y2 = torch.cat([y, y]) if y is not None else None
                 with autocast(device):
-                    logits = d_train(_augment(both, config.augment), y2).float()
+                    # Minibatch-std groups of gcd(b, 4) consecutive images never straddle the real/fake boundary.
+                    logits = d_train(_augment(both, config.augment), y2, group_size=math.gcd(b, 4)).float()
                 d_loss = F.softplus(-logits[:b]).mean() + F.softplus(logits[b:]).mean()
                 opt_d.zero_grad(set_to_none=True)
                 d_loss.backward()
@@ -205,7 +207,7 @@ def train_gan(
                 # Generator: make D call its (augmented) samples real; the non-saturating loss of Goodfellow et al.
                 z = torch.randn(b, model_config.z_dim, device=device)
                 with autocast(device):
-                    g_logits = d_train(_augment(g_train(z, y), config.augment), y).float()
+                    g_logits = d_train(_augment(g_train(z, y), config.augment), y, group_size=math.gcd(b, 4)).float()
                 g_loss = F.softplus(-g_logits).mean()
                 opt_g.zero_grad(set_to_none=True)
                 g_loss.backward()

@@ -79,6 +79,7 @@ class AugmentJob:
     gan: GANOptions = field(default_factory=GANOptions)
     cyclegan: CycleGANOptions = field(default_factory=CycleGANOptions)
     merge_with: Path | None = None
+    features: Path | None = None  # a VAE run on the same data: measure the quality of the output (OUT/quality/)
     resume: bool = False
     progress: bool = True
 
@@ -90,6 +91,7 @@ class AugmentResult:
     combined: Path | None
     n_images: int
     trained_on: int  # rows the model was trained on (GAN: all; CycleGAN: |A| + |B|)
+    quality: Path | None = None  # quality.json, with --features
     is_main: bool = True  # False on the other ranks of a torchrun job: they train, rank 0 writes the outputs
 
 
@@ -111,7 +113,27 @@ def run_augment(job: AugmentJob) -> AugmentResult:
     if job.merge_with is not None:
         combined = job.out / "combined.csv"
         _write_csv(merge_manifests(job.merge_with, path, job.where), combined)
-    return AugmentResult(out=job.out, manifest=path, combined=combined, n_images=len(manifest), trained_on=trained_on)
+    quality = _measure_quality(job) if job.features is not None else None
+    return AugmentResult(out=job.out, manifest=path, combined=combined, n_images=len(manifest), trained_on=trained_on,
+                         quality=quality)
+
+
+def _measure_quality(job: AugmentJob) -> Path:
+    """FID/KID, precision/recall and CAS of the new images against the real images they stand for: the target domain
+    for CycleGAN (when it is a value of --domain-column), the trained-on rows for the GAN."""
+    from pipelines.synthetic_quality import QualityJob, run_quality
+
+    cg = job.cyclegan
+    real_where = list(job.where)
+    group_by = job.label
+    if job.method == "cyclegan" and cg.domain_column is not None:
+        real_where.append(f"{cg.domain_column}={cg.target}")
+    quality_job = QualityJob(
+        real=job.data, real_where=real_where, synthetic=job.out, features=job.features, out=job.out / "quality",
+        group_by=group_by, label=job.label, device=job.device, seed=job.seed, progress=job.progress,
+    )
+    run_quality(quality_job)
+    return job.out / "quality" / "quality.json"
 
 
 def _validate(job: AugmentJob) -> None:

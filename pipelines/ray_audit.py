@@ -70,7 +70,7 @@ def run_ray_audit(job: AuditJob, opts: RayAuditOptions) -> AuditResult:
         if gpus_per_actor == 0 and actors > cpus:
             raise DebiasError(f"--actors {actors} but the Ray cluster has {cpus} CPUs (one per CPU actor)")
         t0 = time.perf_counter()
-        positions, enc, reasons = _encode_on_ray(ray, model, rows, job, opts, actors, gpus_per_actor)
+        positions, enc, reasons, busy = _encode_on_ray(ray, model, rows, job, opts, actors, gpus_per_actor)
         seconds = time.perf_counter() - t0
     finally:
         if started:
@@ -91,7 +91,9 @@ def run_ray_audit(job: AuditJob, opts: RayAuditOptions) -> AuditResult:
         encode_s=seconds,  # decode + encode + transfer: the whole distributed stage
         pixels=pixels,
         engine={"name": "ray", "actors": actors, "gpus_per_actor": gpus_per_actor, "address": opts.address,
-                "decode_and_encode_s": seconds},
+                "decode_and_encode_s": seconds,
+                # summed over the workers: images / (decode_s + encode_s) is one worker's steady-state throughput
+                "worker_decode_s": busy["decode_s"], "worker_encode_s": busy["encode_s"]},
     )
     return write_audit(job, model, meta, result)
 
@@ -100,7 +102,7 @@ def run_ray_audit(job: AuditJob, opts: RayAuditOptions) -> AuditResult:
 def _encode_on_ray(
     ray: Any, model: ConvVAE, rows: SourceRows, job: AuditJob, opts: RayAuditOptions, actors: int,
     gpus_per_actor: float,
-) -> tuple[np.ndarray, Encoded, np.ndarray]:
+) -> tuple[np.ndarray, Encoded, np.ndarray, dict[str, float]]:
     from ray.data import ActorPoolStrategy, DataContext
 
     ctx = DataContext.get_current()
@@ -146,7 +148,8 @@ def _encode_on_ray(
         mu=cat("mu")[order], logvar=cat("logvar")[order], recon_error=cat("recon_error")[order],
         logits=cat("logits")[order] if "logits" in parts[0] else None,
     )
-    return cat("pos")[order], enc, cat("reason")[order].astype(str)
+    busy = {"decode_s": float(cat("decode_s").sum()), "encode_s": float(cat("encode_s").sum())}
+    return cat("pos")[order], enc, cat("reason")[order].astype(str), busy
 
 
 def _split(rows: SourceRows, positions: np.ndarray, enc: Encoded, reasons: np.ndarray) -> tuple[np.ndarray, pd.DataFrame]:
@@ -200,6 +203,7 @@ class RowDecoder:
 
 def _decode_rows(batch: dict[str, np.ndarray], *, decoder: RowDecoder) -> dict[str, np.ndarray]:
     """Positions -> pixels (zeros where a row cannot be read) and the reason ('' when it could)."""
+    t0 = time.perf_counter()
     pos = batch["pos"].astype(np.int64)
     images = np.zeros((len(pos), decoder.image_size, decoder.image_size, decoder.channels), dtype=np.uint8)
     reasons = []
@@ -208,7 +212,9 @@ def _decode_rows(batch: dict[str, np.ndarray], *, decoder: RowDecoder) -> dict[s
         if arr is not None:
             images[k] = arr
         reasons.append(reason)
-    return {"pos": pos, "image": images, "reason": np.asarray(reasons, dtype=object)}
+    # Worker seconds, spread over the batch's rows, so the driver can sum them: the per-worker throughput.
+    decode_s = np.full(len(pos), (time.perf_counter() - t0) / max(1, len(pos)))
+    return {"pos": pos, "image": images, "reason": np.asarray(reasons, dtype=object), "decode_s": decode_s}
 
 
 class _Encoder:
@@ -227,6 +233,7 @@ class _Encoder:
         self.model.to(self.device).eval()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        t0 = time.perf_counter()
         ok = np.asarray([r == "" for r in batch["reason"]], dtype=bool)
         cfg = self.model.config
         n = len(ok)
@@ -242,4 +249,6 @@ class _Encoder:
             out["mu"][ok], out["logvar"][ok], out["recon_error"][ok] = enc.mu, enc.logvar, enc.recon_error
             if enc.logits is not None:
                 out["logits"][ok] = enc.logits
+        out["decode_s"] = batch["decode_s"]
+        out["encode_s"] = np.full(n, (time.perf_counter() - t0) / max(1, n))
         return out

@@ -3,6 +3,8 @@ or a cluster, `--replicas` copies of the model behind Serve's HTTP proxy, until 
 
 from __future__ import annotations
 
+import signal
+import sys
 import time
 from typing import Any
 
@@ -40,13 +42,17 @@ def run_ray_serve(
         serve.start(http_options={"host": host, "port": port})
         serve.run(build(settings, replicas, gpus_per_replica), name="debias", route_prefix="/")
         print(f"serving on http://{host}:{port} with {replicas} replica(s) (Ray Serve); Ctrl-C stops", flush=True)
+        # SIGTERM (docker stop, systemd) stops as Ctrl-C does: through the clean-up below, not around it.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         while True:
             time.sleep(3600)
     finally:
+        import ray
         from ray import serve
 
-        serve.shutdown()
+        if started and not address:  # a local Ray of our own: Serve and Ray go down with us
+            serve.shutdown()
+        else:  # a cluster (Serve detaches from this process): remove only our application
+            serve.delete("debias")
         if started:
-            import ray
-
             ray.shutdown()

@@ -44,6 +44,18 @@ def cyclegan_job(out: Path, **kw) -> AugmentJob:
     return replace(base, **kw)
 
 
+def tiny_vae_run(run: Path) -> Path:
+    """A one-epoch VAE on SHAPES: enough for rarity weights and quality features."""
+    from debias.models import VAEConfig
+    from debias.training import DataDescription, TrainConfig, train_vae
+
+    data = load_images(SHAPES, image_size=SIZE, progress=False)
+    desc = DataDescription(source=SHAPES, where=[], fingerprint=data.fingerprint, n_images=len(data), n_skipped=0)
+    train_vae(data, VAEConfig(image_size=SIZE, latent_dim=4, width=8), TrainConfig(epochs=1, batch_size=64), run,
+              data_desc=desc, progress=False)
+    return run
+
+
 def state_dicts_equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -219,20 +231,28 @@ def test_cyclegan_common_to_rare_from_audit_scores(tmp_path):
 
 def test_rarity_from_a_vae_run(tmp_path):
     """--model RUN_DIR: the weights are computed by encoding the rows with the VAE (as an audit would)."""
-    from debias.models import VAEConfig
-    from debias.training import DataDescription, TrainConfig, train_vae
     from pipelines.augment import rarity_columns
 
-    data = load_images(SHAPES, image_size=SIZE, progress=False)
-    desc = DataDescription(source=SHAPES, where=[], fingerprint=data.fingerprint, n_images=len(data), n_skipped=0)
-    run = tmp_path / "vae"
-    train_vae(data, VAEConfig(image_size=SIZE, latent_dim=4, width=8), TrainConfig(epochs=1, batch_size=64), run,
-              data_desc=desc, progress=False)
+    run = tiny_vae_run(tmp_path / "vae")
     # The GAN reads the data at another size than the VAE: the rows are matched on path.
     gan_data = load_images(SHAPES, image_size=28, progress=False)
     cols = rarity_columns(gan_job(tmp_path / "x", model=run, image_size=28), gan_data)
     assert len(cols) == len(gan_data) and np.isclose(cols["weight"].sum(), 1.0)
     assert cols["weight"].nunique() > 1 and np.isfinite(cols["rarity"]).all()
+
+
+def test_features_measure_the_quality_of_the_output(tmp_path):
+    """--features RUN_DIR: after generating, FID/KID, precision/recall and CAS land in OUT/quality/."""
+    import json
+
+    run = tiny_vae_run(tmp_path / "vae")
+    result = run_augment(gan_job(tmp_path / "gan", label="shape", features=run, n=24))
+    assert result.quality is not None and result.quality.is_file()
+    quality = json.loads(result.quality.read_text())
+    assert (tmp_path / "gan" / "quality" / "quality.html").is_file()
+    text = json.dumps(quality)
+    for key in ("fid", "kid", "precision", "recall"):
+        assert key in text, key
 
 
 # ---------------------------------------------------------------------------------------- manifests, errors

@@ -31,6 +31,7 @@ class DCGANConfig:
     max_width: int = 512
     n_classes: int = 0  # > 0: conditional on a label
     classes: list[str] = field(default_factory=list)  # label value of each class index
+    minibatch_std: bool = True  # the discriminator sees the spread of its group of images (anti mode collapse)
 
     def __post_init__(self) -> None:
         if not 28 <= self.image_size <= 128:
@@ -117,20 +118,38 @@ class Discriminator(nn.Module):
         layers: list[nn.Module] = [spectral_norm(nn.Conv2d(config.channels, widths[0], 4, 2, 1)), nn.LeakyReLU(0.2)]
         for w_in, w_out in zip(widths, widths[1:]):
             layers += [spectral_norm(nn.Conv2d(w_in, w_out, 4, 2, 1)), nn.LeakyReLU(0.2)]
-        self.features = nn.Sequential(*layers, nn.Flatten())
-        feat = widths[-1] * 4 * 4
+        self.features = nn.Sequential(*layers)
+        feat = (widths[-1] + int(config.minibatch_std)) * 4 * 4
         self.out = spectral_norm(nn.Linear(feat, 1))
         self.embed = spectral_norm(nn.Embedding(config.n_classes, feat)) if config.n_classes else None
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Images (B, C, S, S) in [-1, 1] -> real/fake logits (B,)."""
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, group_size: int = 4) -> torch.Tensor:
+        """Images (B, C, S, S) in [-1, 1] -> real/fake logits (B,).
+
+        ``group_size``: the minibatch-std groups are runs of consecutive images, so a caller that stacks [real; fake]
+        passes a size that divides the number of real images and no group mixes the two.
+        """
         s = self.config.internal_size
         if x.shape[-1] != s:
             x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False)
         h = self.features(x)
+        if self.config.minibatch_std:
+            h = _append_minibatch_std(h, math.gcd(h.shape[0], group_size))
+        h = h.flatten(1)
         logit = self.out(h).squeeze(1)
         if self.embed is not None:
             if y is None:
                 raise ValueError("a conditional discriminator needs labels")
             logit = logit + (self.embed(y) * h).sum(1)  # the projection term
         return logit
+
+
+def _append_minibatch_std(h: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Minibatch standard deviation (Karras et al. 2018, ProGAN section 3): one extra feature map holding the mean
+    standard deviation of the features across each group of images. A collapsed generator makes near-identical
+    images, whose spread is visibly smaller than real images', so the discriminator can punish the collapse."""
+    n, c, height, width = h.shape
+    groups = h.float().view(n // group_size, group_size, c, height, width)
+    spread = groups.var(dim=1, unbiased=False).add(1e-8).sqrt().mean(dim=(1, 2, 3))  # (n / group_size,)
+    feature = spread.repeat_interleave(group_size).view(n, 1, 1, 1).expand(n, 1, height, width)
+    return torch.cat([h, feature.to(h.dtype)], dim=1)
