@@ -46,6 +46,7 @@ from torch import nn
 from debias.classifier_training import ClassifierTrainConfig, ImageTensor, predict_proba, train_classifier
 from debias.data import ImageSet
 from debias.device import resolve_device
+from debias.distributed import DistContext
 from debias.models import ConvVAE, VAEConfig
 from debias.progress import progress_bar
 from debias.reweighting import Uniform
@@ -355,6 +356,8 @@ def classification_accuracy_score(
             model_config, train_config, train_images, y_syn, Uniform(len(train_images)), Path(tmp),
             meta={"purpose": "classification accuracy score", "synthetic": synthetic.fingerprint},
             progress=progress, description="CAS ",
+            # Single-process even under torchrun: only rank 0 measures quality, the other ranks have left by now.
+            ctx=DistContext(device=resolve_device(cfg.device)),
         )
         pred = predict_proba(trained.model, ImageTensor(real)).argmax(1)
     correct = pred == y_real

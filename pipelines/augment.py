@@ -96,6 +96,15 @@ class AugmentResult:
 
 
 def run_augment(job: AugmentJob) -> AugmentResult:
+    try:
+        return _run_augment(job)
+    finally:
+        # Under torchrun the training loops joined a process group; rank 0 leaves it here, after the outputs.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _run_augment(job: AugmentJob) -> AugmentResult:
     _validate(job)
     data = load_images(job.data, where=job.where, image_size=job.image_size, progress=job.progress)
     if job.label is not None and job.label not in data.table.columns:
@@ -127,6 +136,8 @@ def _measure_quality(job: AugmentJob) -> Path:
     real_where = list(job.where)
     group_by = job.label
     if job.method == "cyclegan" and cg.domain_column is not None:
+        # Filters on one column are alternatives, so the target domain replaces them rather than joining them.
+        real_where = [w for w in real_where if w.partition("=")[0].strip() != cg.domain_column]
         real_where.append(f"{cg.domain_column}={cg.target}")
     quality_job = QualityJob(
         real=job.data, real_where=real_where, synthetic=job.out, features=job.features, out=job.out / "quality",
@@ -244,6 +255,9 @@ def label_mix(labels: np.ndarray, n_classes: int, weights: np.ndarray | None, ba
 def _run_gan(job: AugmentJob, data: ImageSet) -> tuple[pd.DataFrame | None, int]:
     labels, classes = None, []
     if job.label is not None:
+        missing = int(data.table[job.label].isna().sum())
+        if missing:
+            raise DebiasError(f"--label {job.label!r} is missing in {missing} rows; filter them out with --where")
         labels, classes = encode_labels(data.table[job.label])
         if len(classes) < 2:
             raise DebiasError(f"--label {job.label!r} has a single value ({classes[0]}); drop --label for one class")

@@ -238,8 +238,8 @@ class _Encoder:
         cfg = self.model.config
         n = len(ok)
         # Rows that could not be decoded travel on as NaN so that the driver sees every position exactly once.
-        out = {"pos": batch["pos"], "reason": batch["reason"], "mu": np.full((n, cfg.latent_dim), np.nan),
-               "logvar": np.full((n, cfg.latent_dim), np.nan), "recon_error": np.full(n, np.nan)}
+        out = {"pos": batch["pos"], "reason": batch["reason"], "mu": np.full((n, cfg.latent_dim), np.nan, dtype=np.float32),
+               "logvar": np.full((n, cfg.latent_dim), np.nan, dtype=np.float32), "recon_error": np.full(n, np.nan)}
         if cfg.n_classes:
             out["logits"] = np.full((n, cfg.n_classes), np.nan, dtype=np.float32)
         if ok.any():

@@ -9,8 +9,8 @@ import time
 from typing import Any
 
 from debias.errors import DebiasError
-from debias.training import load_model
 from pipelines.ray_cluster import connect
+from pipelines.serve import check_serve_inputs
 
 
 def run_ray_serve(
@@ -32,15 +32,18 @@ def run_ray_serve(
     if gpus_per_replica < 0:
         raise DebiasError(f"--gpus-per-replica must be >= 0, got {gpus_per_replica}")
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
-    load_model(settings.model_dir, "cpu")  # a one-line error now beats replicas that never become ready
+    check_serve_inputs(settings)  # a one-line error now beats replicas that never become ready
     started = connect(address, num_cpus)
     try:
         from ray import serve
 
         from service.ray_serve import build
 
-        serve.start(http_options={"host": host, "port": port})
-        serve.run(build(settings, replicas, gpus_per_replica), name="debias", route_prefix="/")
+        try:
+            serve.start(http_options={"host": host, "port": port})
+            serve.run(build(settings, replicas, gpus_per_replica), name="debias", route_prefix="/")
+        except Exception as exc:  # Ray's own errors (port taken, a replica that cannot start) as one line
+            raise DebiasError(f"Ray Serve could not start the service: {str(exc).strip().splitlines()[0][:300]}") from exc
         print(f"serving on http://{host}:{port} with {replicas} replica(s) (Ray Serve); Ctrl-C stops", flush=True)
         # SIGTERM (docker stop, systemd) stops as Ctrl-C does: through the clean-up below, not around it.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -50,9 +53,12 @@ def run_ray_serve(
         import ray
         from ray import serve
 
-        if started and not address:  # a local Ray of our own: Serve and Ray go down with us
-            serve.shutdown()
-        else:  # a cluster (Serve detaches from this process): remove only our application
-            serve.delete("debias")
+        try:
+            if started and not address:  # a local Ray of our own: Serve and Ray go down with us
+                serve.shutdown()
+            else:  # a cluster (Serve detaches from this process): remove only our application
+                serve.delete("debias")
+        except Exception as exc:  # noqa: BLE001 - a failed clean-up must not hide the error that got us here
+            print(f"warning: Ray Serve clean-up failed: {exc}", file=sys.stderr)
         if started:
             ray.shutdown()

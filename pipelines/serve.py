@@ -25,10 +25,15 @@ def run_serve(host: str, port: int, log_level: str = "info", **overrides: Any) -
     from service.settings import Settings
 
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    check_serve_inputs(settings)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, workers=1, access_log=False)
+
+
+def check_serve_inputs(settings: Any) -> None:
+    """The model loads and the audit folder holds an audit: a one-line error now beats a failed /readyz later."""
     load_model(settings.model_dir, "cpu")
     if settings.audit_dir is not None and not (settings.audit_dir / "scores.parquet").is_file():
         raise DebiasError(f"--audit {settings.audit_dir}: no audit there (scores.parquet missing; run 'debias audit')")
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, workers=1, access_log=False)
 
 
 def _port(host: str, preferred: int) -> int:

@@ -55,12 +55,20 @@ class AuditData:
         if "rarity" not in scores.columns:
             raise ApiError(404, "bad_audit", f"{root / 'scores.parquet'} has no rarity column; not an audit")
         scores.insert(0, "row", np.arange(len(scores)))
+        if browser is not None and not _valid_browser(browser, len(scores)):
+            browser = None  # foreign or torn: browse without thumbnails rather than fail
         return cls(root=root, summary=summary, scores=scores, browser=browser)
 
     @cached_property
-    def text(self) -> pd.DataFrame:
-        """Every cell as the string the filter searches, converted once per loaded audit (not once per keystroke)."""
-        return self.scores.astype(str)
+    def _text(self) -> dict[str, pd.Series]:
+        return {}
+
+    def text_column(self, column: str) -> pd.Series:
+        """A column as the strings the filter searches, converted once per loaded audit (not once per keystroke), and
+        only for the columns actually searched (the whole table as strings would be gigabytes at a million rows)."""
+        if column not in self._text:
+            self._text[column] = self.scores[column].astype(str)
+        return self._text[column]
 
     # -- what the page asks for --------------------------------------------------------------------------------
     def columns(self) -> list[dict[str, Any]]:
@@ -90,10 +98,10 @@ class AuditData:
             raise ApiError(400, "bad_column", f"unknown column {query.column!r} (columns: {', '.join(df.columns)})")
         if query.q:
             cols = [query.column] if query.column else list(df.columns)
-            text = self.text.iloc[df["row"].to_numpy()]
+            rows = df["row"].to_numpy()
             hit = np.zeros(len(df), dtype=bool)
             for c in cols:
-                hit |= text[c].str.contains(query.q, case=False, regex=False).to_numpy()
+                hit |= self.text_column(c).iloc[rows].str.contains(query.q, case=False, regex=False).to_numpy()
             df = df[hit]
         sort = query.sort or "rarity"
         if sort not in df.columns:
@@ -140,3 +148,14 @@ class AuditStore:
             if self._data is None or stamp != self._stamp:
                 self._data, self._stamp = AuditData.load(self.root), stamp
             return self._data
+
+
+def _valid_browser(browser: Any, n_rows: int) -> bool:
+    """browser.json as `debias audit` writes it: thumbnail row lists of in-range integers."""
+    try:
+        thumbs = browser["thumbs"]
+        return all(
+            isinstance(r, int) and 0 <= r < n_rows for key in ("rarest", "typical") for r in thumbs[key]
+        ) and isinstance(browser["n_rows"], int)
+    except (KeyError, TypeError):
+        return False

@@ -13,6 +13,7 @@ Imported only by `debias serve --engine ray` (pipelines/ray_serve.py); Ray is an
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 from fastapi import FastAPI
@@ -38,6 +39,13 @@ class ScoringDeployment:
         self.max_batch_size = settings.max_batch_size
         self._score_batch.set_max_batch_size(settings.max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(settings.max_wait_ms / 1000.0)
+        # One model call at a time per replica, as with the thread batcher: a large request scored directly must not
+        # run beside a batch (two model calls would fight over the same cores or GPU memory).
+        self._model_lock = threading.Lock()
+
+    def _process(self, payloads: list[Any]) -> list[Any]:
+        with self._model_lock:
+            return self.engine.process_batch(payloads)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return self.fastapi  # Serve runs its lifespan (the engine starts loading the model) and routes requests to it
@@ -46,7 +54,7 @@ class ScoringDeployment:
         if n_images > self.max_batch_size:
             # A request that fills batches on its own gains nothing from waiting (and Serve refuses an item bigger
             # than max_batch_size); process_batch cuts it into model batches itself.
-            (result,) = await asyncio.to_thread(self.engine.process_batch, [payload])
+            (result,) = await asyncio.to_thread(self._process, [payload])
         else:
             result = await self._score_batch(payload)
         if isinstance(result, BaseException):  # one bad payload fails only its own request
@@ -56,7 +64,7 @@ class ScoringDeployment:
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002, batch_size_fn=_images_in)
     async def _score_batch(self, payloads: list[Any]) -> list[Any]:
         # The model runs in a worker thread so the replica's event loop keeps taking requests (the next batch).
-        return await asyncio.to_thread(self.engine.process_batch, payloads)
+        return await asyncio.to_thread(self._process, payloads)
 
 
 def build(settings: Settings, replicas: int = 1, gpus_per_replica: float = 0.0, cpus_per_replica: float = 1.0) -> Any:

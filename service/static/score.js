@@ -6,8 +6,14 @@
   let maxFiles = 16; // replaced by the server's limit once the model card arrives
 
   function cardFor(file) {
-    const thumb = el("img", { class: "thumb", alt: "", src: URL.createObjectURL(file) });
-    thumb.addEventListener("error", () => thumb.replaceWith(el("div", { class: "thumb no-preview", text: "no preview" })));
+    const url = URL.createObjectURL(file);
+    const thumb = el("img", { class: "thumb", alt: "", src: url });
+    // The object URL pins the whole file in memory: release it once the thumbnail is decoded (or failed to be).
+    thumb.addEventListener("load", () => URL.revokeObjectURL(url));
+    thumb.addEventListener("error", () => {
+      URL.revokeObjectURL(url);
+      thumb.replaceWith(el("div", { class: "thumb no-preview", text: "no preview" }));
+    });
     const badge = el("span", { class: "badge pending", text: "scoring…" });
     const body = el("div", { class: "body" },
       el("div", { class: "head" }, el("span", { class: "name", text: file.name }), badge));
