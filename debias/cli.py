@@ -555,6 +555,9 @@ def augment(
     n_blocks: Annotated[int, typer.Option(min=0, help="cyclegan: residual blocks of the generator.")] = 6,
     lr: Annotated[float, typer.Option(min=0.0)] = 2e-4,
     ema_decay: Annotated[float, typer.Option(min=0.0, max=1.0, help="gan: EMA decay of the generator copy.")] = 0.999,
+    d_lr: Annotated[
+        Optional[float], typer.Option(min=0.0, help="gan: the discriminator's learning rate (default: --lr).")
+    ] = None,
     diffaugment: Annotated[bool, typer.Option(help="gan: DiffAugment (colour, translation, cutout).")] = True,
     balanced_labels: Annotated[
         bool, typer.Option(help="gan --label: generate classes equally often (default: the weighted label mix).")
@@ -580,7 +583,7 @@ def augment(
     job = AugmentJob(
         method=method, data=data, out=out, n=n, where=where or [], weights=weights, model=model, label=label,
         image_size=image_size, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
-        gan=GANOptions(z_dim=z_dim, width=width, ema_decay=ema_decay, diffaugment=diffaugment,
+        gan=GANOptions(z_dim=z_dim, width=width, ema_decay=ema_decay, d_lr=d_lr, diffaugment=diffaugment,
                        balanced_labels=balanced_labels),
         cyclegan=CycleGANOptions(domain_column=domain_column, source=from_, target=to, rare_quantile=rare_quantile,
                                  width=width, n_blocks=n_blocks),

@@ -54,6 +54,7 @@ class GANTrainConfig:
     epochs: int = 20
     batch_size: int = 64
     lr: float = 2e-4
+    d_lr: float | None = None  # the discriminator's rate (default: lr); above lr = TTUR (Heusel et al. 2017)
     betas: tuple[float, float] = (0.5, 0.999)  # DCGAN's Adam settings
     ema_decay: float = 0.999
     augment: DiffAugmentConfig = field(default_factory=DiffAugmentConfig)
@@ -146,7 +147,7 @@ def train_gan(
     discriminator = Discriminator(model_config).to(device)
     ema = copy.deepcopy(generator).eval()
     opt_g = torch.optim.Adam(generator.parameters(), lr=config.lr, betas=config.betas)
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.lr, betas=config.betas)
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.d_lr or config.lr, betas=config.betas)
     start_epoch, step, history = 0, 0, []
 
     if resume and ckpt_path.exists():

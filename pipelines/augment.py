@@ -46,6 +46,7 @@ class GANOptions:
     z_dim: int = 128
     width: int = 32
     ema_decay: float = 0.999
+    d_lr: float | None = None  # the discriminator's learning rate (default: --lr)
     diffaugment: bool = True
     balanced_labels: bool = False  # generate every class equally often instead of in the weighted label mix
 
@@ -278,6 +279,7 @@ def _run_gan(job: AugmentJob, data: ImageSet) -> tuple[pd.DataFrame | None, int]
         epochs=job.epochs,
         batch_size=job.batch_size or 64,
         lr=job.lr,
+        d_lr=job.gan.d_lr,
         ema_decay=job.gan.ema_decay,
         augment=DiffAugmentConfig() if job.gan.diffaugment else DiffAugmentConfig(color=False, translation=0.0, cutout=0.0),
         seed=job.seed,

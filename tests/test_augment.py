@@ -94,6 +94,15 @@ def test_gan_greyscale_28px_unconditional(tmp_path):
         assert im.size == (28, 28)
 
 
+def test_discriminator_learning_rate_is_its_own(tmp_path):
+    """--d-lr (TTUR): the discriminator's optimizer runs at its own rate, the generator's at --lr."""
+    out = tmp_path / "ttur"
+    run_augment(gan_job(out, epochs=1, lr=1e-4, gan=GANOptions(z_dim=16, width=8, d_lr=4e-4)))
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["opt_d"]["param_groups"][0]["lr"] == 4e-4
+    assert ckpt["opt_g"]["param_groups"][0]["lr"] == 1e-4
+
+
 def test_weighted_epochs_draw_rare_rows_more_often():
     rare = np.zeros(1000, dtype=bool)
     rare[:20] = True
