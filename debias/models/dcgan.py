@@ -4,8 +4,9 @@ The generator is the DCGAN stack: z -> 4x4 feature map -> transposed convolution
 norm and ReLU, tanh at the end. The discriminator mirrors it with strided convolutions, but uses spectral
 normalisation instead of batch norm (Miyato et al. 2018): it keeps the discriminator Lipschitz, which is what makes
 small-data GAN training with DiffAugment stable, and it has no batch-coupled layers, so real and fake images can go
-through it in one concatenated batch. Conditioning: the generator concatenates a label embedding to z (cGAN); the
-discriminator is a projection discriminator (Miyato & Koyama 2018): logit = psi(h) + <embed(y), h>.
+through it in one concatenated batch. Conditioning: the generator's batch norms take a per-class scale and shift
+(conditional BN); the discriminator is a projection discriminator (Miyato & Koyama 2018):
+logit = psi(h) + <embed(y), h>.
 
 Images are (B, C, S, S) in [-1, 1] (the tanh range); sizes that are not 4 * 2^k are produced at the next such size and
 resized, as in the VAE.
@@ -67,9 +68,37 @@ def _dcgan_init(module: nn.Module) -> None:
         nn.init.normal_(module.weight, 0.0, 0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.BatchNorm2d):
+    elif isinstance(module, nn.BatchNorm2d) and module.affine:
         nn.init.normal_(module.weight, 1.0, 0.02)
         nn.init.zeros_(module.bias)
+
+
+class ConditionalBatchNorm2d(nn.Module):
+    """Batch norm whose scale and shift are looked up per class (de Vries et al. 2017; the generator of the
+    projection-discriminator GAN, Miyato & Koyama 2018). Without classes it is a plain affine BatchNorm2d.
+
+    Why not concatenate a label embedding to z: the generator then learns to drive its first layer from the label and
+    to ignore z, which collapses every class onto one image (measured here: the per-pixel spread across z at a fixed
+    label fell to 0.01-0.02, against 0.10-0.20 unconditionally). With the label only scaling and shifting features, z
+    is the sole input, so it cannot be crowded out.
+    """
+
+    def __init__(self, num_features: int, n_classes: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(num_features, affine=n_classes == 0)
+        self.gain = nn.Embedding(n_classes, num_features) if n_classes else None
+        self.shift = nn.Embedding(n_classes, num_features) if n_classes else None
+        if self.gain is not None and self.shift is not None:
+            nn.init.ones_(self.gain.weight)
+            nn.init.zeros_(self.shift.weight)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        h = self.norm(x)
+        if self.gain is None or self.shift is None:
+            return h
+        if y is None:
+            raise ValueError("a conditional generator needs labels")
+        return h * self.gain(y)[:, :, None, None] + self.shift(y)[:, :, None, None]
 
 
 class Generator(nn.Module):
@@ -77,25 +106,23 @@ class Generator(nn.Module):
         super().__init__()
         self.config = config
         widths = config.widths()
-        self.embed = nn.Embedding(config.n_classes, config.z_dim) if config.n_classes else None
-        z_in = config.z_dim * (2 if config.n_classes else 1)
-        self.fc = nn.Linear(z_in, widths[0] * 4 * 4, bias=False)
-        self.fc_norm = nn.BatchNorm2d(widths[0])
-        blocks: list[nn.Module] = []
-        for w_in, w_out in zip(widths, widths[1:]):
-            blocks += [nn.ConvTranspose2d(w_in, w_out, 4, 2, 1, bias=False), nn.BatchNorm2d(w_out), nn.ReLU(True)]
-        blocks += [nn.ConvTranspose2d(widths[-1], config.channels, 4, 2, 1), nn.Tanh()]
-        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(config.z_dim, widths[0] * 4 * 4, bias=False)
+        self.fc_norm = ConditionalBatchNorm2d(widths[0], config.n_classes)
+        self.ups = nn.ModuleList(
+            nn.ConvTranspose2d(w_in, w_out, 4, 2, 1, bias=False) for w_in, w_out in zip(widths, widths[1:])
+        )
+        self.norms = nn.ModuleList(ConditionalBatchNorm2d(w_out, config.n_classes) for w_out in widths[1:])
+        self.to_image = nn.ConvTranspose2d(widths[-1], config.channels, 4, 2, 1)
         self.apply(_dcgan_init)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Noise (B, z_dim) and class indices (B,) -> images (B, C, S, S) in [-1, 1]."""
-        if self.embed is not None:
-            if y is None:
-                raise ValueError("a conditional generator needs labels")
-            z = torch.cat([z, self.embed(y)], 1)
-        h = self.fc(z).view(z.shape[0], -1, 4, 4)
-        x = self.blocks(F.relu(self.fc_norm(h)))
+        if self.config.n_classes and y is None:
+            raise ValueError("a conditional generator needs labels")
+        h = F.relu(self.fc_norm(self.fc(z).view(z.shape[0], -1, 4, 4), y))
+        for up, norm in zip(self.ups, self.norms):
+            h = F.relu(norm(up(h), y))
+        x = torch.tanh(self.to_image(h))
         s = self.config.image_size
         if x.shape[-1] != s:
             x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False)
