@@ -94,6 +94,26 @@ def test_gan_greyscale_28px_unconditional(tmp_path):
         assert im.size == (28, 28)
 
 
+def test_conditional_generator_keeps_using_z(tmp_path):
+    """Regression: a generator fed [z; label embedding] learnt to ignore z and drew one image per class (the per-pixel
+    spread across z at a fixed label fell to ~0.03 here, and to 0.025 on UTKFace against 0.39 for real faces).
+    With conditional batch norm, z stays the source of variety within a class (~0.08 after the same 300 steps)."""
+    from debias.models.dcgan import DCGANConfig, Generator
+
+    out = tmp_path / "cond"
+    run_augment(AugmentJob(
+        method="gan", data="builtin:shapes?n=640", out=out, n=4, image_size=28, epochs=30, batch_size=64,
+        label="shape", gan=GANOptions(z_dim=32, width=16, ema_decay=0.0), progress=False,
+    ))
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    generator = Generator(DCGANConfig(**ckpt["model_config"]))
+    generator.load_state_dict(ckpt["generator"])
+    generator.eval()
+    for label in range(3):
+        images = generator.sample(64, torch.full((64,), label), generator=torch.Generator().manual_seed(0))
+        assert images.std(0).mean().item() > 0.05, label
+
+
 def test_discriminator_learning_rate_is_its_own(tmp_path):
     """--d-lr (TTUR): the discriminator's optimizer runs at its own rate, the generator's at --lr."""
     out = tmp_path / "ttur"
