@@ -57,7 +57,7 @@ from debias.distributed import (
 )
 from debias.errors import DebiasError
 from debias.models import ConvVAE, VAEConfig, vae_loss
-from debias.progress import progress_bar
+from debias.progress import epoch_line, progress_bar
 from debias.reweighting import Scheme, draw_epoch
 
 CHECKPOINT = "checkpoint.pt"
@@ -337,6 +337,4 @@ def _cpu_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _epoch_line(description: str, row: dict[str, Any]) -> str:
-    keys = ("epoch", "loss", "acc", "val_accuracy", "ess_fraction", "weights_s", "epoch_s")
-    parts = [f"{k} {row[k]:.4g}" if isinstance(row[k], float) else f"{k} {row[k]}" for k in keys if k in row]
-    return description + "  ".join(parts)
+    return description + epoch_line(row, ("epoch", "loss", "acc", "val_accuracy", "ess_fraction", "weights_s", "epoch_s"))

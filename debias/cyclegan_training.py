@@ -34,7 +34,7 @@ from debias.device import autocast
 from debias.errors import DebiasError
 from debias.gan_training import save_image_grid, to_uint8
 from debias.models.cyclegan import CycleGANConfig, PatchDiscriminator, ResnetGenerator
-from debias.progress import progress_bar
+from debias.progress import epoch_line, progress_bar
 from debias.training import DataDescription
 
 CHECKPOINT = "checkpoint.pt"
@@ -256,7 +256,7 @@ def train_cyclegan(
             pd.DataFrame(history).to_csv(out / "loss.csv", index=False)
             _save_samples(g_ab, g_ba, grid_a, grid_b, out / "samples" / f"epoch_{epoch + 1:03d}.png")
             if progress:
-                print("  ".join(f"{key} {v:.4g}" if isinstance(v, float) else f"{key} {v}" for key, v in row.items()))
+                print(epoch_line(row))
         dist.barrier(ctx)
 
     path = out / GENERATORS

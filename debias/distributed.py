@@ -17,7 +17,8 @@ to ``DIR/<tag>-epoch<E>-rank<R>.npy`` (:func:`record_rows`; the tests use it to 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -177,3 +178,14 @@ def barrier(ctx: DistContext) -> None:
 def cleanup(ctx: DistContext) -> None:
     if ctx.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def distributed_job(device: str = "auto") -> Iterator[DistContext]:
+    """A whole job's process-group membership: joined first (so only rank 0 reports progress from then on), left at
+    the end even on an error. Single-process without torchrun."""
+    ctx = init_distributed(device)
+    try:
+        yield ctx
+    finally:
+        cleanup(ctx)

@@ -41,7 +41,7 @@ from debias.device import autocast
 from debias.diffaugment import DiffAugmentConfig, diff_augment
 from debias.errors import DebiasError
 from debias.models.dcgan import DCGANConfig, Discriminator, Generator
-from debias.progress import progress_bar
+from debias.progress import epoch_line, progress_bar
 from debias.reweighting import draw_epoch
 from debias.training import DataDescription
 
@@ -255,7 +255,7 @@ def train_gan(
                 grid = to_uint8(ema(grid_z.to(device), _to(grid_y, device)))
             save_image_grid(grid, out / "samples" / f"epoch_{epoch + 1:03d}.png")
             if progress:
-                print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+                print(epoch_line(row))
         dist.barrier(ctx)
 
     path = out / GENERATOR

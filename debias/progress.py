@@ -40,3 +40,9 @@ def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator
     with progress:
         task = progress.add_task(description, total=total, info="")
         yield _Bar(progress, task)
+
+
+def epoch_line(row: dict, keys: tuple[str, ...] | None = None) -> str:
+    """One printed line per finished epoch: ``key value`` pairs, floats to 4 significant digits."""
+    items = [(k, row[k]) for k in keys if k in row] if keys is not None else list(row.items())
+    return "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in items)

@@ -42,7 +42,7 @@ from debias.distributed import (
 )
 from debias.errors import DebiasError
 from debias.models import ConvVAE, VAEConfig, vae_loss
-from debias.progress import progress_bar
+from debias.progress import epoch_line, progress_bar
 
 CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
@@ -184,7 +184,7 @@ def train_vae(
         )
         _write_history(history, out)
         if progress:
-            print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+            print(epoch_line(row))
 
     model_path = out / MODEL
     if ctx.is_main:

@@ -97,12 +97,9 @@ class AugmentResult:
 
 
 def run_augment(job: AugmentJob) -> AugmentResult:
-    try:
+    # Under torchrun every rank trains; rank 0 alone then generates, measures and leaves the group last.
+    with dist.distributed_job(job.device):
         return _run_augment(job)
-    finally:
-        # Under torchrun the training loops joined a process group; rank 0 leaves it here, after the outputs.
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
 
 def _run_augment(job: AugmentJob) -> AugmentResult:

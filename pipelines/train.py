@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from debias.data import load_images
-from debias.distributed import DistContext, cleanup, init_distributed
+from debias.distributed import DistContext, distributed_job
 from debias.errors import DebiasError
 from debias.models import VAEConfig
 from debias.training import DataDescription, TrainConfig, encode_labels, train_vae
@@ -41,11 +41,8 @@ def run_train(job: TrainJob) -> Path:
     # Under torchrun: join the process group first, so that only rank 0 reports progress from here on. Every rank
     # loads the same images; the decode cache is safe to build from several processes at once (the first takes a
     # lock and builds, the others wait for it and read its store; see debias/data/cache.py).
-    ctx = init_distributed(job.train.device)
-    try:
+    with distributed_job(job.train.device) as ctx:
         return _run_train(job, ctx)
-    finally:
-        cleanup(ctx)
 
 
 def _run_train(job: TrainJob, ctx: DistContext) -> Path:

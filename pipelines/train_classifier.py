@@ -37,7 +37,7 @@ from debias.classifier_training import (
     train_classifier,
 )
 from debias.data import load_images
-from debias.distributed import DistContext, barrier, broadcast_object, cleanup, init_distributed
+from debias.distributed import DistContext, barrier, broadcast_object, distributed_job
 from debias.errors import DebiasError
 from debias.metrics import CROSS, classification_metrics
 from debias.reweighting import DBVAEAdaptive, Fixed, Uniform, audit_weights, jtt_upweight_auto, jtt_weights
@@ -154,11 +154,8 @@ def run_train_classifier(job: ClassifierJob) -> ClassifierResult:
     ranks return a result with empty metrics and predictions."""
     # Join the process group first, so that only rank 0 reports progress. Every rank loads the same images; the
     # decode cache is safe to build from several processes at once (debias/data/cache.py: a lock, then one builder).
-    ctx = init_distributed(job.train.device)
-    try:
+    with distributed_job(job.train.device) as ctx:
         return _run_train_classifier(job, ctx)
-    finally:
-        cleanup(ctx)
 
 
 def _run_train_classifier(job: ClassifierJob, ctx: DistContext) -> ClassifierResult:
