@@ -19,7 +19,7 @@ import torch
 
 from debias.checkpoint import write_json
 from debias.data import load_images
-from debias.density import LatentHistogramDensity, effective_sample_size
+from debias.density import LatentHistogramDensity
 from debias.device import resolve_device
 from debias.errors import DebiasError
 from debias.models import ConvVAE
