@@ -392,11 +392,9 @@ def _run_cyclegan(job: AugmentJob, data: ImageSet) -> tuple[pd.DataFrame | None,
 
 # ------------------------------------------------------------------------------------------------ output
 def _is_main(job: AugmentJob) -> bool:
-    """Under torchrun every rank trains; only rank 0 generates and writes (the others would race on the files)."""
-    ctx = dist.init_distributed(job.device)
-    if not ctx.is_main:
-        dist.cleanup(ctx)
-    return ctx.is_main
+    """Under torchrun every rank trains; only rank 0 generates and writes (the others would race on the files).
+    The ranks leave the process group through run_augment's distributed_job scope."""
+    return dist.init_distributed(job.device).is_main
 
 
 def _clear_images(out: Path, method: str, n: int) -> list[str]:

@@ -17,6 +17,7 @@ from debias.detector import open_detector
 from service.app import create_app
 from service.settings import Settings
 from tests.novelty_support import bad_uploads, encode, noise_images, shapes_images, tiny_run
+from tests.schema_fuzz import fuzz_operations
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # starlette's TestClient warns that httpx will be replaced by httpx2
@@ -195,7 +196,6 @@ def test_failed_load_is_reported(tmp_path):
 def test_schemathesis_finds_no_server_errors(run):
     """Bounded property-based run over every operation of the OpenAPI schema: no 5xx, whatever is sent."""
     schemathesis = pytest.importorskip("schemathesis")
-    from hypothesis import HealthCheck, given, settings
 
     app = create_app(Settings(model_dir=run, device="cpu", max_files=4))
     # schemathesis runs the app's lifespan itself (once, kept for the process), which starts the engine
@@ -204,19 +204,6 @@ def test_schemathesis_finds_no_server_errors(run):
     while not app.state.engine.ready and time.monotonic() < deadline:
         assert app.state.engine.state != "failed", app.state.engine.error
         time.sleep(0.05)
-    problems, seen = [], []
-    for op in schema.get_all_operations():
-        operation = op.ok()
-
-        @settings(max_examples=25, deadline=None, database=None, derandomize=True,
-                  suppress_health_check=list(HealthCheck))
-        @given(case=operation.as_strategy())
-        def check(case):
-            response = case.call()
-            seen.append((case.operation.label, response.status_code))
-            if response.status_code >= 500:
-                problems.append((case.operation.label, response.status_code, response.text[:200]))
-
-        check()
+    problems, seen = fuzz_operations(schema)
     assert not problems, problems
     assert any(label == "POST /v1/score" for label, _ in seen)  # the upload route was exercised

@@ -35,6 +35,7 @@ from pipelines.audit import AuditJob, run_audit
 from service.app import create_app
 from service.settings import Settings
 from tests.novelty_support import TINY_SOURCE, encode, noise_images, shapes_images, tiny_run
+from tests.schema_fuzz import fuzz_operations
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # starlette's TestClient warns that httpx will be replaced by httpx2
@@ -203,26 +204,10 @@ def test_static_assets_reference_nothing_outside_the_server():
 def test_schemathesis_finds_no_server_errors_in_the_audit_api(run, audit_dir):
     """Bounded property-based run over the /v1/audit operations with a real audit behind them: no 5xx."""
     schemathesis = pytest.importorskip("schemathesis")
-    from hypothesis import HealthCheck, given, settings
 
     schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(Settings(model_dir=run, audit_dir=audit_dir,
                                                                                  device="cpu")))
-    problems, seen = [], []
-    for op in schema.get_all_operations():
-        operation = op.ok()
-        if not operation.path.startswith("/v1/audit"):
-            continue
-
-        @settings(max_examples=25, deadline=None, database=None, derandomize=True,
-                  suppress_health_check=list(HealthCheck))
-        @given(case=operation.as_strategy())
-        def check(case):
-            response = case.call()
-            seen.append((case.operation.label, response.status_code))
-            if response.status_code >= 500:
-                problems.append((case.operation.label, response.status_code, response.text[:200]))
-
-        check()
+    problems, seen = fuzz_operations(schema, "/v1/audit")
     assert not problems, problems
     assert {label for label, status in seen if status == 200} >= {"GET /v1/audit/summary", "GET /v1/audit/rows"}
 
