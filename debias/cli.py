@@ -525,7 +525,8 @@ def quality(
 def augment(
     method: Annotated[str, typer.Option("--method", help="gan (rarity-weighted generation) or cyclegan (translation).")],
     data: DataOpt,
-    n: Annotated[int, typer.Option("--n", min=1, help="Synthetic images to write.")],
+    # --n-images: under torchrun, argparse's prefix matching reads a bare --n as an ambiguous torchrun option.
+    n: Annotated[int, typer.Option("--n", "--n-images", min=1, help="Synthetic images to write.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for images/, manifest.csv, the training run and samples/.")],
     where: WhereOpt = None,
     weights: Annotated[

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
@@ -242,3 +243,17 @@ def test_dbvae_weights_from_rank_0_give_every_rank_the_same_draw(tmp_path):
     assert len(np.unique(single)) < len(single)  # weighted draws with replacement, not a permutation
     _, meta = load_classifier(tmp_path / "ddp" / "run")
     assert meta["history"][0]["ess_fraction"] < 1.0
+
+
+def test_augment_under_torchrun_writes_its_images_once(tmp_path):
+    """Every rank trains the GAN, rank 0 alone generates; --n-images because torchrun's parser takes a bare --n for an
+    ambiguous abbreviation of its own options."""
+    out = tmp_path / "aug"
+    proc = torchrun("augment", "--method", "gan", "--data", SHAPES, "--label", "shape", "--n-images", "8",
+                    "--image-size", "28", "--epochs", "1", "--width", "8", "--batch-size", "32", "--device", "cpu",
+                    "--out", str(out), "-q", env={})
+    assert proc.stdout.count("wrote 8 gan images") == 1
+    manifest = pd.read_csv(out / "manifest.csv")
+    assert len(manifest) == 8 and sorted(p.name for p in (out / "images").iterdir()) == sorted(
+        Path(p).name for p in manifest["path"]
+    )
