@@ -208,6 +208,7 @@ _ClsSelect = Annotated[str, typer.Option(help="best (validation accuracy) or las
 _ClsBins = Annotated[int, typer.Option(min=1, help="dbvae: histogram bins per latent dimension.")]
 _ClsAlpha = Annotated[float, typer.Option(min=0.0, help="dbvae: smoothing alpha of Eq. 4 (smaller debiases more).")]
 _ClsTemperature = Annotated[str, typer.Option(help="dbvae: 'auto' or a number scaling the log-weights.")]
+_ClsCombine = Annotated[str, typer.Option(help="dbvae: product (paper Eq. 3-4) or max (public lab) over dimensions.")]
 _ClsTargetEss = Annotated[
     float, typer.Option(min=0.0, max=1.0, help="dbvae, --temperature auto: effective sample size / n.")
 ]
@@ -267,6 +268,7 @@ def _classifier_job(out: Path, method: str, seed: int, opts: dict) -> object:
         density=DensityOptions(
             bins=opts["bins"],
             alpha=opts["alpha"],
+            combine=opts["combine"],
             temperature=_temperature(opts["temperature"]),
             target_ess=opts["target_ess"],
             dims=opts["dims"],
@@ -307,6 +309,7 @@ def train_classifier(
     select: _ClsSelect = "best",
     bins: _ClsBins = 10,
     alpha: _ClsAlpha = 0.001,
+    combine: _ClsCombine = "product",
     temperature: _ClsTemperature = "auto",
     target_ess: _ClsTargetEss = 0.5,
     warmup_epochs: _ClsWarmup = 0,
@@ -356,6 +359,7 @@ def compare(
     select: _ClsSelect = "best",
     bins: _ClsBins = 10,
     alpha: _ClsAlpha = 0.001,
+    combine: _ClsCombine = "product",
     temperature: _ClsTemperature = "auto",
     target_ess: _ClsTargetEss = 0.5,
     warmup_epochs: _ClsWarmup = 0,

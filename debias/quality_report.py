@@ -14,7 +14,15 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from debias.report import _CSP, _CSS, _esc, _fmt, _fmt_summary_value, figure_to_data_uri, image_grid
+from debias.report import (
+    PAGE_CSP,
+    PAGE_CSS,
+    escape_html,
+    figure_to_data_uri,
+    format_summary_value,
+    format_value,
+    image_grid,
+)
 
 __all__ = ["GroupImages", "QualityPage", "render_quality_html", "write_quality_html"]
 
@@ -77,12 +85,12 @@ def _cell(key: str, row: dict[str, object]) -> str:
         return f'<td class="num">{mean:.4g} ± {std or 0.0:.2g}</td>'
     value = row.get(key)
     if key in ("method", "group", "note"):
-        return f"<td>{_esc('' if value is None else value)}</td>"
-    return f'<td class="num">{_esc(_fmt(value))}</td>'
+        return f"<td>{escape_html('' if value is None else value)}</td>"
+    return f'<td class="num">{escape_html(format_value(value))}</td>'
 
 
 def _metrics_table(rows: list[dict[str, object]]) -> str:
-    head = "".join(f"<th>{_esc(h)}</th>" for _, h in METRIC_COLUMNS)
+    head = "".join(f"<th>{escape_html(h)}</th>" for _, h in METRIC_COLUMNS)
     body = "".join("<tr>" + "".join(_cell(k, r) for k, _ in METRIC_COLUMNS) + "</tr>" for r in rows)
     return f'<div class="scroll"><table class="data"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
@@ -122,19 +130,19 @@ def _cas_section(cas: dict[str, dict[str, object]]) -> str:
              "carry what tells the classes apart in real data.</p>"]
     for method, res in cas.items():
         acc = _num(res.get("accuracy"))
-        line = f"<h3>{_esc(method)}: accuracy {_esc(_fmt(acc)) if acc is not None else 'n/a'}</h3>"
+        line = f"<h3>{escape_html(method)}: accuracy {escape_html(format_value(acc)) if acc is not None else 'n/a'}</h3>"
         notes = []
         if res.get("reason"):
             notes.append(str(res["reason"]))
         if res.get("missing_classes"):
             notes.append(f"real labels without generated images (always wrong): {res['missing_classes']}")
-        note = "".join(f'<p class="muted">{_esc(n)}</p>' for n in notes)
+        note = "".join(f'<p class="muted">{escape_html(n)}</p>' for n in notes)
         per_group = res.get("per_group") or {}
         table = ""
         if per_group:
             body = "".join(
-                f'<tr><td>{_esc(g)}</td><td class="num">{_esc(_fmt(v.get("n")))}</td>'
-                f'<td class="num">{_esc(_fmt(v.get("accuracy")))}</td></tr>'
+                f'<tr><td>{escape_html(g)}</td><td class="num">{escape_html(format_value(v.get("n")))}</td>'
+                f'<td class="num">{escape_html(format_value(v.get("accuracy")))}</td></tr>'
                 for g, v in per_group.items()  # type: ignore[union-attr]
             )
             table = ('<table class="data"><thead><tr><th>group</th><th>real images</th><th>accuracy</th></tr>'
@@ -149,7 +157,7 @@ def _grid_section(grids: list[GroupImages]) -> str:
     parts = ['<section id="images"><h2>Generated images</h2><p class="muted">Per group: generated images, and real '
              "images of the same group below them for comparison.</p>"]
     for g in grids:
-        parts.append(f"<h3>{_esc(g.method)} · {_esc(g.group)}</h3>")
+        parts.append(f"<h3>{escape_html(g.method)} · {escape_html(g.group)}</h3>")
         cols = 8
         parts.append("<p class=\"muted\">generated</p>" + image_grid(g.generated, cols))
         if len(g.real):
@@ -162,7 +170,7 @@ def _pairs_section(page: QualityPage) -> str:
         return ""
     parts = ['<section id="pairs"><h2>CycleGAN: source → translated</h2>']
     if page.pairs_note:
-        parts.append(f'<p class="muted">{_esc(page.pairs_note)}</p>')
+        parts.append(f'<p class="muted">{escape_html(page.pairs_note)}</p>')
     if page.pairs is not None and len(page.pairs):
         flat = page.pairs.reshape(-1, *page.pairs.shape[2:])
         captions = [c for pair in page.pair_captions for c in pair]
@@ -172,11 +180,11 @@ def _pairs_section(page: QualityPage) -> str:
 
 def render_quality_html(page: QualityPage) -> str:
     summary_rows = "".join(
-        f"<tr><th>{_esc(k)}</th><td>{_fmt_summary_value(v)}</td></tr>" for k, v in page.summary.items()
+        f"<tr><th>{escape_html(k)}</th><td>{format_summary_value(v)}</td></tr>" for k, v in page.summary.items()
     )
     metrics = (
         '<section id="metrics"><h2>Metrics per group</h2>'
-        f'<p class="muted">{_esc(page.feature_note)}</p>' + _metrics_table(page.metrics) + _chart(page.metrics)
+        f'<p class="muted">{escape_html(page.feature_note)}</p>' + _metrics_table(page.metrics) + _chart(page.metrics)
         + "</section>"
     )
     sections = [
@@ -186,13 +194,13 @@ def render_quality_html(page: QualityPage) -> str:
         _grid_section(page.grids),
         _pairs_section(page),
     ]
-    title = _esc(page.title)
+    title = escape_html(page.title)
     return (
         "<!DOCTYPE html>\n"
         '<html lang="en"><head><meta charset="utf-8">'
-        f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
+        f'<meta http-equiv="Content-Security-Policy" content="{PAGE_CSP}">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{title}</title><style>{_CSS}</style></head>\n<body><main><h1>{title}</h1>\n"
+        f"<title>{title}</title><style>{PAGE_CSS}</style></head>\n<body><main><h1>{title}</h1>\n"
         + "\n".join(s for s in sections if s)
         + "\n</main></body></html>\n"
     )

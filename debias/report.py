@@ -7,7 +7,7 @@ backend switch (so importing this module cannot disturb a caller's interactive m
 the figures are not registered anywhere, so they are freed as soon as we drop them.
 
 All text that can come from user data (paths, metadata values, column names, captions, labels)
-goes through `_esc` before it reaches the HTML, and through `_mpl_text` before it reaches
+goes through `escape_html` before it reaches the HTML, and through `_mpl_text` before it reaches
 matplotlib (where an unbalanced "$" would otherwise be parsed as mathtext and raise).
 """
 
@@ -70,7 +70,7 @@ _TOP_ROWS = 20  # rows of the "rarest samples" score table
 _CONTENT_PX = 1130  # usable page width: main is 1200 px minus 2 x 28 px padding, with some slack
 
 
-def _esc(value: object) -> str:
+def escape_html(value: object) -> str:
     """HTML-escape anything (quotes included, since values also land in attributes)."""
     return html.escape(str(value), quote=True)
 
@@ -83,7 +83,7 @@ def _mpl_text(value: object, max_len: int = 40) -> str:
     return text.replace("$", r"\$")
 
 
-def _fmt(value: object) -> str:
+def format_value(value: object) -> str:
     """Human-readable, unescaped formatting of a scalar, used for summary values and table cells."""
     if value is None:
         return "n/a"
@@ -103,22 +103,22 @@ def _fmt(value: object) -> str:
     return str(value)
 
 
-def _fmt_summary_value(value: object) -> str:
+def format_summary_value(value: object) -> str:
     """Escaped HTML for one summary value; long lists (skipped files!) are abbreviated."""
     if isinstance(value, Mapping):
-        items = [f"{_fmt(k)}: {_fmt(v)}" for k, v in value.items()]
+        items = [f"{format_value(k)}: {format_value(v)}" for k, v in value.items()]
     elif isinstance(value, (list, tuple, set, frozenset)):
-        items = [_fmt(v) for v in (sorted(value, key=str) if isinstance(value, (set, frozenset)) else value)]
+        items = [format_value(v) for v in (sorted(value, key=str) if isinstance(value, (set, frozenset)) else value)]
     elif isinstance(value, np.ndarray) and value.ndim == 1:
-        items = [_fmt(v) for v in value.tolist()]
+        items = [format_value(v) for v in value.tolist()]
     else:
-        return _esc(_fmt(value))
+        return escape_html(format_value(value))
     if not items:
         return '<span class="muted">none</span>'
-    shown = ", ".join(_esc(i) for i in items[:_MAX_SEQ_ITEMS])
+    shown = ", ".join(escape_html(i) for i in items[:_MAX_SEQ_ITEMS])
     if len(items) > _MAX_SEQ_ITEMS:
         # Show the count first: for skipped files, "how many" matters more than "which".
-        rest = "<br>".join(_esc(i) for i in items[_MAX_SEQ_ITEMS:])
+        rest = "<br>".join(escape_html(i) for i in items[_MAX_SEQ_ITEMS:])
         return (
             f"{len(items):,} items: {shown}, … "
             f"<details><summary>{len(items) - _MAX_SEQ_ITEMS:,} more</summary>{rest}</details>"
@@ -195,7 +195,7 @@ def _img_tag(image: np.ndarray, scale: int, alt: str = "") -> str:
     h, w = image.shape[:2]
     return (
         f'<img class="px" src="{_png_data_uri(image, scale)}" width="{w * scale}" '
-        f'height="{h * scale}" alt="{_esc(alt)}">'
+        f'height="{h * scale}" alt="{escape_html(alt)}">'
     )
 
 
@@ -221,7 +221,7 @@ def image_grid(
     cells = []
     for i in range(n):
         cap = caps[i] if caps is not None else ""
-        figcap = f'<figcaption style="width:{min_w}px">{_esc(cap)}</figcaption>' if cap else ""
+        figcap = f'<figcaption style="width:{min_w}px">{escape_html(cap)}</figcaption>' if cap else ""
         cells.append(f'<figure class="cell">{_img_tag(arr[i], scale, cap)}{figcap}</figure>')
     return (
         f'<div class="grid" style="display:grid;grid-template-columns:repeat({ncols},max-content);'
@@ -249,7 +249,7 @@ def figure_to_data_uri(fig) -> str:
 def _plot_tag(fig: Figure, alt: str) -> str:
     uri = figure_to_data_uri(fig)
     fig.clear()  # drop artists now rather than waiting for the collector; the figures can be big
-    return f'<img class="plot" src="{uri}" alt="{_esc(alt)}">'
+    return f'<img class="plot" src="{uri}" alt="{escape_html(alt)}">'
 
 
 def _finite(values: Iterable[object]) -> np.ndarray:
@@ -341,7 +341,7 @@ def _distribution_section(report: AuditReport) -> str:
         top = max(1, int(math.ceil(0.1 * n)))
         top_share = float(np.sort(weights)[::-1][:top].sum() / weights.sum())
         notes.append(
-            f"Effective sample size <b>{_esc(_fmt(round(ess, 1)))}</b> of {n:,} samples "
+            f"Effective sample size <b>{escape_html(format_value(round(ess, 1)))}</b> of {n:,} samples "
             f"({ess / n:.1%}; {source}). The heaviest sample weighs {rel[0]:.3g}× the uniform weight; "
             f"the top 10% of samples carry {top_share:.1%} of the total weight."
         )
@@ -396,7 +396,7 @@ def _fmt_group_cell(col: str, value: object) -> str:
     try:
         v = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        return _fmt(value)
+        return format_value(value)
     if math.isnan(v):
         return "n/a"
     if col == "count":
@@ -409,13 +409,13 @@ def _fmt_group_cell(col: str, value: object) -> str:
         return f"{v:.3f}"
     if col == "weight_ratio":
         return f"{v:.2f}×"
-    return _fmt(value)
+    return format_value(value)
 
 
 def _group_table_html(df: pd.DataFrame) -> str:
     # A cross product arrives as a MultiIndex: name the header after all its levels.
     index_name = " × ".join(str(n) for n in df.index.names if n is not None) or "group"
-    head = "".join(f"<th>{_esc(c)}</th>" for c in df.columns)
+    head = "".join(f"<th>{escape_html(c)}</th>" for c in df.columns)
     rows = []
     for key, row in df.iterrows():
         ratio = row.get("weight_ratio", np.nan)
@@ -425,10 +425,10 @@ def _group_table_html(df: pd.DataFrame) -> str:
             ratio = np.nan
         # Mark strongly up-/down-weighted groups: those are the under-/over-represented ones.
         cls = ' class="up"' if ratio >= 1.5 else (' class="down"' if ratio <= 1 / 1.5 else "")
-        cells = "".join(f'<td class="num">{_esc(_fmt_group_cell(str(c), row[c]))}</td>' for c in df.columns)
-        rows.append(f"<tr{cls}><th>{_esc(_group_key_text(key))}</th>{cells}</tr>")
+        cells = "".join(f'<td class="num">{escape_html(_fmt_group_cell(str(c), row[c]))}</td>' for c in df.columns)
+        rows.append(f"<tr{cls}><th>{escape_html(_group_key_text(key))}</th>{cells}</tr>")
     return (
-        f'<div class="scroll"><table class="data"><thead><tr><th>{_esc(index_name)}</th>{head}</tr></thead>'
+        f'<div class="scroll"><table class="data"><thead><tr><th>{escape_html(index_name)}</th>{head}</tr></thead>'
         f"<tbody>{''.join(rows)}</tbody></table></div>"
     )
 
@@ -508,7 +508,7 @@ def _group_section(report: AuditReport) -> str:
         '<span class="down">shaded</span> at ≤ 0.67.</p>'
     ]
     for name, df in tables.items():
-        parts.append(f"<h3>{_esc(name)}</h3>")
+        parts.append(f"<h3>{escape_html(name)}</h3>")
         if df.empty:
             parts.append('<p class="muted">No rows.</p>')
             continue
@@ -516,7 +516,7 @@ def _group_section(report: AuditReport) -> str:
         parts.append(_group_chart(str(name), df, overall_mean))
     if auroc:
         rows = "".join(
-            f'<tr><th>{_esc(k)}</th><td class="num">{_esc(_fmt_auroc(v))}</td></tr>' for k, v in auroc.items()
+            f'<tr><th>{escape_html(k)}</th><td class="num">{escape_html(_fmt_auroc(v))}</td></tr>' for k, v in auroc.items()
         )
         parts.append(
             "<h3>Rarity AUROC per group</h3>"
@@ -548,7 +548,7 @@ def _grid_section(sec_id: str, heading: str, blurb: str, images: np.ndarray, cap
     scale = _auto_scale(arr.shape[1])
     ncols = _fit_cols(arr.shape[0], max(arr.shape[2] * scale, 110 if captions else 0))
     grid = image_grid(arr, ncols=ncols, captions=captions, scale=scale)
-    return f'<section id="{sec_id}"><h2>{_esc(heading)}</h2><p class="muted">{blurb}</p>{grid}'
+    return f'<section id="{sec_id}"><h2>{escape_html(heading)}</h2><p class="muted">{blurb}</p>{grid}'
 
 
 def _rarest_table(scores: pd.DataFrame | None) -> str:
@@ -557,12 +557,12 @@ def _rarest_table(scores: pd.DataFrame | None) -> str:
         return ""
     top = scores.assign(_r=pd.to_numeric(scores["rarity"], errors="coerce")).nlargest(_TOP_ROWS, "_r").drop(columns="_r")
     numeric = {c for c in top.columns if pd.api.types.is_numeric_dtype(top[c])}
-    head = "".join(f"<th>{_esc(c)}</th>" for c in top.columns)
+    head = "".join(f"<th>{escape_html(c)}</th>" for c in top.columns)
     num_attr = ' class="num"'
     body = "".join(
         "<tr>"
         + "".join(
-            f"<td{num_attr if c in numeric else ''}>{_esc(_fmt_score_cell(str(c), v))}</td>"
+            f"<td{num_attr if c in numeric else ''}>{escape_html(_fmt_score_cell(str(c), v))}</td>"
             for c, v in row.items()
         )
         + "</tr>"
@@ -580,7 +580,7 @@ def _fmt_score_cell(col: str, value: object) -> str:
             return f"{float(value):.3e}"  # weights are ~1/n: fixed-point would print 0.0001
         if col == "rarity":
             return f"{float(value):.3f}"  # fixed decimals so the sorted column reads evenly
-    return _fmt(value)
+    return format_value(value)
 
 
 def _recon_section(report: AuditReport) -> str:
@@ -619,13 +619,13 @@ def _traversal_section(report: AuditReport) -> str:
     labels = _pad_labels(report.traversal_labels, d, "dim {}")
     values = list(report.traversal_values or [])
     col_heads = "".join(
-        f"<th>{_esc(_fmt_value(values[j]) if j < len(values) else f'step {j}')}</th>" for j in range(s)
+        f"<th>{escape_html(_fmt_value(values[j]) if j < len(values) else f'step {j}')}</th>" for j in range(s)
     )
     scale = _auto_scale(trav.shape[2])
     rows = []
     for i in range(d):
         cells = "".join(f"<td>{_img_tag(trav[i, j], scale, f'{labels[i]} step {j}')}</td>" for j in range(s))
-        rows.append(f"<tr><th>{_esc(labels[i])}</th>{cells}</tr>")
+        rows.append(f"<tr><th>{escape_html(labels[i])}</th>{cells}</tr>")
     return (
         '<section id="traversals"><h2>Latent traversals</h2>'
         '<p class="muted">Each row varies one latent coordinate (columns: its value) and keeps the others '
@@ -647,7 +647,7 @@ def _fmt_value(v: object) -> str:
 # Page
 # --------------------------------------------------------------------------------------------
 
-_CSS = """
+PAGE_CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif;
        color: #222; background: #fafafa; margin: 0; line-height: 1.45; }
 main { max-width: 1200px; margin: 0 auto; padding: 24px 28px 60px; background: #fff; }
@@ -682,13 +682,13 @@ summary { cursor: pointer; color: #3060a0; }
 
 # Belt and braces for self-containment: even if some value slipped through unescaped, the browser
 # would refuse to load anything but inline data: images and the inline stylesheet.
-_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+PAGE_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 
 def _summary_section(summary: Mapping[str, object] | None) -> str:
     if not summary:
         return ""
-    rows = "".join(f"<tr><th>{_esc(k)}</th><td>{_fmt_summary_value(v)}</td></tr>" for k, v in summary.items())
+    rows = "".join(f"<tr><th>{escape_html(k)}</th><td>{format_summary_value(v)}</td></tr>" for k, v in summary.items())
     return f'<section id="summary"><h2>Summary</h2><table class="kv">{rows}</table></section>'
 
 
@@ -747,14 +747,14 @@ def render_html(report: AuditReport) -> str:
         ("groups", _group_section(report)),
     ]
     present = [(sid, body) for sid, body in sections if body]
-    nav = " ".join(f'<a href="#{sid}">{_esc(_SECTION_TITLES[sid])}</a>' for sid, _ in present)
-    title = _esc(report.title)
+    nav = " ".join(f'<a href="#{sid}">{escape_html(_SECTION_TITLES[sid])}</a>' for sid, _ in present)
+    title = escape_html(report.title)
     return (
         "<!DOCTYPE html>\n"
         '<html lang="en"><head><meta charset="utf-8">'
-        f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
+        f'<meta http-equiv="Content-Security-Policy" content="{PAGE_CSP}">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{title}</title><style>{_CSS}</style></head>\n<body><main>"
+        f"<title>{title}</title><style>{PAGE_CSS}</style></head>\n<body><main>"
         f"<h1>{title}</h1><nav>{nav}</nav>\n" + "\n".join(body for _, body in present) + "\n</main></body></html>\n"
     )
 

@@ -90,8 +90,9 @@ def test_cli_train_classifier_prints_the_group_table(tmp_path, monkeypatch, caps
         (["--reweight", "two-stage"], "--weights"),
         (["--reweight", "none", "--subsample", "colour=red"], "--subsample"),
         (["--reweight", "none", "--eval-groups", "nosuch"], "nosuch"),
+        (["--reweight", "dbvae", "--combine", "sum"], "--combine must be product or max"),
     ],
-    ids=["unknown-method", "two-stage-without-weights", "bad-subsample", "unknown-group"],
+    ids=["unknown-method", "two-stage-without-weights", "bad-subsample", "unknown-group", "bad-combine"],
 )
 def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys, args, fragment):
     code, _, stderr = cli(monkeypatch, capsys, "train-classifier", "--data", SPURIOUS, "--label", "label", "--where",
@@ -99,6 +100,22 @@ def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys, args, fragment):
     assert code == 2, stderr
     lines = [ln for ln in stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in stderr
+
+
+def test_cli_dbvae_density_options_reach_the_run(tmp_path, monkeypatch, capsys):
+    """The density options of the command line are the ones the DB-VAE run used and stored with its classifier."""
+    from debias.classifier_training import load_classifier
+
+    out = tmp_path / "run"
+    code, _, stderr = cli(
+        monkeypatch, capsys,
+        "train-classifier", "--data", SPURIOUS, "--label", "label", "--where", "split=train", "--eval-where",
+        "split=test", "--reweight", "dbvae", "--epochs", "1", "--combine", "max", "--bins", "7", "--no-whiten",
+        "--dims", "active", "--out", str(out), "-q", *TINY,
+    )
+    assert code == 0, stderr
+    density = load_classifier(out)[1]["meta"]["method_options"]["density"]
+    assert (density["combine"], density["bins"], density["whiten"], density["dims"]) == ("max", 7, False, "active")
 
 
 def test_python_m_debias_lists_the_commands():
