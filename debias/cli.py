@@ -124,10 +124,6 @@ def audit(
     """Score every sample for rarity and write scores, a summary and an HTML report."""
     from pipelines.audit import AuditJob, DensityOptions, run_audit
 
-    if combine not in ("product", "max"):
-        raise DebiasError(f"--combine must be product or max, got {combine!r}")
-    if dims not in ("all", "active"):
-        raise DebiasError(f"--dims must be all or active, got {dims!r}")
     job = AuditJob(
         model=model,
         data=data,
@@ -148,6 +144,7 @@ def audit(
         report=report,
         progress=not quiet,
     )
+    job.density.check()
     if engine == "ray":
         from pipelines.ray_audit import RayAuditOptions, run_ray_audit
 

@@ -130,7 +130,8 @@ def _cas_section(cas: dict[str, dict[str, object]]) -> str:
              "carry what tells the classes apart in real data.</p>"]
     for method, res in cas.items():
         acc = _num(res.get("accuracy"))
-        line = f"<h3>{escape_html(method)}: accuracy {escape_html(format_value(acc)) if acc is not None else 'n/a'}</h3>"
+        shown = escape_html(format_value(acc)) if acc is not None else "n/a"
+        line = f"<h3>{escape_html(method)}: accuracy {shown}</h3>"
         notes = []
         if res.get("reason"):
             notes.append(str(res["reason"]))

@@ -41,6 +41,13 @@ class DensityOptions:
     dims: str = "all"
     whiten: bool = True
 
+    def check(self) -> None:
+        """One-line errors for the options the estimator would reject with a traceback."""
+        if self.combine not in ("product", "max"):
+            raise DebiasError(f"--combine must be product or max, got {self.combine!r}")
+        if self.dims not in ("all", "active"):
+            raise DebiasError(f"--dims must be all or active, got {self.dims!r}")
+
     def build(self) -> LatentHistogramDensity:
         return LatentHistogramDensity(**asdict(self))
 

@@ -161,10 +161,7 @@ def run_train_classifier(job: ClassifierJob) -> ClassifierResult:
 def _run_train_classifier(job: ClassifierJob, ctx: DistContext) -> ClassifierResult:
     if job.method not in METHODS:
         raise DebiasError(f"--reweight must be one of {', '.join(METHODS)}, got {job.method!r}")
-    if job.density.dims not in ("all", "active"):
-        raise DebiasError(f"--dims must be all or active, got {job.density.dims!r}")
-    if job.density.combine not in ("product", "max"):
-        raise DebiasError(f"--combine must be product or max, got {job.density.combine!r}")
+    job.density.check()
     if (job.method == "two-stage") != (job.weights is not None):
         raise DebiasError("--weights DIR/scores.parquet is needed by --reweight two-stage, and only by it")
     if not 0.0 <= job.val_fraction < 1.0:

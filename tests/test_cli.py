@@ -65,6 +65,12 @@ def test_audit_without_model(tmp_path):
     assert_one_line_error(proc, "no trained model")
 
 
+@pytest.mark.parametrize("option, value", [("--combine", "sum"), ("--dims", "some")])
+def test_audit_refuses_unknown_density_options(tmp_path, option, value):
+    proc = debias("audit", "--model", str(tmp_path / "none"), "--data", TINY, "--out", str(tmp_path / "a"), option, value)
+    assert_one_line_error(proc, f"{option} must be")
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("run") / "model"
