@@ -91,8 +91,8 @@ def jtt_weights(misclassified: np.ndarray, upweight: float) -> np.ndarray:
     return w / w.sum()
 
 
-def audit_weights(scores_path: str | Path, paths: pd.Series, column: str = "weight") -> np.ndarray:
-    """Sampling probabilities for the training rows from an audit's scores file (joined on ``path``)."""
+def read_scores(scores_path: str | Path, column: str = "weight") -> pd.DataFrame:
+    """An audit's scores file (``--weights``: Parquet or CSV) with its ``path`` and ``column`` columns checked."""
     p = Path(scores_path)
     if not p.is_file():
         raise DebiasError(f"--weights: no such file {p} (expected scores.parquet or scores.csv from 'debias audit')")
@@ -103,7 +103,13 @@ def audit_weights(scores_path: str | Path, paths: pd.Series, column: str = "weig
     for col in ("path", column):
         if col not in scores.columns:
             raise DebiasError(f"--weights: {p} has no {col!r} column")
-    scores = scores.drop_duplicates("path")
+    return scores
+
+
+def audit_weights(scores_path: str | Path, paths: pd.Series, column: str = "weight") -> np.ndarray:
+    """Sampling probabilities for the training rows from an audit's scores file (joined on ``path``)."""
+    p = Path(scores_path)
+    scores = read_scores(p, column).drop_duplicates("path")
     lookup = pd.Series(scores[column].to_numpy(dtype=np.float64), index=scores["path"].astype(str).to_numpy())
     keys = paths.astype(str)
     missing = ~keys.isin(lookup.index)

@@ -30,6 +30,7 @@ from debias.data.sources import MANIFEST_SUFFIXES, parse_where
 from debias.device import autocast, resolve_device
 from debias.diffaugment import DiffAugmentConfig
 from debias.errors import DebiasError
+from debias.reweighting import read_scores
 from debias.gan_training import GANTrainConfig, load_generator, to_uint8, train_gan
 from debias.cyclegan_training import CycleGANTrainConfig, load_generators, train_cyclegan
 from debias.models.cyclegan import CycleGANConfig
@@ -180,7 +181,7 @@ def rarity_columns(job: AugmentJob, data: ImageSet) -> pd.DataFrame | None:
     --weights (an audit's scores, joined on path) or --model (encode with the VAE and fit the latent histograms, as
     `debias audit` does with its default density settings); None when neither is given."""
     if job.weights is not None:
-        scores = _read_scores(job.weights)
+        scores = read_scores(job.weights)
     elif job.model is not None:
         scores = _vae_scores(job, data)
     else:
@@ -200,19 +201,6 @@ def rarity_columns(job: AugmentJob, data: ImageSet) -> pd.DataFrame | None:
         raise DebiasError("the rarity weights must be finite, non-negative and not all zero")
     out["weight"] = w / w.sum()
     return out
-
-
-def _read_scores(path: Path) -> pd.DataFrame:
-    if not path.is_file():
-        raise DebiasError(f"--weights: no such file {path} (expected scores.parquet or scores.csv from 'debias audit')")
-    try:
-        scores = pd.read_parquet(path) if path.suffix.lower() in (".parquet", ".pq") else pd.read_csv(path)
-    except Exception as exc:  # noqa: BLE001 - pandas/pyarrow raise many kinds
-        raise DebiasError(f"--weights: cannot read {path}: {type(exc).__name__}") from None
-    for col in ("path", "weight"):
-        if col not in scores.columns:
-            raise DebiasError(f"--weights: {path} has no {col!r} column")
-    return scores
 
 
 def _vae_scores(job: AugmentJob, data: ImageSet) -> pd.DataFrame:
