@@ -41,6 +41,10 @@ def write_json(obj: Any, path: str | Path) -> None:
     _atomic_write(Path(path), lambda f: f.write((json.dumps(obj, indent=2, default=str) + "\n").encode()))
 
 
+def atomic_write_text(text: str, path: str | Path) -> None:
+    _atomic_write(Path(path), lambda f: f.write(text.encode("utf-8")))
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():

@@ -62,7 +62,7 @@ from debias.reweighting import Scheme, draw_epoch
 
 CHECKPOINT = "checkpoint.pt"
 CLASSIFIER = "classifier.pt"
-OBJECTIVES = ("ce", "dbvae")
+OBJECTIVES = ("ce", "dbvae", "gce")
 _IN_MEMORY_LIMIT = 4 << 30  # bytes of uint8 pixels held in RAM; larger sets are read from the memmap per batch
 
 
@@ -98,6 +98,12 @@ class ImageTensor:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def pixels(self) -> np.ndarray:
+        """uint8 (N, H, W, C) of all rows (a view when they are held in memory)."""
+        if self._u8 is not None:
+            return self._u8.numpy()
+        return np.asarray(self._data.images[self.rows])
+
     def batch(self, idx: np.ndarray) -> torch.Tensor:
         """float32 (B, C, H, W) in [0, 1] for positions ``idx``, in channels_last memory format (NHWC underneath,
         as the cache stores the pixels, so no copy is needed to get there)."""
@@ -114,6 +120,7 @@ class TrainedClassifier:
     history: list[dict[str, Any]]
     selected_epoch: int
     path: Path
+    mean_weights: np.ndarray  # each training row's sampling probability, averaged over the epochs (sums to 1)
 
 
 def classifier_loss(
@@ -123,9 +130,20 @@ def classifier_loss(
     if objective == "dbvae":
         return dbvae_loss(model, x, y, vae_weight)
     _, _, logits = model.encode(x)  # encoder + head only: the decoder is not part of the classifier
-    loss = F.cross_entropy(logits.float(), y)
+    if objective == "gce":
+        loss = generalized_cross_entropy(logits.float(), y)
+    else:
+        loss = F.cross_entropy(logits.float(), y)
     acc = (logits.argmax(1) == y).float().mean()
     return loss, {"loss": loss.item(), "ce": loss.item(), "acc": acc.item()}
+
+
+def generalized_cross_entropy(logits: torch.Tensor, y: torch.Tensor, q: float = 0.7) -> torch.Tensor:
+    """GCE (Zhang & Sabuncu 2018), L = (1 - p_y^q) / q: its gradient is the cross-entropy's scaled by p_y^q, so rows
+    the model already finds easy weigh more. A model trained with it leans on the easiest cue even harder than ERM
+    does; LfF (Nam et al. 2020) uses it to build the biased model whose mistakes point at the cue-conflicting rows."""
+    p = torch.softmax(logits, 1).gather(1, y[:, None]).squeeze(1).clamp_min(1e-8)
+    return ((1.0 - p.pow(q)) / q).mean()
 
 
 def dbvae_loss(model: ConvVAE, x: torch.Tensor, y: torch.Tensor, vae_weight: float) -> tuple[torch.Tensor, dict]:
@@ -180,6 +198,7 @@ def train_classifier(
     *,
     val: ImageTensor | None = None,
     y_val: np.ndarray | None = None,
+    val_weights: np.ndarray | None = None,
     meta: dict[str, Any],
     resume: bool = False,
     progress: bool = True,
@@ -208,6 +227,7 @@ def train_classifier(
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     start_epoch, history = 0, []
     best: dict[str, Any] = {"epoch": 0, "val_accuracy": -1.0, "model": None}
+    weight_sum = np.zeros(len(train))  # sum over epochs of the sampling probabilities, for the report
 
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path, map_location=device)
@@ -218,6 +238,8 @@ def train_classifier(
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, history, best = int(ckpt["epoch"]), list(ckpt["history"]), dict(ckpt["best"])
+        if "weight_sum" in ckpt:
+            weight_sum = ckpt["weight_sum"].numpy().astype(np.float64)
         if progress:
             print(f"resuming {out} after epoch {start_epoch}")
 
@@ -237,6 +259,7 @@ def train_classifier(
         # DB-VAE: re-encode + refit the histograms (Algorithm 1); rank 0's result, the same on every rank.
         weights, winfo = broadcast_object(scheme.weights(epoch, model) if ctx.is_main else None, ctx)
         order = draw_epoch(weights, n, rng)  # the same global epoch on every rank (same seed, same weights)
+        weight_sum += (1.0 / n) if weights is None else weights
         seed_rank_noise(epoch_seed, ctx)
         rows = shard(order, ctx)
         record_rows(out.name, epoch, rows, ctx)
@@ -263,7 +286,7 @@ def train_classifier(
         seen = totals.pop("rows")
         val_acc = None
         if val is not None and len(val) and ctx.is_main:
-            val_acc = float((predict_proba(model, val).argmax(1) == y_val).mean())
+            val_acc = selection_accuracy(predict_proba(model, val), y_val, val_weights)
         val_acc = broadcast_object(val_acc, ctx)  # every rank keeps the same best epoch
         t3 = time.perf_counter()
         row = {
@@ -291,6 +314,7 @@ def train_classifier(
                 "meta": meta,
                 "history": history,
                 "best": best,
+                "weight_sum": torch.from_numpy(weight_sum),
                 "version": __version__,
             },
             ckpt_path,
@@ -318,7 +342,10 @@ def train_classifier(
             path,
         )
     barrier(ctx)  # the other ranks may read classifier.pt once this returns
-    return TrainedClassifier(model=model, history=history, selected_epoch=selected, path=path)
+    mean_weights = weight_sum / weight_sum.sum() if weight_sum.sum() > 0 else np.full(n, 1.0 / max(n, 1))
+    return TrainedClassifier(
+        model=model, history=history, selected_epoch=selected, path=path, mean_weights=mean_weights
+    )
 
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tuple[ConvVAE, dict[str, Any]]:
@@ -330,6 +357,20 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tup
     model = ConvVAE(VAEConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt
+
+
+def selection_accuracy(probs: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """The validation figure the best epoch is chosen by: plain accuracy, or with ``weights`` the mean over classes
+    of each class's accuracy weighted by the method's own sampling weights. A validation split carved from biased
+    training rows is as biased as they are, and its plain accuracy rewards the shortcut (issue 12, cause 1); weighted
+    by the same inverse density that draws the training rows, it estimates the accuracy on the reweighted
+    distribution instead, without reading a group column."""
+    correct = (probs.argmax(1) == y).astype(np.float64)
+    if weights is None:
+        return float(correct.mean())
+    w = np.asarray(weights, dtype=np.float64)
+    per_class = [np.average(correct[y == k], weights=w[y == k]) for k in np.unique(y) if w[y == k].sum() > 0]
+    return float(np.mean(per_class)) if per_class else float(correct.mean())
 
 
 def _cpu_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:

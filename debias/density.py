@@ -21,6 +21,8 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy.special import logsumexp
+from sklearn.base import BaseEstimator
+from sklearn.utils.validation import check_is_fitted
 
 _COMBINE = ("product", "max")
 
@@ -244,24 +246,112 @@ class LatentHistogramDensity:
             return 1.0
         if self.temperature != "auto":
             return float(self.temperature)
-        n = log_q.size
-        target = self.target_ess * n
+        return temperature_for_ess(-log_q, self.target_ess)
 
-        def ess(t: float) -> float:
-            logits = -t * log_q
-            return effective_sample_size(np.exp(logits - logits.max()))
 
-        # ESS falls monotonically as T grows (2K(T) - K(2T) has derivative 2K'(T) - 2K'(2T) <= 0 for the convex
-        # cumulant K of -log_q), so bisection in log T finds the temperature that meets the target.
-        lo, hi = -8.0, 2.0  # log10 T
-        if ess(10.0**hi) >= target:
-            return 10.0**hi
-        if ess(10.0**lo) <= target:
-            return 10.0**lo
-        for _ in range(60):
-            mid = 0.5 * (lo + hi)
-            if ess(10.0**mid) > target:
-                lo = mid
-            else:
-                hi = mid
-        return 10.0 ** (0.5 * (lo + hi))
+def temperature_for_ess(rarity: np.ndarray, target_ess: float) -> float:
+    """The temperature T at which weights ∝ exp(T * rarity) have an effective sample size of ``target_ess`` * n.
+
+    ``rarity`` is a negative log density (any additive constant): T = 1 is untempered inverse-density sampling, T = 0
+    uniform sampling. ESS falls monotonically as T grows (2K(T) - K(2T) has derivative 2K'(T) - 2K'(2T) <= 0 for the
+    convex cumulant K of the rarity), so bisection in log T finds it; T is clipped to [1e-8, 100]."""
+    r = np.asarray(rarity, dtype=np.float64)
+    target = target_ess * r.size
+
+    def ess(t: float) -> float:
+        logits = t * r
+        return effective_sample_size(np.exp(logits - logits.max()))
+
+    lo, hi = -8.0, 2.0  # log10 T
+    if ess(10.0**hi) >= target:
+        return 10.0**hi
+    if ess(10.0**lo) <= target:
+        return 10.0**lo
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if ess(10.0**mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    return 10.0 ** (0.5 * (lo + hi))
+
+
+class KNNDensity(BaseEstimator):
+    """k-nearest-neighbour density over feature vectors (Loftsgaarden & Quesenberry 1965), scikit-learn style.
+
+    log p(x) = log k - log n - log V_d - d log r_k(x) + const, with r_k the distance to the k-th nearest fitted row and
+    d the number of dimensions used; the constants are dropped, so ``score_samples`` = -d log r_k(x). Unlike a product
+    of per-dimension histograms it sees joint structure: a rare *combination* of common values (a warm-tinted male
+    face among warm female and cool male faces) sits far from every fitted row although each coordinate is common.
+
+    Parameters
+    ----------
+    n_neighbors : k. Large enough that a small group of similar rows is not its own neighbourhood (k=1 finds single
+        odd images, k=20 finds rare regions).
+    n_components : the features are centred and projected onto this many leading principal axes first (distances in
+        thousands of correlated dimensions are dominated by noise); None keeps every dimension.
+    whiten : scale the principal axes to unit variance. Off by default: the leading axes are what the features mostly
+        encode (for a classifier's features, what it relies on), and equal scaling would let noise axes count as much.
+    contamination : fraction of the fitted rows that ``decision_function`` puts below 0 (sets ``offset_``).
+
+    Fitted attributes: mean_, components_, scale_, n_features_in_, n_samples_fit_, n_dims_, offset_.
+    """
+
+    def __init__(
+        self, n_neighbors: int = 20, n_components: int | None = 32, whiten: bool = False, contamination: float = 0.05
+    ) -> None:
+        self.n_neighbors = n_neighbors
+        self.n_components = n_components
+        self.whiten = whiten
+        self.contamination = contamination
+
+    def fit(self, X: np.ndarray, y: object = None) -> "KNNDensity":
+        from sklearn.neighbors import NearestNeighbors
+
+        X = LatentHistogramDensity._check_array(X)
+        if not (isinstance(self.n_neighbors, (int, np.integer)) and self.n_neighbors >= 1):
+            raise ValueError(f"n_neighbors must be a positive integer, got {self.n_neighbors!r}")
+        n, d = X.shape
+        self.n_features_in_, self.n_samples_fit_ = d, n
+        self.mean_ = X.mean(0)
+        keep = d if self.n_components is None else max(1, min(int(self.n_components), d, n))
+        _, s, vt = np.linalg.svd(X - self.mean_, full_matrices=False)
+        self.components_ = vt[:keep]
+        sd = s[:keep] / np.sqrt(max(n - 1, 1))
+        self.scale_ = np.where(sd > 0, sd, 1.0) if self.whiten else np.ones(keep)
+        self._fit_points = self._project(X)
+        self.n_dims_ = keep
+        self._k = max(1, min(int(self.n_neighbors), n - 1)) if n > 1 else 1
+        self._nn = NearestNeighbors(n_neighbors=min(self._k + 1, n)).fit(self._fit_points)
+        self.offset_ = float(np.quantile(self.score_fitted(), self.contamination))
+        return self
+
+    def score_samples(self, X: np.ndarray) -> np.ndarray:
+        """Log density (up to a constant) of new rows, higher = more typical: -d log r_k to the fitted rows."""
+        check_is_fitted(self, "components_")
+        X = LatentHistogramDensity._check_array(X)
+        if X.shape[1] != self.n_features_in_:
+            raise ValueError(f"expected {self.n_features_in_} features, got {X.shape[1]}")
+        dist, _ = self._nn.kneighbors(self._project(X), n_neighbors=self._k)
+        return self._log_density(dist[:, -1])
+
+    def score_fitted(self) -> np.ndarray:
+        """The same for the fitted rows themselves, each leaving itself out (its own distance 0 is not a neighbour)."""
+        check_is_fitted(self, "components_")
+        if self.n_samples_fit_ == 1:
+            return np.zeros(1)
+        dist, _ = self._nn.kneighbors(self._fit_points, n_neighbors=self._k + 1)
+        return self._log_density(dist[:, -1])
+
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        return self.score_samples(X) - self.offset_
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return np.where(self.decision_function(X) < 0, -1, 1)
+
+    def _project(self, X: np.ndarray) -> np.ndarray:
+        return ((X - self.mean_) @ self.components_.T) / self.scale_
+
+    def _log_density(self, r_k: np.ndarray) -> np.ndarray:
+        # A floor on r_k: duplicated rows would otherwise get an infinite density.
+        return -self.n_dims_ * np.log(np.maximum(r_k, 1e-12))

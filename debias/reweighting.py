@@ -190,3 +190,84 @@ class DBVAEAdaptive:
             info["temperature"] = float(np.mean(temps))
         t2 = time.perf_counter()
         return w, {**_info(w, self.n), **info, "encode_s": t1 - t0, "fit_s": t2 - t1}
+
+
+@torch.inference_mode()
+def encode_features(model: ConvVAE, batch: BatchFn, n: int, batch_size: int = 512) -> np.ndarray:
+    """The encoder's last hidden features (the input of the head: what the classifier reads), float32 (n, F)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    s = model.config.internal_size
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, min(start + batch_size, n))
+        x = batch(idx).to(device, non_blocking=True)
+        if x.shape[-1] != s:
+            x = torch.nn.functional.interpolate(x, size=(s, s), mode="bilinear", align_corners=False)
+        with autocast(device):
+            h = model.encoder(x)
+        out.append(h.float().cpu())
+    model.train(was_training)
+    if not out:
+        return np.zeros((0, 1), dtype=np.float32)
+    return torch.cat(out).numpy()
+
+
+class ClassRarity:
+    """Inverse-density sampling weights within each class: w_i ∝ p(x_i | y_i)^-T, tempered per class to an effective
+    sample size of ``target_ess`` × the class's rows, every class keeping its share of the draws.
+
+    The density is fitted per class because a shortcut is rare only jointly with the label: a warm-tinted male face
+    is common in the data as a whole (most female faces are warm) and rare among the male faces. With one density
+    over all classes it looks typical (issue 12, cause 2). The label is the training label; no group column is read.
+
+    ``density``: a factory of an estimator with ``fit``, ``score_fitted`` (the fitted rows, leave-one-out) and
+    ``score_samples`` (new rows), e.g. :class:`debias.density.KNNDensity`.
+    """
+
+    def __init__(self, density: Callable[[], Any], target_ess: float = 0.25) -> None:
+        if not 0 < target_ess <= 1:
+            raise DebiasError(f"target ESS must be in (0, 1], got {target_ess}")
+        self.density = density
+        self.target_ess = target_ess
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> "ClassRarity":
+        from debias.density import temperature_for_ess
+
+        y = np.asarray(y)
+        self.classes_ = np.unique(y)
+        self.estimators_, self.temperatures_, self.shares_ = {}, {}, {}
+        self.rarity_ = np.zeros(len(y))
+        for k in self.classes_:
+            rows = np.flatnonzero(y == k)
+            est = self.density().fit(X[rows])
+            rarity = -est.score_fitted()
+            self.estimators_[k] = est
+            self.temperatures_[k] = temperature_for_ess(rarity, self.target_ess) if len(rows) > 1 else 0.0
+            self.shares_[k] = len(rows) / len(y)
+            self.rarity_[rows] = rarity
+        self.weights_ = self._weights(self.rarity_, y)
+        return self
+
+    def weights(self, X: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Weights of new rows (for example the validation rows), scored against the fitted rows of their class.
+        Probabilities that sum to 1, with every class at its share of the fitted data."""
+        y = np.asarray(y)
+        rarity = np.zeros(len(y))
+        for k in np.unique(y):
+            rows = np.flatnonzero(y == k)
+            if k in self.estimators_:
+                rarity[rows] = -self.estimators_[k].score_samples(X[rows])
+        return self._weights(rarity, y)
+
+    def _weights(self, rarity: np.ndarray, y: np.ndarray) -> np.ndarray:
+        w = np.zeros(len(y))
+        present = [k for k in np.unique(y) if k in self.temperatures_]
+        total_share = sum(self.shares_[k] for k in present) or 1.0
+        for k in present:
+            rows = np.flatnonzero(y == k)
+            logits = self.temperatures_[k] * rarity[rows]
+            wk = np.exp(logits - logits.max())
+            w[rows] = wk / wk.sum() * self.shares_[k] / total_share
+        return w

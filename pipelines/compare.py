@@ -22,9 +22,10 @@ import numpy as np
 
 from debias.checkpoint import write_json
 from debias.errors import DebiasError
-from pipelines.train_classifier import METHODS, ClassifierJob, job_signature, run_train_classifier
+from pipelines.train_classifier import METHODS, ORACLE, ClassifierJob, job_signature, run_train_classifier
 
 BASELINE = "none"
+ORACLE_LABEL = "oracle (reads groups; reference)"
 
 
 @dataclass
@@ -33,6 +34,10 @@ class CompareJob:
     out: Path
     methods: list[str] = field(default_factory=lambda: ["none", "dbvae", "jtt"])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    # Group columns for the oracle reference: group-balanced sampling that reads them, run beside the methods as the
+    # ceiling of what resampling can reach. With it (and ERM among the methods) every method also reports the share
+    # of the ERM -> oracle worst-group gap it closes.
+    oracle_groups: list[str] = field(default_factory=list)
     progress: bool = True
 
 
@@ -53,12 +58,17 @@ def run_compare(job: CompareJob) -> CompareResult:
         raise DebiasError(f"--methods must be a comma-separated subset of {', '.join(METHODS)} (got {job.methods})")
     if not job.seeds:
         raise DebiasError("--seeds needs at least one seed")
-    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in job.methods}
-    total = len(job.methods) * len(job.seeds)
+    methods = list(job.methods)
+    if job.oracle_groups:
+        if BASELINE not in methods:
+            methods.insert(0, BASELINE)  # the gap is measured from ERM
+        methods.append(ORACLE)
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+    total = len(methods) * len(job.seeds)
     k = 0
     # Seed-major order: an interrupted comparison already holds every method for its first seeds.
     for seed in job.seeds:
-        for method in job.methods:
+        for method in methods:
             k += 1
             rjob = replace(
                 job.base,
@@ -66,6 +76,7 @@ def run_compare(job: CompareJob) -> CompareResult:
                 out=run_dir(job.out, method, seed),
                 train=replace(job.base.train, seed=seed),
                 weights=job.base.weights if method == "two-stage" else None,
+                oracle_groups=list(job.oracle_groups) if method == ORACLE else [],
                 resume=True,
                 show_table=False,
             )
@@ -162,8 +173,10 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
                         "values": [a[key] / b[key] if b[key] else None for a, b in paired],
                     }
             deltas[method] = d
+    gap = gap_closed(runs) if ORACLE in runs and BASELINE in runs else {}
     first = next(iter(runs.values()))[0]
     return {
+        "gap_closed": gap,
         "label": first["label"],
         "eval_set": first["eval_set"],
         "config": {k: v for k, v in first["config"].items() if k != "method_options"},
@@ -172,6 +185,28 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         "groupings": groupings,
         "method_options": {m: rs[0]["config"]["method_options"] for m, rs in runs.items()},
     }
+
+
+def gap_closed(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Per method, the share of the ERM -> oracle worst-group gap it closes, paired by seed:
+    (worst_m - worst_ERM) / (worst_oracle - worst_ERM). 1 = as good as group-balanced sampling, 0 = as ERM, < 0 worse.
+    The worst group is that of the finest grouping (the cross product of --eval-groups)."""
+    def worst(rs: list[dict[str, Any]]) -> dict[int, float]:
+        return {r["seed"]: r.get("worst_group_accuracy") for r in rs}
+
+    base, oracle = worst(runs[BASELINE]), worst(runs[ORACLE])
+    out: dict[str, Any] = {}
+    for method, rs in runs.items():
+        if method in (BASELINE, ORACLE):
+            continue
+        vals = []
+        for seed, w in worst(rs).items():
+            b, o = base.get(seed), oracle.get(seed)
+            if None in (w, b, o) or o - b <= 0:
+                continue  # no gap to close on this seed
+            vals.append((w - b) / (o - b))
+        out[method] = _stats(vals)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- writing
@@ -196,11 +231,18 @@ def to_markdown(summary: dict[str, Any]) -> str:
         "(paper Table 1), epoch time in s (median per run), weights share = time spent choosing the epoch's rows / "
         "epoch time, ESS fraction = effective sample size of the sampling weights / n.",
         "",
-        "| metric | " + " | ".join(methods) + " |",
+        "| metric | " + " | ".join(_label(m) for m in methods) + " |",
         "|---|" + "---|" * len(methods),
     ]
     for k in shown:
         lines.append(f"| {_header(k)} | " + " | ".join(_cell(k, m["metrics"][k]) for m in methods.values()) + " |")
+    gap = summary.get("gap_closed") or {}
+    if gap:
+        lines.append(
+            "| share of the ERM→oracle worst-group gap closed | "
+            + " | ".join(_pct(gap[m], 1.0, 2) if m in gap else "–" for m in methods)
+            + " |"
+        )
     deltas = summary["deltas_vs_none"]
     if deltas:
         lines += ["", f"Paired differences to ERM (`{BASELINE}`), same seed: method − {BASELINE}; variances also as "
@@ -218,6 +260,10 @@ def to_markdown(summary: dict[str, Any]) -> str:
         for g in groups:
             lines.append(f"| {g} | " + " | ".join(_pct(per_method[m][g]) for m in per_method) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _label(method: str) -> str:
+    return ORACLE_LABEL if method == ORACLE else method
 
 
 def _header(key: str) -> str:
@@ -251,7 +297,9 @@ def plot_groups(summary: dict[str, Any], grouping: str, path: Path) -> None:
     for i, m in enumerate(methods):
         mean = [100 * (per_method[m][g]["mean"] or 0.0) for g in groups]
         std = [100 * (per_method[m][g]["std"] or 0.0) for g in groups]
-        ax.bar(x + (i - (len(methods) - 1) / 2) * width, mean, width, yerr=std, capsize=2, label=m)
+        gap = (summary.get("gap_closed") or {}).get(m)
+        label = _label(m) + (f", closes {gap['mean']:.2f} of the gap" if gap and gap["mean"] is not None else "")
+        ax.bar(x + (i - (len(methods) - 1) / 2) * width, mean, width, yerr=std, capsize=2, label=label)
     ax.set_xticks(x, groups, rotation=30 if len(groups) > 4 else 0, ha="right" if len(groups) > 4 else "center")
     ax.set_ylabel("accuracy (%)")
     lo = min(100 * (per_method[m][g]["mean"] or 0.0) for m in methods for g in groups)

@@ -29,7 +29,8 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from debias.checkpoint import write_json
+from debias.checkpoint import atomic_write_text, write_json
+from debias.classifier_report import weight_shares, write_report
 from debias.classifier_training import (
     ClassifierTrainConfig,
     ImageTensor,
@@ -40,12 +41,25 @@ from debias.data import load_images
 from debias.distributed import DistContext, barrier, broadcast_object, distributed_job
 from debias.errors import DebiasError
 from debias.metrics import CROSS, classification_metrics
-from debias.reweighting import DBVAEAdaptive, Fixed, Uniform, audit_weights, jtt_upweight_auto, jtt_weights
+from debias.density import KNNDensity
+from debias.reweighting import (
+    ClassRarity,
+    DBVAEAdaptive,
+    Fixed,
+    Uniform,
+    audit_weights,
+    encode_features,
+    jtt_upweight_auto,
+    jtt_weights,
+)
 from debias.training import encode_labels
 from pipelines.audit import DensityOptions
 from pipelines.train import vae_config
 
-METHODS = ("none", "dbvae", "two-stage", "jtt")
+METHODS = ("none", "dbvae", "two-stage", "jtt", "rarity", "rarity-jtt")
+# A reference, not a method: group-balanced sampling that reads the group columns (``oracle_groups``). `compare`
+# runs it beside the methods to show the ceiling that resampling can reach; it is never a --reweight choice.
+ORACLE = "oracle"
 
 
 @dataclass
@@ -72,9 +86,19 @@ class ClassifierJob:
     per_class: bool = False
     # two-stage
     weights: Path | None = None
+    # the oracle reference (compare --oracle-groups): group columns whose cross product is balanced
+    oracle_groups: list[str] = field(default_factory=list)
     # jtt
     jtt_epochs: int = 2
     jtt_upweight: float | str = "auto"  # lambda_up, or "auto": (1 - error rate) / error rate
+    # rarity, rarity-jtt: a first (ERM) model's features, inverse kNN density within each class
+    stage1_epochs: int = 2
+    stage1_loss: str = "ce"  # or "gce": a bias-amplified first model (LfF)
+    rarity_ess: float = 0.25
+    rarity_k: int = 20
+    rarity_dims: int = 32
+    hybrid: str = "product"
+    select_rule: str = "weighted"  # rarity methods: validation accuracy weighted by the method's own weights
     resume: bool = False
     progress: bool = True
     show_table: bool = True
@@ -159,8 +183,10 @@ def run_train_classifier(job: ClassifierJob) -> ClassifierResult:
 
 
 def _run_train_classifier(job: ClassifierJob, ctx: DistContext) -> ClassifierResult:
-    if job.method not in METHODS:
+    if job.method not in METHODS and job.method != ORACLE:
         raise DebiasError(f"--reweight must be one of {', '.join(METHODS)}, got {job.method!r}")
+    if (job.method == ORACLE) != bool(job.oracle_groups):
+        raise DebiasError("the oracle reference needs --oracle-groups, and only it reads them")
     job.density.check()
     if (job.method == "two-stage") != (job.weights is not None):
         raise DebiasError("--weights DIR/scores.parquet is needed by --reweight two-stage, and only by it")
@@ -234,6 +260,7 @@ def _run_train_classifier(job: ClassifierJob, ctx: DistContext) -> ClassifierRes
     }
     train_images, val_images = ImageTensor(data, fit_rows), ImageTensor(data, val_rows)
     extra: dict[str, Any] = {}
+    selection_weights = None
 
     if job.method == "none":
         scheme: Any = Uniform(len(fit_rows))
@@ -247,6 +274,52 @@ def _run_train_classifier(job: ClassifierJob, ctx: DistContext) -> ClassifierRes
             warmup_epochs=job.warmup_epochs,
             labels=y_fit if job.per_class else None,
         )
+    elif job.method == ORACLE:
+        # Reads the group columns: a ceiling for the comparison, never a method. Every group of the cross product
+        # is drawn equally often, and the epoch is chosen by validation accuracy with the same group weights.
+        _require(table, job.oracle_groups, "--oracle-groups")
+        scheme = Fixed(ORACLE, group_balanced_weights(table.iloc[fit_rows], job.oracle_groups))
+        selection_weights = group_balanced_weights(table.iloc[val_rows], job.oracle_groups)
+    elif job.method in ("rarity", "rarity-jtt"):
+        first = train_classifier(
+            model_config,
+            replace(train_cfg, epochs=job.stage1_epochs, select="last", objective=job.stage1_loss),
+            train_images,
+            y_fit,
+            Uniform(len(fit_rows)),
+            job.out / "stage1",
+            meta={**meta, "method": "rarity-stage1"},
+            resume=job.resume,
+            progress=job.progress,
+            description="stage 1 ",
+            ctx=ctx,
+        )
+        payload = None
+        if ctx.is_main:
+            feats = encode_features(first.model, train_images.batch, len(fit_rows))
+            density = ClassRarity(
+                lambda: KNNDensity(n_neighbors=job.rarity_k, n_components=job.rarity_dims), target_ess=job.rarity_ess
+            ).fit(feats, y_fit)
+            w = density.weights_
+            w_val = density.weights(encode_features(first.model, val_images.batch, len(val_rows)), y_val)
+            if job.method == "rarity-jtt":
+                err = predict_proba(first.model, train_images).argmax(1) != y_fit
+                err_val = predict_proba(first.model, val_images).argmax(1) != y_val
+                up = jtt_upweight_auto(err)
+                if job.hybrid == "product":
+                    w = w * np.where(err, up, 1.0)
+                    w_val = w_val * np.where(err_val, up, 1.0)
+                elif job.hybrid == "groups":
+                    w = balance_cells(w, y_fit, err)
+                    w_val = balance_cells(w_val, y_val, err_val)
+                else:  # mix
+                    w = 0.5 * w / w.sum() + 0.5 * jtt_weights(err, up)
+                    w_val = 0.5 * w_val / max(w_val.sum(), 1e-300) + 0.5 * jtt_weights(err_val, up)
+            payload = (w / w.sum(), w_val)
+        w, w_val = broadcast_object(payload, ctx)
+        scheme = Fixed(job.method, w)
+        if job.select_rule == "weighted":
+            selection_weights = w_val
     else:  # jtt: an ERM model for jtt_epochs, then its training errors upsampled in a second, fresh training
         first = train_classifier(
             model_config,
@@ -283,6 +356,7 @@ def _run_train_classifier(job: ClassifierJob, ctx: DistContext) -> ClassifierRes
         job.out,
         val=val_images,
         y_val=y_val,
+        val_weights=selection_weights,
         meta=meta,
         resume=job.resume,
         progress=job.progress,
@@ -331,13 +405,54 @@ def _run_train_classifier(job: ClassifierJob, ctx: DistContext) -> ClassifierRes
         **extra,
         "config": {**job_signature(job), "model": model_config.to_dict()},
     }
+    # What the debiaser did, per group: each group's share of the draws against its share of the training rows.
+    # The group columns of the training rows are read here, after training, for display only.
+    share_columns = [c for c in job.eval_groups if c in table.columns]
+    fit_table = table.iloc[fit_rows].reset_index(drop=True)
+    shares = weight_shares(fit_table, trained.mean_weights, share_columns) if share_columns else {}
+    metrics["weight_shares"] = {name: df.reset_index().to_dict("records") for name, df in shares.items()}
     job.out.mkdir(parents=True, exist_ok=True)
-    predictions.to_csv(job.out / "predictions.csv", index=False)
+    atomic_write_text(predictions.to_csv(index=False), job.out / "predictions.csv")
     write_json(metrics, job.out / "metrics.json")
+    write_report(
+        job.out / "report.html",
+        metrics=metrics,
+        history=hist,
+        weights=trained.mean_weights,
+        images=train_images.pixels(),
+        labels=y_fit,
+        class_values=values,
+        paths=fit_table["path"].astype(str).tolist(),
+        shares=shares,
+        selection=_selection_text(job, selection_weights is not None),
+    )
     if job.show_table:
         print_group_table(metrics)
+        print_weight_shares(shares)
     barrier(ctx)
     return ClassifierResult(metrics=metrics, predictions=predictions, out=job.out)
+
+
+def balance_cells(w: np.ndarray, y: np.ndarray, err: np.ndarray) -> np.ndarray:
+    """Within each class, the rows the first model got wrong and those it got right each get half of the class's
+    share of the draws; inside each cell the rows keep their relative weights ``w``."""
+    out = np.zeros(len(y))
+    for k in np.unique(y):
+        cells = [np.flatnonzero((y == k) & err), np.flatnonzero((y == k) & ~err)]
+        cells = [c for c in cells if len(c)]
+        for c in cells:
+            wc = w[c] if w[c].sum() > 0 else np.ones(len(c))
+            out[c] = wc / wc.sum() * np.mean(y == k) / len(cells)
+    return out
+
+
+def group_balanced_weights(table: pd.DataFrame, columns: list[str]) -> np.ndarray:
+    """1 / (rows in the row's group) for the cross product of ``columns``, as probabilities (the oracle reference)."""
+    if len(table) == 0:
+        return np.zeros(0)
+    sizes = table.groupby([table[c].astype(str) for c in columns])[columns[0]].transform("size").to_numpy(float)
+    w = 1.0 / sizes
+    return w / w.sum()
 
 
 def job_signature(job: ClassifierJob) -> dict[str, Any]:
@@ -374,7 +489,41 @@ def _method_options(job: ClassifierJob) -> dict[str, Any]:
         return {"jtt_epochs": job.jtt_epochs, "jtt_upweight": job.jtt_upweight}
     if job.method == "two-stage":
         return {"weights": str(job.weights)}
+    if job.method == ORACLE:
+        return {"oracle_groups": list(job.oracle_groups)}
+    if job.method in ("rarity", "rarity-jtt"):
+        opts = {
+            "stage1_epochs": job.stage1_epochs,
+            "stage1_loss": job.stage1_loss,
+            "rarity_ess": job.rarity_ess,
+            "rarity_k": job.rarity_k,
+            "rarity_dims": job.rarity_dims,
+            "select_rule": job.select_rule,
+        }
+        return {**opts, "hybrid": job.hybrid} if job.method == "rarity-jtt" else opts
     return {}
+
+
+def _selection_text(job: ClassifierJob, weighted: bool) -> str:
+    if job.train.select == "last":
+        return "the last epoch"
+    if weighted:
+        return "best validation accuracy weighted by the method's own sampling weights, mean over classes"
+    return "best validation accuracy"
+
+
+def print_weight_shares(shares: dict[str, pd.DataFrame], console: Console | None = None) -> None:
+    """The draws each training group got against its share of the rows (computed after training, display only)."""
+    console = console or Console()
+    for name, df in shares.items():
+        table = Table(title=f"share of the draws per {name} (training rows; computed after training)")
+        for col in ("group", "rows", "share of data", "share of draws", "ratio"):
+            table.add_column(col, justify="left" if col == "group" else "right")
+        for group, r in df.iterrows():
+            table.add_row(
+                str(group), str(int(r["n"])), f"{r['data_share']:.1%}", f"{r['draw_share']:.1%}", f"{r['ratio']:.2f}x"
+            )
+        console.print(table)
 
 
 def print_group_table(metrics: dict[str, Any], console: Console | None = None) -> None:

@@ -156,3 +156,50 @@ def test_active_after_whitening_keeps_leading_components():
     np.testing.assert_allclose(d.score_samples(Z[:5]), LatentHistogramDensity(whiten=True, dims="active").fit(Z).score_samples(Z[:5]))
     plain = LatentHistogramDensity(whiten=False, dims="active").fit(Z)
     assert plain.dims_.tolist() == [0, 1, 2, 3]  # every raw dimension has spread
+
+
+# -- kNN density and tempering (issue 12) ------------------------------------------------------------------------
+def test_knn_density_matches_hand_computed_distances():
+    from sklearn.base import clone
+    from sklearn.exceptions import NotFittedError
+
+    from debias.density import KNNDensity
+
+    X = np.array([[0.0], [1.0], [2.0], [3.0], [10.0]])
+    est = KNNDensity(n_neighbors=1, n_components=None)
+    with pytest.raises(NotFittedError):
+        est.score_samples(X)
+    est.fit(X)
+    # leave-one-out: each fitted row's nearest other row is 1 away, the outlier's is 7 away; d = 1 dimension
+    np.testing.assert_allclose(est.score_fitted(), [0.0, 0.0, 0.0, 0.0, -np.log(7.0)], atol=1e-12)
+    np.testing.assert_allclose(est.score_samples(np.array([[5.0], [2.5]])), [-np.log(2.0), -np.log(0.5)])
+    two = KNNDensity(n_neighbors=2, n_components=None).fit(X)
+    np.testing.assert_allclose(two.score_samples(np.array([[5.0]])), [-np.log(3.0)])  # 2nd nearest: 2 (3 away)
+    assert clone(est).get_params() == est.get_params() and not hasattr(clone(est), "components_")
+    assert est.predict(np.array([[1.5], [50.0]])).tolist() == [1, -1]
+
+
+def test_knn_density_sees_a_rare_combination_that_marginals_miss():
+    """Two common clusters, (0,0) and (1,1), and a rare (0,1) combination: every coordinate value is common, so the
+    product of per-dimension histograms cannot single it out; the kNN density can."""
+    from debias.density import KNNDensity, LatentHistogramDensity
+
+    rng = np.random.default_rng(0)
+    common = np.repeat([[0.0, 0.0], [1.0, 1.0]], 200, axis=0)
+    rare = np.repeat([[0.0, 1.0]], 8, axis=0)
+    X = np.vstack([common, rare]) + rng.normal(0, 0.05, (408, 2))
+    is_rare = np.r_[np.zeros(400), np.ones(8)].astype(bool)
+    knn = -KNNDensity(n_neighbors=10, n_components=None).fit(X).score_fitted()
+    hist = -LatentHistogramDensity(whiten=False).fit(X).score_samples(X)
+    assert knn[is_rare].min() > np.quantile(knn[~is_rare], 0.99)
+    assert hist[is_rare].mean() < np.quantile(hist[~is_rare], 0.9)
+
+
+def test_temperature_for_ess_meets_its_target():
+    from debias.density import effective_sample_size, temperature_for_ess
+
+    rarity = np.random.default_rng(1).normal(size=500) * 3
+    for target in (0.2, 0.5, 0.9):
+        t = temperature_for_ess(rarity, target)
+        w = np.exp(t * rarity - (t * rarity).max())
+        assert effective_sample_size(w) / 500 == pytest.approx(target, abs=1e-3)

@@ -140,3 +140,61 @@ def test_subsample_keeps_a_seeded_fraction_of_one_value():
 def test_label_values_keep_the_columns_own_types():
     assert label_values(pd.Series([3, 1, 3, 10]), ["1", "10", "3"]) == [1, 10, 3]
     assert label_values(pd.Series(["m", "f"]), ["f", "m"]) == ["f", "m"]
+
+
+# -- issue 12: rarity in a first model's features, its hybrid with the errors, label-free selection ----------------
+def test_class_rarity_upweights_the_rare_mode_of_each_class_and_keeps_class_shares():
+    from debias.density import KNNDensity, effective_sample_size
+    from debias.reweighting import ClassRarity
+
+    rng = np.random.default_rng(0)
+    # class 0: 190 rows near (0, 0) and 10 near (5, 5); class 1: 95 near (5, 5) and 5 near (0, 0)
+    X = np.vstack([rng.normal(0, 0.3, (190, 2)), rng.normal(5, 0.3, (10, 2)),
+                   rng.normal(5, 0.3, (95, 2)), rng.normal(0, 0.3, (5, 2))])
+    y = np.r_[np.zeros(200), np.ones(100)].astype(int)
+    rare = np.r_[np.zeros(190), np.ones(10), np.zeros(95), np.ones(5)].astype(bool)
+    est = ClassRarity(lambda: KNNDensity(n_neighbors=5, n_components=None), target_ess=0.5).fit(X, y)
+    w = est.weights_
+    assert w.sum() == pytest.approx(1.0)
+    assert w[y == 0].sum() == pytest.approx(2 / 3) and w[y == 1].sum() == pytest.approx(1 / 3)  # class shares kept
+    for k in (0, 1):
+        in_k = y == k
+        assert effective_sample_size(w[in_k]) / in_k.sum() == pytest.approx(0.5, abs=1e-3)  # tempered per class
+        assert np.median(w[in_k & rare]) > 3 * np.median(w[in_k & ~rare])
+    # new rows are scored against their own class: a class-1 row at (0, 0) is rare, a class-0 row there is not
+    wn = est.weights(np.array([[0.0, 0.0], [0.0, 0.0], [5.0, 5.0], [5.0, 5.0]]), np.array([0, 1, 1, 0]))
+    assert wn[1] > wn[2] and wn[3] > wn[0]
+
+
+def test_balance_cells_gives_errors_and_the_rest_half_of_each_class():
+    from pipelines.train_classifier import balance_cells
+
+    y = np.array([0, 0, 0, 0, 1, 1, 1])
+    err = np.array([True, False, False, False, False, False, True])
+    w = balance_cells(np.array([1.0, 1.0, 1.0, 2.0, 1.0, 3.0, 1.0]), y, err)
+    assert w.sum() == pytest.approx(1.0)
+    assert w[0] == pytest.approx(4 / 7 / 2)  # the only error of class 0 takes half of the class's 4/7
+    assert w[1:4] == pytest.approx(np.array([1, 1, 2]) / 4 * (4 / 7 / 2))  # relative weights kept inside a cell
+    assert w[4:6] == pytest.approx(np.array([1, 3]) / 4 * (3 / 7 / 2))
+    no_errors = balance_cells(np.ones(3), np.array([0, 0, 1]), np.zeros(3, dtype=bool))
+    assert no_errors == pytest.approx([1 / 3, 1 / 3, 1 / 3])
+
+
+def test_selection_accuracy_weights_each_class_by_the_methods_weights():
+    from debias.classifier_training import selection_accuracy
+
+    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.6, 0.4]])
+    y = np.array([0, 0, 0, 1, 1])  # correct: yes, yes, no, yes, no
+    assert selection_accuracy(probs, y) == pytest.approx(3 / 5)
+    w = np.array([1.0, 1.0, 2.0, 1.0, 3.0])
+    # class 0: (1 + 1 + 0) / 4; class 1: (1 + 0) / 4; mean over classes
+    assert selection_accuracy(probs, y, w) == pytest.approx((2 / 4 + 1 / 4) / 2)
+
+
+def test_group_balanced_weights_draw_every_group_equally():
+    from pipelines.train_classifier import group_balanced_weights
+
+    t = pd.DataFrame({"a": ["x", "x", "x", "y"], "b": [1, 1, 2, 2]})
+    w = group_balanced_weights(t, ["a", "b"])
+    assert w == pytest.approx([1 / 6, 1 / 6, 1 / 3, 1 / 3])
+    assert group_balanced_weights(t, ["a"]) == pytest.approx([1 / 6, 1 / 6, 1 / 6, 1 / 2])
