@@ -218,6 +218,27 @@ _ClsJttEpochs = Annotated[int, typer.Option(min=1, help="jtt: epochs of the firs
 _ClsJttUp = Annotated[
     str, typer.Option(help="jtt: how many times the error set is upsampled, or auto: (1 - error rate) / error rate.")
 ]
+_ClsStage1Epochs = Annotated[
+    int, typer.Option(min=1, help="cluster-errors, rarity: epochs of the first (plain) model whose features weigh rows.")
+]
+_ClsStage1Loss = Annotated[
+    str, typer.Option(help="cluster-errors, rarity: ce, or gce (a bias-amplified first model, as in LfF).")
+]
+_ClsClusters = Annotated[int, typer.Option(min=1, help="cluster-errors: k-means clusters per class.")]
+_ClsRarityEss = Annotated[
+    float, typer.Option(min=0.0, max=1.0, help="rarity: effective sample size of the weights within each class / n.")
+]
+_ClsRarityK = Annotated[int, typer.Option(min=1, help="rarity: neighbours of the kNN density.")]
+_ClsRarityDims = Annotated[
+    int, typer.Option(min=1, help="cluster-errors, rarity: leading principal axes of the first model's features.")
+]
+_ClsWeightedSelection = Annotated[
+    bool,
+    typer.Option(
+        help="cluster-errors, rarity, oracle: keep the epoch with the best validation accuracy weighted by the "
+        "method's own sampling weights (label-free); --no-weighted-selection uses plain validation accuracy."
+    ),
+]
 _ClsVaeWeight = Annotated[
     float, typer.Option(min=0.0, help="dbvae: weight of the VAE loss next to the classifier's cross-entropy.")
 ]
@@ -276,6 +297,14 @@ def _classifier_job(out: Path, method: str, seed: int, opts: dict) -> object:
         weights=opts["weights"],
         jtt_epochs=opts["jtt_epochs"],
         jtt_upweight=_jtt_upweight(opts["jtt_upweight"]),
+        stage1_epochs=opts["stage1_epochs"],
+        stage1_loss=opts["stage1_loss"],
+        clusters=opts["clusters"],
+        rarity_ess=opts["rarity_ess"],
+        rarity_k=opts["rarity_k"],
+        rarity_dims=opts["rarity_dims"],
+        weighted_selection=opts["weighted_selection"],
+        oracle_groups=[],
         resume=opts.get("resume", False),
         progress=not opts["quiet"],
     )
@@ -287,8 +316,14 @@ def train_classifier(
     label: _LabelOpt,
     out: _ClsOut,
     reweight: Annotated[
-        str, typer.Option("--reweight", help="none (ERM), dbvae (DB-VAE Algorithm 1), two-stage (--weights) or jtt.")
-    ] = "dbvae",
+        str,
+        typer.Option(
+            "--reweight",
+            help="cluster-errors (default: a first model's error rate per cluster / cluster density), rarity "
+            "(inverse density in a first model's features), none (ERM), dbvae (DB-VAE Algorithm 1), two-stage "
+            "(--weights) or jtt.",
+        ),
+    ] = "cluster-errors",
     where: WhereOpt = None,
     eval_where: _EvalWhereOpt = None,
     eval_groups: _EvalGroupsOpt = None,
@@ -315,6 +350,13 @@ def train_classifier(
     per_class: _ClsPerClass = False,
     jtt_epochs: _ClsJttEpochs = 2,
     jtt_upweight: _ClsJttUp = "auto",
+    stage1_epochs: _ClsStage1Epochs = 4,
+    stage1_loss: _ClsStage1Loss = "ce",
+    clusters: _ClsClusters = 8,
+    rarity_ess: _ClsRarityEss = 0.25,
+    rarity_k: _ClsRarityK = 20,
+    rarity_dims: _ClsRarityDims = 32,
+    weighted_selection: _ClsWeightedSelection = True,
     device: DeviceOpt = "auto",
     seed: int = 0,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
@@ -337,7 +379,15 @@ def compare(
     data: DataOpt,
     label: _LabelOpt,
     out: Annotated[Path, typer.Option("--out", help="Folder for runs/, comparison.md/.json and groups_*.png.")],
-    methods: Annotated[str, typer.Option(help="Comma-separated --reweight methods.")] = "none,dbvae,jtt",
+    methods: Annotated[str, typer.Option(help="Comma-separated --reweight methods.")] = "none,cluster-errors,jtt",
+    oracle_groups: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Comma-separated group columns for the oracle reference: group-balanced sampling that reads them, "
+            "run beside the methods (and ERM) to show the ceiling; each method then reports the share of the "
+            "ERM->oracle worst-group gap it closes. A reference, never a method."
+        ),
+    ] = None,
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds, e.g. 0,1,2,3,4.")] = "0,1,2,3,4",
     where: WhereOpt = None,
     eval_where: _EvalWhereOpt = None,
@@ -365,6 +415,13 @@ def compare(
     per_class: _ClsPerClass = False,
     jtt_epochs: _ClsJttEpochs = 2,
     jtt_upweight: _ClsJttUp = "auto",
+    stage1_epochs: _ClsStage1Epochs = 4,
+    stage1_loss: _ClsStage1Loss = "ce",
+    clusters: _ClsClusters = 8,
+    rarity_ess: _ClsRarityEss = 0.25,
+    rarity_k: _ClsRarityK = 20,
+    rarity_dims: _ClsRarityDims = 32,
+    weighted_selection: _ClsWeightedSelection = True,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
 ) -> None:
@@ -378,7 +435,10 @@ def compare(
         raise DebiasError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     base = _classifier_job(out, method_list[0] if method_list else "none", 0, opts)
-    result = run_compare(CompareJob(base=base, out=out, methods=method_list, seeds=seed_list, progress=not quiet))
+    oracle = [c.strip() for c in oracle_groups.split(",") if c.strip()] if oracle_groups else []
+    result = run_compare(
+        CompareJob(base=base, out=out, methods=method_list, seeds=seed_list, oracle_groups=oracle, progress=not quiet)
+    )
     typer.echo(result.markdown)
     typer.echo(f"outputs in {result.out}")
 

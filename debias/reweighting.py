@@ -35,10 +35,20 @@ class Scheme(Protocol):
 
 
 def draw_epoch(weights: np.ndarray | None, n: int, rng: np.random.Generator) -> np.ndarray:
-    """The row indices of one epoch: a permutation, or n draws with replacement ∝ ``weights``."""
+    """The row indices of one epoch: a permutation, or n draws ∝ ``weights`` in random order.
+
+    The weighted draws are systematic (one uniform offset, n evenly spaced points on the cumulative weights): row i
+    is drawn floor(n p_i) or ceil(n p_i) times, never 0 times when n p_i >= 1. Independent draws with replacement
+    leave about a third of the rows out of every epoch even at near-uniform weights (measured on natural UTKFace:
+    2-3 points of accuracy over 8 epochs); with uniform weights the systematic draw is exactly a permutation."""
     if weights is None:
         return rng.permutation(n)
-    return rng.choice(n, size=n, replace=True, p=weights)
+    p = np.asarray(weights, dtype=np.float64)
+    cum = np.cumsum(p / p.sum())
+    cum[-1] = 1.0
+    points = (rng.random() + np.arange(n)) / n
+    rows = np.minimum(np.searchsorted(cum, points, side="right"), len(p) - 1)
+    return rng.permutation(rows)
 
 
 def _info(weights: np.ndarray | None, n: int) -> dict[str, Any]:
@@ -270,4 +280,66 @@ class ClassRarity:
             logits = self.temperatures_[k] * rarity[rows]
             wk = np.exp(logits - logits.max())
             w[rows] = wk / wk.sum() * self.shares_[k] / total_share
+        return w
+
+
+class ClusterErrorWeights:
+    """The default debiasing weights: inverse cluster density times a first model's error rate, within each class.
+
+    Each class's rows are clustered (k-means, ``n_clusters``, on the leading ``n_components`` principal axes of a
+    first model's features): a coarse density Q(c) = n_c / n_k, a histogram whose cells follow the data. Half of the
+    class's draws go to the rows as in the data; the other half is spread over the clusters in proportion to the
+    first model's error rate e_c on them, whatever their size, so a row's weight is
+
+        w_i ∝ 1/2 · 1/n_k + 1/2 · e_c(i) / (n_c(i) · Σ_c e_c)        (class share n_k / n kept)
+
+    i.e. error rate × inverse density. A shortcut shows as a small cluster the first model gets almost always wrong
+    (the cue-conflicting rows): it gets a share of the draws near that of the oracle's group balancing. Hard but
+    unbiased rows spread their errors over every cluster, so the weights stay close to uniform and natural data are
+    not distorted, which is where plain error upweighting (JTT) loses accuracy. No group column is read: only the
+    training label, the first model's features and whether it got each row right.
+    """
+
+    def __init__(self, n_clusters: int = 8, n_components: int = 32, seed: int = 0) -> None:
+        self.n_clusters = n_clusters
+        self.n_components = n_components
+        self.seed = seed
+
+    def fit(self, X: np.ndarray, y: np.ndarray, errors: np.ndarray) -> "ClusterErrorWeights":
+        from sklearn.cluster import KMeans
+        from sklearn.decomposition import PCA
+
+        X, y, errors = np.asarray(X, dtype=np.float64), np.asarray(y), np.asarray(errors, dtype=bool)
+        self.share_ = {k: float(np.mean(y == k)) for k in np.unique(y)}
+        self.models_: dict[Any, tuple[Any, Any, np.ndarray]] = {}
+        labels = np.zeros(len(y), dtype=np.int64)
+        for k in self.share_:
+            rows = np.flatnonzero(y == k)
+            n_k = len(rows)
+            K = max(1, min(self.n_clusters, n_k))
+            pca = PCA(min(self.n_components, n_k, X.shape[1]), random_state=self.seed).fit(X[rows])
+            km = KMeans(K, n_init=3, random_state=self.seed).fit(pca.transform(X[rows]))
+            lab = km.labels_
+            n_c = np.bincount(lab, minlength=K).astype(np.float64)
+            e_c = np.bincount(lab, weights=errors[rows], minlength=K) / np.maximum(n_c, 1.0)
+            # per-row weight inside the class, before the class share: data half + error-rate-per-cluster half
+            err_part = e_c / np.maximum(n_c, 1.0) / e_c.sum() if e_c.sum() > 0 else np.zeros(K)
+            self.models_[k] = (pca, km, 0.5 * err_part + 0.5 / n_k)
+            labels[rows] = lab
+        self.clusters_ = labels
+        self.weights_ = self.weights(X, y)
+        return self
+
+    def weights(self, X: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Weights of rows (the fitted ones, or new ones such as the validation rows, assigned to the nearest cluster
+        of their class): probabilities that sum to 1, every class at its share of the fitted rows."""
+        X, y = np.asarray(X, dtype=np.float64), np.asarray(y)
+        w = np.zeros(len(y))
+        present = [k for k in np.unique(y) if k in self.models_]
+        total = sum(self.share_[k] for k in present) or 1.0
+        for k in present:
+            rows = np.flatnonzero(y == k)
+            pca, km, row_weight = self.models_[k]
+            wk = row_weight[km.predict(pca.transform(X[rows]))]
+            w[rows] = wk / wk.sum() * self.share_[k] / total
         return w

@@ -1,6 +1,13 @@
-"""`debias train-classifier`: train a label classifier with one of four sampling methods and evaluate it per group.
+"""`debias train-classifier`: train a label classifier with one of the sampling methods and evaluate it per group.
 
 Methods (``--reweight``):
+    cluster-errors  the default. A first model is trained plainly for ``stage1_epochs``; each class's rows are
+               clustered in its feature space, and a fresh model is trained on draws ∝ the first model's error rate
+               on a row's cluster ÷ the cluster's size (inverse cluster density), half of each class's draws kept as in
+               the data (:class:`debias.reweighting.ClusterErrorWeights`). The epoch is chosen by validation accuracy
+               weighted by the same weights. Label-free: no group column is read.
+    rarity     inverse kNN density within each class in the same first model's feature space, tempered to
+               ``rarity_ess`` (:class:`debias.reweighting.ClassRarity`): sampling by rarity alone, no error signal.
     none       ERM: every training row once per epoch.
     dbvae      DB-VAE, Amini et al. (AIES 2019) Algorithm 1: the classifier is the DB-VAE's own head, trained jointly
                with the VAE (Eq. 5); each epoch re-encodes the training rows, refits the latent histograms and draws
@@ -9,11 +16,14 @@ Methods (``--reweight``):
     jtt        Just Train Twice, Liu et al. (ICML 2021): ``jtt_epochs`` of ERM, then a fresh model trained with the
                rows the first one misclassified upsampled ``jtt_upweight`` times.
 
+``oracle`` is a reference, not a method: group-balanced sampling over ``oracle_groups`` (`debias compare
+--oracle-groups`), the ceiling that any resampling can reach.
+
 Groups (``--eval-groups``) are read only after training, for the evaluation; the validation rows used to select the
 epoch come from the training rows (seeded, stratified by label), never from the evaluation rows.
 
-Outputs in ``--out``: predictions.csv, metrics.json, classifier.pt (+ checkpoint.pt, history.csv; jtt_stage1/ for
-JTT's first model).
+Outputs in ``--out``: predictions.csv, metrics.json, report.html, classifier.pt (+ checkpoint.pt, history.csv;
+stage1/ or jtt_stage1/ for the first model).
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ from debias.metrics import CROSS, classification_metrics
 from debias.density import KNNDensity
 from debias.reweighting import (
     ClassRarity,
+    ClusterErrorWeights,
     DBVAEAdaptive,
     Fixed,
     Uniform,
@@ -56,7 +67,9 @@ from debias.training import encode_labels
 from pipelines.audit import DensityOptions
 from pipelines.train import vae_config
 
-METHODS = ("none", "dbvae", "two-stage", "jtt", "rarity", "rarity-jtt")
+METHODS = ("cluster-errors", "rarity", "none", "dbvae", "two-stage", "jtt")
+DEFAULT_METHOD = "cluster-errors"
+FIRST_MODEL_METHODS = ("cluster-errors", "rarity")  # weigh rows in the feature space of a first, plain model
 # A reference, not a method: group-balanced sampling that reads the group columns (``oracle_groups``). `compare`
 # runs it beside the methods to show the ceiling that resampling can reach; it is never a --reweight choice.
 ORACLE = "oracle"
@@ -67,7 +80,7 @@ class ClassifierJob:
     data: str
     label: str
     out: Path
-    method: str = "dbvae"
+    method: str = "cluster-errors"
     where: list[str] = field(default_factory=list)
     eval_where: list[str] = field(default_factory=list)  # empty: evaluate on the validation rows
     eval_groups: list[str] = field(default_factory=list)
@@ -91,14 +104,15 @@ class ClassifierJob:
     # jtt
     jtt_epochs: int = 2
     jtt_upweight: float | str = "auto"  # lambda_up, or "auto": (1 - error rate) / error rate
-    # rarity, rarity-jtt: a first (ERM) model's features, inverse kNN density within each class
-    stage1_epochs: int = 2
-    stage1_loss: str = "ce"  # or "gce": a bias-amplified first model (LfF)
-    rarity_ess: float = 0.25
-    rarity_k: int = 20
-    rarity_dims: int = 32
-    hybrid: str = "product"
-    select_rule: str = "weighted"  # rarity methods: validation accuracy weighted by the method's own weights
+    # cluster-errors, rarity: weights from the features of a first model trained plainly for stage1_epochs
+    stage1_epochs: int = 4
+    stage1_loss: str = "ce"  # or "gce": a bias-amplified first model (LfF's generalized cross-entropy)
+    clusters: int = 8  # cluster-errors: k-means clusters per class
+    rarity_ess: float = 0.25  # rarity: effective sample size of the weights within each class, as a fraction
+    rarity_k: int = 20  # rarity: neighbours of the kNN density
+    rarity_dims: int = 32  # both: leading principal axes of the features kept
+    # best epoch by validation accuracy weighted by the method's own weights (cluster-errors, rarity, oracle)
+    weighted_selection: bool = True
     resume: bool = False
     progress: bool = True
     show_table: bool = True
@@ -194,6 +208,10 @@ def _run_train_classifier(job: ClassifierJob, ctx: DistContext) -> ClassifierRes
         raise DebiasError("--val-fraction must be in [0, 1)")
     if job.jtt_upweight != "auto" and not (isinstance(job.jtt_upweight, (int, float)) and job.jtt_upweight >= 1):
         raise DebiasError(f"--jtt-upweight must be 'auto' or a number >= 1, got {job.jtt_upweight!r}")
+    if job.stage1_loss not in ("ce", "gce"):
+        raise DebiasError(f"--stage1-loss must be ce or gce, got {job.stage1_loss!r}")
+    if min(job.stage1_epochs, job.clusters, job.rarity_k, job.rarity_dims) < 1 or not 0 < job.rarity_ess <= 1:
+        raise DebiasError("--stage1-epochs, --clusters, --rarity-k and --rarity-dims must be >= 1, --rarity-ess in (0, 1]")
     if job.out.joinpath("metrics.json").exists() and not job.resume:
         raise DebiasError(f"{job.out} already holds a finished run; choose another --out")
 
@@ -279,8 +297,10 @@ def _run_train_classifier(job: ClassifierJob, ctx: DistContext) -> ClassifierRes
         # is drawn equally often, and the epoch is chosen by validation accuracy with the same group weights.
         _require(table, job.oracle_groups, "--oracle-groups")
         scheme = Fixed(ORACLE, group_balanced_weights(table.iloc[fit_rows], job.oracle_groups))
-        selection_weights = group_balanced_weights(table.iloc[val_rows], job.oracle_groups)
-    elif job.method in ("rarity", "rarity-jtt"):
+        if job.weighted_selection:
+            selection_weights = group_balanced_weights(table.iloc[val_rows], job.oracle_groups)
+    elif job.method in FIRST_MODEL_METHODS:
+        # A first model, trained plainly for a few epochs, gives the feature space both methods weigh rows in.
         first = train_classifier(
             model_config,
             replace(train_cfg, epochs=job.stage1_epochs, select="last", objective=job.stage1_loss),
@@ -288,37 +308,29 @@ def _run_train_classifier(job: ClassifierJob, ctx: DistContext) -> ClassifierRes
             y_fit,
             Uniform(len(fit_rows)),
             job.out / "stage1",
-            meta={**meta, "method": "rarity-stage1"},
+            meta={**meta, "method": f"{job.method}-stage1"},
             resume=job.resume,
             progress=job.progress,
             description="stage 1 ",
             ctx=ctx,
         )
         payload = None
-        if ctx.is_main:
+        if ctx.is_main:  # rank 0's weights on every rank, so that all ranks draw the same epochs
             feats = encode_features(first.model, train_images.batch, len(fit_rows))
-            density = ClassRarity(
-                lambda: KNNDensity(n_neighbors=job.rarity_k, n_components=job.rarity_dims), target_ess=job.rarity_ess
-            ).fit(feats, y_fit)
-            w = density.weights_
-            w_val = density.weights(encode_features(first.model, val_images.batch, len(val_rows)), y_val)
-            if job.method == "rarity-jtt":
-                err = predict_proba(first.model, train_images).argmax(1) != y_fit
-                err_val = predict_proba(first.model, val_images).argmax(1) != y_val
-                up = jtt_upweight_auto(err)
-                if job.hybrid == "product":
-                    w = w * np.where(err, up, 1.0)
-                    w_val = w_val * np.where(err_val, up, 1.0)
-                elif job.hybrid == "groups":
-                    w = balance_cells(w, y_fit, err)
-                    w_val = balance_cells(w_val, y_val, err_val)
-                else:  # mix
-                    w = 0.5 * w / w.sum() + 0.5 * jtt_weights(err, up)
-                    w_val = 0.5 * w_val / max(w_val.sum(), 1e-300) + 0.5 * jtt_weights(err_val, up)
-            payload = (w / w.sum(), w_val)
+            feats_val = encode_features(first.model, val_images.batch, len(val_rows))
+            if job.method == "rarity":
+                est: Any = ClassRarity(
+                    lambda: KNNDensity(n_neighbors=job.rarity_k, n_components=job.rarity_dims),
+                    target_ess=job.rarity_ess,
+                ).fit(feats, y_fit)
+            else:
+                errors = predict_proba(first.model, train_images).argmax(1) != y_fit
+                est = ClusterErrorWeights(job.clusters, job.rarity_dims, seed=job.train.seed).fit(feats, y_fit, errors)
+                extra["first_model"] = {"error_rate": float(errors.mean())}
+            payload = (est.weights_, est.weights(feats_val, y_val) if len(val_rows) else np.zeros(0))
         w, w_val = broadcast_object(payload, ctx)
         scheme = Fixed(job.method, w)
-        if job.select_rule == "weighted":
+        if job.weighted_selection:
             selection_weights = w_val
     else:  # jtt: an ERM model for jtt_epochs, then its training errors upsampled in a second, fresh training
         first = train_classifier(
@@ -433,19 +445,6 @@ def _run_train_classifier(job: ClassifierJob, ctx: DistContext) -> ClassifierRes
     return ClassifierResult(metrics=metrics, predictions=predictions, out=job.out)
 
 
-def balance_cells(w: np.ndarray, y: np.ndarray, err: np.ndarray) -> np.ndarray:
-    """Within each class, the rows the first model got wrong and those it got right each get half of the class's
-    share of the draws; inside each cell the rows keep their relative weights ``w``."""
-    out = np.zeros(len(y))
-    for k in np.unique(y):
-        cells = [np.flatnonzero((y == k) & err), np.flatnonzero((y == k) & ~err)]
-        cells = [c for c in cells if len(c)]
-        for c in cells:
-            wc = w[c] if w[c].sum() > 0 else np.ones(len(c))
-            out[c] = wc / wc.sum() * np.mean(y == k) / len(cells)
-    return out
-
-
 def group_balanced_weights(table: pd.DataFrame, columns: list[str]) -> np.ndarray:
     """1 / (rows in the row's group) for the cross product of ``columns``, as probabilities (the oracle reference)."""
     if len(table) == 0:
@@ -490,17 +489,17 @@ def _method_options(job: ClassifierJob) -> dict[str, Any]:
     if job.method == "two-stage":
         return {"weights": str(job.weights)}
     if job.method == ORACLE:
-        return {"oracle_groups": list(job.oracle_groups)}
-    if job.method in ("rarity", "rarity-jtt"):
+        return {"oracle_groups": list(job.oracle_groups), "weighted_selection": job.weighted_selection}
+    if job.method in FIRST_MODEL_METHODS:
         opts = {
             "stage1_epochs": job.stage1_epochs,
             "stage1_loss": job.stage1_loss,
-            "rarity_ess": job.rarity_ess,
-            "rarity_k": job.rarity_k,
-            "rarity_dims": job.rarity_dims,
-            "select_rule": job.select_rule,
+            "dims": job.rarity_dims,
+            "weighted_selection": job.weighted_selection,
         }
-        return {**opts, "hybrid": job.hybrid} if job.method == "rarity-jtt" else opts
+        if job.method == "rarity":
+            return {**opts, "rarity_ess": job.rarity_ess, "rarity_k": job.rarity_k}
+        return {**opts, "clusters": job.clusters}
     return {}
 
 

@@ -34,6 +34,8 @@ def tiny_job(out: Path, method: str, **kw) -> ClassifierJob:
         width=8,
         train=ClassifierTrainConfig(epochs=2, batch_size=64, seed=1, device="cpu"),
         jtt_epochs=1,
+        stage1_epochs=1,
+        rarity_dims=8,
         progress=False,
         show_table=False,
     )
@@ -115,7 +117,8 @@ def test_eval_groups_never_reach_training(tmp_path):
     shuffled.to_csv(tmp_path / "b.csv", index=False)
     train = ClassifierTrainConfig(epochs=1, batch_size=64, seed=2, device="cpu")
     kw = dict(eval_groups=["colour", "group"], where=["split=train"], eval_where=["split=test"], train=train)
-    for method in ("dbvae", "jtt"):  # the adaptive weights and JTT's error set both come from the model alone
+    # the adaptive weights, JTT's error set and the first model's clusters and errors all come from the model alone
+    for method in ("dbvae", "jtt", "cluster-errors", "rarity"):
         a = run_train_classifier(tiny_job(tmp_path / f"{method}_a", method, data=str(tmp_path / "a.csv"), **kw))
         b = run_train_classifier(tiny_job(tmp_path / f"{method}_b", method, data=str(tmp_path / "b.csv"), **kw))
         assert_same_weights(weights_of(a.out), weights_of(b.out))
@@ -180,3 +183,50 @@ def test_dbvae_loss_weights_the_vae_term():
     assert dbvae_loss(model, x, y, 0.0)[0].item() == pytest.approx(ce.item(), rel=1e-5)
     w = 0.01
     assert dbvae_loss(model, x, y, w)[0].item() == pytest.approx(ce.item() + w * (joint - ce).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["cluster-errors", "rarity"])
+def test_first_model_methods_run_end_to_end_with_weighted_selection(tmp_path, method):
+    """The default method and the density-only one on a tiny set: a first model, weights that favour the off-colour
+    rows, the epoch chosen by the weighted validation accuracy, and the report with what the debiaser did."""
+    from debias.classifier_training import selection_accuracy
+
+    res = run_train_classifier(tiny_job(tmp_path / method, method, train=ClassifierTrainConfig(
+        epochs=2, batch_size=64, seed=1, device="cpu")))
+    m = res.metrics
+    assert (tmp_path / method / "stage1" / "classifier.pt").is_file()
+    assert m["config"]["method_options"]["weighted_selection"] is True
+    val = [h["val_accuracy"] for h in m["history"]]
+    assert m["selected_epoch"] == int(np.argmax(val)) + 1
+    assert all(h["ess_fraction"] < 1.0 for h in m["history"])  # the draws are weighted, not uniform
+    shares = {r["group"]: r for r in m["weight_shares"]["colour x label"]}
+    assert sum(r["draw_share"] for r in shares.values()) == pytest.approx(1.0)
+    assert set(shares) == {"red x circle", "blue x circle", "red x square", "blue x square"}
+    html = (res.out / "report.html").read_text()
+    for fragment in ("Accuracy per group", "Draws per group against the data", "Sampling weights over epochs",
+                     "Most upweighted training images", "label = circle", "label = square"):
+        assert fragment in html, fragment
+    assert html.count('<img class="px"') == 64  # 32 most upweighted images per class
+    assert "<script" not in html
+
+
+def test_report_escapes_values_from_the_data(tmp_path):
+    """A label value with markup in it is shown as text in report.html (Jinja2 autoescape)."""
+    table = _write_manifest(tmp_path, n=120)
+    table["label"] = np.where(table["label"] == "circle", "<b>circle</b>", "square")
+    table.to_csv(tmp_path / "m.csv", index=False)
+    res = run_train_classifier(tiny_job(tmp_path / "run", "none", data=str(tmp_path / "m.csv"),
+                                        eval_where=[], eval_groups=["colour"],
+                                        train=ClassifierTrainConfig(epochs=1, batch_size=64, device="cpu")))
+    html = (res.out / "report.html").read_text()
+    assert "&lt;b&gt;circle&lt;/b&gt;" in html and "<b>circle</b>" not in html
+
+
+def test_oracle_is_a_reference_that_needs_its_groups(tmp_path):
+    with pytest.raises(DebiasError, match="oracle"):
+        run_train_classifier(tiny_job(tmp_path / "o", "oracle"))
+    with pytest.raises(DebiasError, match="only it reads them"):
+        run_train_classifier(tiny_job(tmp_path / "o", "none", oracle_groups=["colour"]))
+    res = run_train_classifier(tiny_job(tmp_path / "o2", "oracle", oracle_groups=["colour", "label"]))
+    shares = {r["group"]: r["draw_share"] for r in res.metrics["weight_shares"]["colour x label"]}
+    assert list(shares.values()) == pytest.approx([0.25] * 4)  # every group drawn equally often

@@ -58,6 +58,40 @@ def test_compare_tables_summarise_the_runs(tmp_path):
         run_compare(other)
 
 
+def test_compare_reports_the_oracle_reference_and_the_gap_each_method_closes(tmp_path):
+    from pipelines.compare import ORACLE_LABEL
+
+    out = tmp_path / "cmp"
+    job = CompareJob(base=replace(base_job(out), stage1_epochs=1, rarity_dims=8), out=out,
+                     methods=["cluster-errors", "jtt"], seeds=[0, 1], oracle_groups=["colour", "label"], progress=False)
+    res = run_compare(job)
+    summary = json.loads((out / "comparison.json").read_text())
+    assert list(summary["methods"]) == ["none", "cluster-errors", "jtt", "oracle"]  # ERM added: the gap starts there
+    for m in ("cluster-errors", "jtt"):
+        got = summary["gap_closed"][m]["values"]
+        expected = []
+        for s in (0, 1):
+            w = {k: json.loads((run_dir(out, k, s) / "metrics.json").read_text())["worst_group_accuracy"]
+                 for k in ("none", m, "oracle")}
+            if w["oracle"] > w["none"]:
+                expected.append((w[m] - w["none"]) / (w["oracle"] - w["none"]))
+        assert got == pytest.approx(expected)
+    assert ORACLE_LABEL in res.markdown and "share of the ERM→oracle worst-group gap closed" in res.markdown
+    assert "oracle" not in summary["gap_closed"]
+
+
+def test_gap_closed_hand_computed():
+    from pipelines.compare import gap_closed
+
+    def run(seed, worst):
+        return {"seed": seed, "worst_group_accuracy": worst}
+
+    runs = {"none": [run(0, 0.1), run(1, 0.2)], "m": [run(0, 0.4), run(1, 0.2)], "oracle": [run(0, 0.5), run(1, 0.2)]}
+    g = gap_closed(runs)["m"]
+    assert g["values"] == pytest.approx([0.75])  # seed 1 has no gap to close and is left out
+    assert g["mean"] == pytest.approx(0.75)
+
+
 def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     """Run the command line in this process (as `debias ARGS`): exit code, stdout, stderr."""
     from debias.cli import main
@@ -91,8 +125,9 @@ def test_cli_train_classifier_prints_the_group_table(tmp_path, monkeypatch, caps
         (["--reweight", "none", "--subsample", "colour=red"], "--subsample"),
         (["--reweight", "none", "--eval-groups", "nosuch"], "nosuch"),
         (["--reweight", "dbvae", "--combine", "sum"], "--combine must be product or max"),
+        (["--stage1-loss", "mse"], "--stage1-loss must be ce or gce"),
     ],
-    ids=["unknown-method", "two-stage-without-weights", "bad-subsample", "unknown-group", "bad-combine"],
+    ids=["unknown-method", "two-stage-without-weights", "bad-subsample", "unknown-group", "bad-combine", "bad-loss"],
 )
 def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys, args, fragment):
     code, _, stderr = cli(monkeypatch, capsys, "train-classifier", "--data", SPURIOUS, "--label", "label", "--where",
@@ -116,6 +151,23 @@ def test_cli_dbvae_density_options_reach_the_run(tmp_path, monkeypatch, capsys):
     assert code == 0, stderr
     density = load_classifier(out)[1]["meta"]["method_options"]["density"]
     assert (density["combine"], density["bins"], density["whiten"], density["dims"]) == ("max", 7, False, "active")
+
+
+def test_cli_default_method_is_cluster_errors_and_its_options_reach_the_run(tmp_path, monkeypatch, capsys):
+    from debias.classifier_training import load_classifier
+
+    out = tmp_path / "run"
+    code, stdout, stderr = cli(
+        monkeypatch, capsys,
+        "train-classifier", "--data", SPURIOUS, "--label", "label", "--where", "split=train", "--eval-where",
+        "split=test", "--eval-groups", "colour,label", "--epochs", "1", "--stage1-epochs", "1", "--clusters", "3",
+        "--rarity-dims", "8", "--out", str(out), *TINY,
+    )
+    assert code == 0, stderr
+    meta = load_classifier(out)[1]["meta"]
+    assert meta["method"] == "cluster-errors"
+    assert meta["method_options"]["clusters"] == 3 and meta["method_options"]["stage1_epochs"] == 1
+    assert "share of the draws per colour x label" in stdout and (out / "report.html").is_file()
 
 
 def test_python_m_debias_lists_the_commands():

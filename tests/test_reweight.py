@@ -166,20 +166,6 @@ def test_class_rarity_upweights_the_rare_mode_of_each_class_and_keeps_class_shar
     assert wn[1] > wn[2] and wn[3] > wn[0]
 
 
-def test_balance_cells_gives_errors_and_the_rest_half_of_each_class():
-    from pipelines.train_classifier import balance_cells
-
-    y = np.array([0, 0, 0, 0, 1, 1, 1])
-    err = np.array([True, False, False, False, False, False, True])
-    w = balance_cells(np.array([1.0, 1.0, 1.0, 2.0, 1.0, 3.0, 1.0]), y, err)
-    assert w.sum() == pytest.approx(1.0)
-    assert w[0] == pytest.approx(4 / 7 / 2)  # the only error of class 0 takes half of the class's 4/7
-    assert w[1:4] == pytest.approx(np.array([1, 1, 2]) / 4 * (4 / 7 / 2))  # relative weights kept inside a cell
-    assert w[4:6] == pytest.approx(np.array([1, 3]) / 4 * (3 / 7 / 2))
-    no_errors = balance_cells(np.ones(3), np.array([0, 0, 1]), np.zeros(3, dtype=bool))
-    assert no_errors == pytest.approx([1 / 3, 1 / 3, 1 / 3])
-
-
 def test_selection_accuracy_weights_each_class_by_the_methods_weights():
     from debias.classifier_training import selection_accuracy
 
