@@ -240,9 +240,23 @@ def test_dbvae_weights_from_rank_0_give_every_rank_the_same_draw(tmp_path):
     single = rows_of(tmp_path / "rows-single", "run", 0, 1)[0]
     shards = rows_of(tmp_path / "rows-ddp", "run", 0, 2)
     assert np.array_equal(interleave(shards)[: len(single)], single)
-    assert len(np.unique(single)) < len(single)  # weighted draws with replacement, not a permutation
+    assert len(np.unique(single)) < len(single)  # weighted draws (heavy rows twice or more), not a permutation
     _, meta = load_classifier(tmp_path / "ddp" / "run")
     assert meta["history"][0]["ess_fraction"] < 1.0
+
+
+def test_default_method_runs_under_torchrun(tmp_path):
+    """cluster-errors: the first model trains data-parallel, rank 0 clusters its features and broadcasts the weights,
+    and every rank draws its slice of the same weighted epochs."""
+    env = {"DEBIAS_CACHE_DIR": str(tmp_path / "cache"), "DEBIAS_RECORD_ROWS": str(tmp_path / "rows")}
+    torchrun(
+        "train-classifier", "--data", f"builtin:spurious?n={SPURIOUS_N}", "--out", str(tmp_path / "ddp" / "run"),
+        "--epochs", "1", "--stage1-epochs", "1", "--clusters", "3", "--rarity-dims", "8", "-q", *CLS_ARGS, env=env,
+    )  # fmt: skip
+    _, meta = load_classifier(tmp_path / "ddp" / "run")
+    assert meta["meta"]["method"] == "cluster-errors" and meta["history"][0]["ess_fraction"] < 1.0
+    shards = rows_of(tmp_path / "rows", "run", 0, 2)
+    assert len(shards[0]) == len(shards[1]) == -(-meta["meta"]["n_train"] // 2)
 
 
 def test_augment_under_torchrun_writes_its_images_once(tmp_path):
