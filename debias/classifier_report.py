@@ -175,7 +175,7 @@ def _group_plot(metrics: dict[str, Any]) -> str:
     ax = fig.add_subplot(1, 1, 1)
     keys = list(groups)
     ax.bar(range(len(keys)), [100 * groups[k]["accuracy"] for k in keys], color="#4c78a8")
-    ax.set_xticks(range(len(keys)), keys, rotation=30 if len(keys) > 4 else 0, ha="right" if len(keys) > 4 else "center")
+    ax.set_xticks(range(len(keys)), keys, rotation=30 if len(keys) > 2 else 0, ha="right" if len(keys) > 2 else "center")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_title(f"accuracy per {name}")

@@ -184,3 +184,4 @@ def test_group_balanced_weights_draw_every_group_equally():
     w = group_balanced_weights(t, ["a", "b"])
     assert w == pytest.approx([1 / 6, 1 / 6, 1 / 3, 1 / 3])
     assert group_balanced_weights(t, ["a"]) == pytest.approx([1 / 6, 1 / 6, 1 / 6, 1 / 2])
+
