@@ -103,7 +103,9 @@ def _write_heatmaps(det, data, scores: pd.DataFrame, folder: Path, k: int) -> li
     x = data.batch(rows)
     names = []
     for j, row in enumerate(rows):
-        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", str(scores["path"].iloc[row]))[-80:]
+        # The source's own image extension is dropped: "digit3.png" becomes 001_digit3.png, not 001_digit3.png.png.
+        source = re.sub(r"\.(png|jpe?g|webp|bmp|gif|tiff?)$", "", str(scores["path"].iloc[row]), flags=re.IGNORECASE)
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", source)[-80:]
         name = f"{j + 1:03d}_{stem}.png"
         (folder / name).write_bytes(heatmap_png(x[j].numpy(), recon[j].numpy()))
         names.append(name)

@@ -20,11 +20,17 @@ def run_serve(host: str, port: int, log_level: str = "info", **overrides: Any) -
     ``overrides`` are :class:`service.settings.Settings` fields; those not given come from ``DEBIAS_*`` variables.
     """
     import uvicorn
+    from pydantic import ValidationError
 
     from service.app import create_app
     from service.settings import Settings
 
-    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    try:
+        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:  # one line, naming the setting (DEBIAS_<NAME> or the option)
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "settings"
+        raise DebiasError(f"invalid setting {where}: {first['msg']}") from None
     check_serve_inputs(settings)
     uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, workers=1, access_log=False)
 

@@ -29,6 +29,7 @@ stage1/ or jtt_stage1/ for the first model).
 from __future__ import annotations
 
 import hashlib
+import time
 import zlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -315,6 +316,7 @@ def _run_train_classifier(job: ClassifierJob, ctx: DistContext) -> ClassifierRes
             ctx=ctx,
         )
         payload = None
+        t_weights = time.perf_counter()
         if ctx.is_main:  # rank 0's weights on every rank, so that all ranks draw the same epochs
             feats = encode_features(first.model, train_images.batch, len(fit_rows))
             feats_val = encode_features(first.model, val_images.batch, len(val_rows))
@@ -329,6 +331,11 @@ def _run_train_classifier(job: ClassifierJob, ctx: DistContext) -> ClassifierRes
                 extra["first_model"] = {"error_rate": float(errors.mean())}
             payload = (est.weights_, est.weights(feats_val, y_val) if len(val_rows) else np.zeros(0))
         w, w_val = broadcast_object(payload, ctx)
+        # The first model's cost, for the method's cost per epoch: its epochs plus the encoding and the density fit.
+        extra.setdefault("first_model", {}).update(
+            {"epochs": job.stage1_epochs, "epoch_s": [h["epoch_s"] for h in first.history],
+             "weights_s": time.perf_counter() - t_weights}
+        )  # fmt: skip
         scheme = Fixed(job.method, w)
         if job.weighted_selection:
             selection_weights = w_val

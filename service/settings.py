@@ -54,7 +54,14 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_key_is_no_key(cls, v: SecretStr | None) -> SecretStr | None:
         # DEBIAS_API_KEY= (empty) would otherwise accept an empty header; treat it as "no key configured".
-        return v if v is not None and v.get_secret_value() else None
+        if v is None or not v.get_secret_value():
+            return None
+        # HTTP header values arrive as Latin-1 bytes; a key with other characters (é, emoji) could never be sent
+        # byte-for-byte alike by every client, so it is refused at start-up instead of never matching.
+        key = v.get_secret_value()
+        if not all(" " < c < "\x7f" for c in key):
+            raise ValueError("DEBIAS_API_KEY must be printable ASCII without spaces (it travels in an HTTP header)")
+        return v
 
     @field_validator("formats", mode="before")
     @classmethod

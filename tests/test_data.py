@@ -592,3 +592,16 @@ def test_batch_and_subset(tmp_path):
 def test_builtin_registry_is_exported():
     assert {"shapes", "spurious"} <= set(BUILTIN_DATASETS)
     assert all(callable(v) for v in BUILTIN_DATASETS.values())
+
+
+def test_duplicate_manifest_paths_are_kept_with_one_warning(tmp_path, capsys):
+    from debias.data import load_images
+
+    img = np.zeros((8, 8, 3), dtype=np.uint8)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(img).save(tmp_path / name)
+    pd.DataFrame({"path": ["a.png", "b.png", "a.png", "a.png"]}).to_csv(tmp_path / "m.csv", index=False)
+    data = load_images(str(tmp_path / "m.csv"), image_size=32, progress=False, cache_dir=tmp_path / "cache")
+    assert len(data) == 4  # kept: duplicating rows may be deliberate oversampling
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "2 rows repeat a path" in err and "a.png" in err

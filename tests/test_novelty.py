@@ -284,8 +284,11 @@ def test_score_command_end_to_end(run, tmp_path):
                   "--heatmaps", "2", "-q"],
     )
     assert res.exit_code == 0, res.output
-    res = runner.invoke(cli_app, ["score", "--model", str(run), "--data", str(noise_dir), "--out", str(out_noise), "-q"])
+    res = runner.invoke(cli_app, ["score", "--model", str(run), "--data", str(noise_dir), "--out", str(out_noise),
+                                  "--heatmaps", "1", "-q"])
     assert res.exit_code == 0, res.output
+    heat = json.loads((out_noise / "summary.json").read_text())["heatmaps"]
+    assert len(heat) == 1 and heat[0].endswith(".png") and not heat[0].endswith(".png.png")  # no doubled extension
     assert "novel" in res.output
 
     scores = pd.read_parquet(out_in / "scores.parquet")

@@ -207,3 +207,22 @@ def test_schemathesis_finds_no_server_errors(run):
     problems, seen = fuzz_operations(schema)
     assert not problems, problems
     assert any(label == "POST /v1/score" for label, _ in seen)  # the upload route was exercised
+
+
+def test_non_ascii_api_key_is_refused_at_start_up(tmp_path, monkeypatch, capsys):
+    """A key with characters outside printable ASCII could never match the Latin-1 header; refuse it in one line."""
+    import sys
+
+    from pydantic import ValidationError
+
+    from debias.cli import main
+
+    with pytest.raises(ValidationError, match="printable ASCII"):
+        Settings(model_dir=tmp_path, api_key="clé-secrète")
+    assert Settings(model_dir=tmp_path, api_key="plain-KEY_123").api_key is not None
+    monkeypatch.setenv("DEBIAS_API_KEY", "clé")
+    monkeypatch.setattr(sys, "argv", ["debias", "serve", "--model", str(tmp_path)])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and "api_key" in err[0] and "printable ASCII" in err[0]

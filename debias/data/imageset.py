@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -184,6 +185,7 @@ def load_images(
             what=f"{len(table)} images",
         )
     report_skipped(store.skipped)
+    _warn_duplicate_paths(store.table)
     return ImageSet(
         images=store.images,
         table=store.table,
@@ -194,3 +196,18 @@ def load_images(
         channels=channels,
         root=src.root,
     )
+
+
+def _warn_duplicate_paths(table: pd.DataFrame) -> None:
+    """A manifest that lists a file twice makes it count twice (in training, in an audit's group shares); that may be
+    deliberate oversampling, so the rows are kept, but the user is told once, on stderr."""
+    if "path" not in table.columns or len(table) < 2:
+        return
+    dup = table["path"].astype(str).duplicated(keep="first")
+    if dup.any():
+        first = table["path"].astype(str)[dup].iloc[0]
+        print(
+            f"warning: {int(dup.sum())} rows repeat a path listed earlier (first: {first}); "
+            "each copy counts as its own row",
+            file=sys.stderr,
+        )
