@@ -15,7 +15,7 @@ from service.audit_data import AuditStore
 from service.engine import ScoringEngine, Submit
 from service.errors import install_error_handlers
 from service.metrics import ServiceMetrics
-from service.middleware import BodySizeLimitMiddleware, RequestMetricsMiddleware
+from service.middleware import BodySizeLimitMiddleware, RequestMetricsMiddleware, SecurityHeadersMiddleware
 from service.routes import ops, v1
 from service.settings import Settings
 from service.web import audit_api, pages, static_files
@@ -46,6 +46,7 @@ def create_app(settings: Settings | None = None, submit: Submit | None = None) -
     # The middleware added last is the outermost: the metrics also count the body limit's 413s.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    app.add_middleware(SecurityHeadersMiddleware)  # outermost: every answer carries them, the 413s too
     app.include_router(v1)
     app.include_router(ops)
     app.state.audit_store = AuditStore(settings.audit_dir)  # the web pages: / and /audit (service/web.py)

@@ -226,3 +226,18 @@ def test_non_ascii_api_key_is_refused_at_start_up(tmp_path, monkeypatch, capsys)
         main()
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and len(err) == 1 and "api_key" in err[0] and "printable ASCII" in err[0]
+
+
+def test_security_headers_on_pages_api_and_errors(client):
+    """Every answer says nosniff and forbids framing; the pages (and the API) carry the CSP, the Swagger page not."""
+    from service.middleware import PAGE_CSP
+
+    for path in ("/", "/static/score.js", "/v1/model", "/healthz"):
+        r = client.get(path)
+        assert r.status_code == 200, path
+        assert r.headers["x-content-type-options"] == "nosniff" and r.headers["x-frame-options"] == "DENY"
+        assert r.headers["content-security-policy"] == PAGE_CSP and "frame-ancestors 'none'" in PAGE_CSP
+    too_big = client.post("/v1/score", content=b"x" * 10, headers={"content-length": str(5_000_000)})
+    assert too_big.status_code == 413 and too_big.headers["x-content-type-options"] == "nosniff"
+    docs = client.get("/docs")
+    assert docs.headers["x-frame-options"] == "DENY" and "content-security-policy" not in docs.headers

@@ -331,6 +331,8 @@ def _column(page, name: str) -> list[float]:
 
 
 def test_browser_audit_table_sorts_and_filters(page, open_server, scores, audit_dir):
+    from playwright.sync_api import expect
+
     page.goto(f"{open_server}/audit")
     page.locator('#rows th[data-column="rarity"][aria-sort="descending"]').wait_for()
     rarity = _column(page, "rarity")
@@ -352,14 +354,15 @@ def test_browser_audit_table_sorts_and_filters(page, open_server, scores, audit_
     shape = scores.loc[sorted(rarest_rows), "shape"].mode()[0]
     page.fill("#filter", shape)
     want = int((scores.loc[sorted(rarest_rows), "shape"] == shape).sum())
-    page.wait_for_function(f"document.querySelectorAll('#rows tbody tr').length === {want}")
+    # Locator waits, not wait_for_function: the pages' Content-Security-Policy forbids evaluating strings as code.
+    expect(page.locator("#rows tbody tr")).to_have_count(want)
     cells = page.locator('#rows tbody td[data-column="shape"]').all_text_contents()
     assert cells == [shape] * want
 
     page.fill("#filter", "")
     page.click('[data-subset="typical"]')
     page.locator('#rows th[data-column="rarity"][aria-sort="ascending"]').wait_for()
-    page.wait_for_function("document.querySelectorAll('#rows tbody tr').length === 64")
+    expect(page.locator("#rows tbody tr")).to_have_count(64)
     typical = _column(page, "rarity")
     assert typical[0] == pytest.approx(scores["rarity"].min()) and typical == sorted(typical)
 

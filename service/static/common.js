@@ -12,6 +12,8 @@ const debias = (() => {
       if (k === "class") node.className = v;
       else if (k === "text") node.textContent = v;
       else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+      // through the CSSOM: the page's Content-Security-Policy blocks style attributes set as markup
+      else if (k === "style") node.style.cssText = v;
       else node.setAttribute(k, v);
     }
     for (const c of children) if (c !== null && c !== undefined) node.append(c);
