@@ -15,7 +15,12 @@ from service.audit_data import AuditStore
 from service.engine import ScoringEngine, Submit
 from service.errors import install_error_handlers
 from service.metrics import ServiceMetrics
-from service.middleware import BodySizeLimitMiddleware, RequestMetricsMiddleware, SecurityHeadersMiddleware
+from service.middleware import (
+    ApiKeyGateMiddleware,
+    BodySizeLimitMiddleware,
+    RequestMetricsMiddleware,
+    SecurityHeadersMiddleware,
+)
 from service.routes import ops, v1
 from service.settings import Settings
 from service.web import audit_api, pages, static_files
@@ -45,6 +50,11 @@ def create_app(settings: Settings | None = None, submit: Submit | None = None) -
     install_error_handlers(app)
     # The middleware added last is the outermost: the metrics also count the body limit's 413s.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    if settings.api_key is not None:  # the key before the body, and before the size limit reads the headers' length
+        protected = ("/v1",) + (("/metrics", "/docs", "/redoc", "/openapi.json") if settings.protect_ops else ())
+        app.add_middleware(
+            ApiKeyGateMiddleware, key=settings.api_key.get_secret_value().encode(), prefixes=protected
+        )
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     app.add_middleware(SecurityHeadersMiddleware)  # outermost: every answer carries them, the 413s too
     app.include_router(v1)

@@ -18,6 +18,11 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         default=None, description="When set (DEBIAS_API_KEY), /v1/* requires this value in the X-API-Key header."
     )
+    protect_ops: bool = Field(
+        default=False,
+        description="With an API key, also require it on /metrics and the API documentation (/docs, /redoc, "
+        "/openapi.json) (DEBIAS_PROTECT_OPS=true).",
+    )
     audit_dir: Path | None = Field(
         default=None, description="Folder written by 'debias audit', browsed at /audit (DEBIAS_AUDIT_DIR)."
     )

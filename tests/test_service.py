@@ -241,3 +241,14 @@ def test_security_headers_on_pages_api_and_errors(client):
     assert too_big.status_code == 413 and too_big.headers["x-content-type-options"] == "nosniff"
     docs = client.get("/docs")
     assert docs.headers["x-frame-options"] == "DENY" and "content-security-policy" not in docs.headers
+
+
+def test_protect_ops_puts_metrics_and_docs_behind_the_key(run, monkeypatch):
+    monkeypatch.setenv("DEBIAS_API_KEY", "s3cret-key")
+    for protect in (False, True):
+        app = create_app(Settings(model_dir=run, device="cpu", protect_ops=protect))
+        with TestClient(app) as c:
+            for path in ("/metrics", "/docs", "/openapi.json"):
+                assert c.get(path).status_code == (401 if protect else 200), (protect, path)
+                assert c.get(path, headers={"X-API-Key": "s3cret-key"}).status_code == 200
+            assert c.get("/healthz").status_code == 200 and c.get("/").status_code == 200  # probes and pages open

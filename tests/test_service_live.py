@@ -157,3 +157,34 @@ def test_serve_without_a_model_is_a_one_line_error(tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2 and "no trained model" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unauthenticated_upload_gets_its_401_before_the_body(server):
+    """Headers announcing 60 MB, then a few bytes and silence: the 401 comes from the headers alone, at once, and the
+    server closes the connection instead of waiting for (or reading) the rest (issue 14, item 2)."""
+    import socket
+    from urllib.parse import urlparse
+
+    base, _ = server
+    u = urlparse(base)
+
+    def first_reply(extra_header: bytes, length: int = 62914560) -> tuple[bytes, float]:
+        with socket.create_connection((u.hostname, u.port), timeout=10) as s:
+            s.sendall(
+                b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                + extra_header + f"Content-Length: {length}\r\n\r\n--b\r\n".encode()
+            )
+            t0 = time.monotonic()
+            reply = b""
+            while b"\r\n\r\n" not in reply:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                reply += chunk
+            return reply, time.monotonic() - t0
+
+    reply, took = first_reply(b"")
+    assert reply.startswith(b"HTTP/1.1 401") and b"connection: close" in reply.lower() and took < 5
+    # with the key, the request gets past the gate to the body limit, which refuses 1 GiB from the headers too
+    reply, took = first_reply(f"X-API-Key: {KEY}\r\n".encode(), length=2**30)
+    assert reply.startswith(b"HTTP/1.1 413") and took < 5
