@@ -67,6 +67,7 @@ class DataDescription:
     n_images: int
     n_skipped: int
     label: str | None = None
+    n_unlabelled: int = 0  # rows left out because their label was missing
 
 
 def encode_labels(values: pd.Series, classes: list[str] | None = None) -> tuple[np.ndarray, list[str]]:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from debias.data import load_images
 from debias.distributed import DistContext, distributed_job
@@ -48,10 +51,19 @@ def run_train(job: TrainJob) -> Path:
 def _run_train(job: TrainJob, ctx: DistContext) -> Path:
     progress = job.progress and ctx.is_main
     data = load_images(job.data, where=job.where, image_size=job.image_size, channels=job.channels, progress=progress)
-    labels, classes, vae_class = None, [], None
+    labels, classes, vae_class, n_unlabelled = None, [], None, 0
     if job.label is not None:
         if job.label not in data.table.columns:
             raise DebiasError(f"--label {job.label!r} is not a column of the data (columns: {', '.join(data.table.columns)})")
+        # Rows without a label are reported and left out, like unreadable images, and counted in the outputs.
+        has_label = data.table[job.label].notna().to_numpy()
+        n_unlabelled = int((~has_label).sum())
+        if n_unlabelled:
+            if not has_label.any():
+                raise DebiasError(f"--label {job.label!r} has no value in any of the {len(data)} rows")
+            if ctx.is_main:  # reported like unreadable images, also with --quiet
+                print(f"{n_unlabelled} rows without a {job.label!r} value left out", file=sys.stderr)
+            data = data.subset(np.flatnonzero(has_label))
         labels, classes = encode_labels(data.table[job.label])
         if len(classes) < 2:
             raise DebiasError(f"--label {job.label!r} has a single value ({classes[0]}); a classifier needs two or more")
@@ -78,6 +90,7 @@ def _run_train(job: TrainJob, ctx: DistContext) -> Path:
         n_images=len(data),
         n_skipped=len(data.skipped),
         label=job.label,
+        n_unlabelled=n_unlabelled,
     )
     return train_vae(
         data,

@@ -178,3 +178,23 @@ def test_checkpoint_refuses_pickled_code(tmp_path):
     proc = debias("audit", "--model", str(path), "--data", TINY, "--out", str(tmp_path / "a"))
     assert_one_line_error(proc, "cannot load checkpoint")
     assert "pwned" not in proc.stdout
+
+
+def test_train_with_a_label_leaves_out_rows_without_one(tmp_path):
+    """Rows whose label is missing are reported and skipped, like unreadable images, and counted in config.json."""
+    import numpy as np
+    from PIL import Image
+
+    rows = []
+    for i in range(24):
+        Image.fromarray(np.full((16, 16, 3), 10 * i, dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        rows.append({"path": f"{i}.png", "lab": None if i % 6 == 0 else ("a" if i % 2 else "b")})
+    pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)
+    run = tmp_path / "run"
+    proc = debias("train", "--data", str(tmp_path / "m.csv"), "--label", "lab", "--epochs", "1", "--out", str(run),
+                  *TRAIN_ARGS)
+    assert proc.returncode == 0, proc.stderr
+    assert "4 rows without a 'lab' value left out" in proc.stderr and "Traceback" not in proc.stderr
+    config = json.loads((run / "config.json").read_text())
+    assert config["data"]["n_unlabelled"] == 4 and config["data"]["n_images"] == 20
+    assert config["model"]["classes"] == ["a", "b"]
