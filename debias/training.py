@@ -230,7 +230,35 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple
             raise DebiasError(f"{run} has a checkpoint but no {MODEL}: training did not finish; resume it with --resume")
         raise DebiasError(f"no trained model at {run} (expected {MODEL} from 'debias train')")
     meta = load_checkpoint(path, map_location=device)
-    model = ConvVAE(VAEConfig(**meta["model_config"]))
-    model.load_state_dict(meta["model"])
+    model = model_from_checkpoint(meta, path)
     model.to(device).eval()
     return model, meta
+
+
+_MAX_WIDTH = 1024  # channels of the first convolution; the stored config is checked before anything is allocated
+_MAX_LATENT = 4096
+
+
+def model_from_checkpoint(meta: Any, path: Path) -> ConvVAE:
+    """The ConvVAE a checkpoint describes, with its weights, or a one-line DebiasError when the file loads but its
+    configuration is missing, malformed, oversized, or does not fit its weights."""
+    bad = f"{path} is not a debias model"
+    if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict) or not isinstance(
+        meta.get("model"), dict
+    ):
+        raise DebiasError(f"{bad} (no model_config / model entries)")
+    cfg = dict(meta["model_config"])
+    for key, limit in (("width", _MAX_WIDTH), ("latent_dim", _MAX_LATENT), ("n_classes", 100_000)):
+        value = cfg.get(key, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limit:
+            raise DebiasError(f"{bad}: model_config.{key} = {value!r} (expected an integer in 0..{limit})")
+    try:
+        model = ConvVAE(VAEConfig(**cfg))
+    except (TypeError, ValueError) as exc:
+        raise DebiasError(f"{bad}: bad model_config ({str(exc).splitlines()[0]})") from None
+    try:
+        model.load_state_dict(meta["model"])
+    except (RuntimeError, TypeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()
+        raise DebiasError(f"{bad}: its weights do not fit its model_config ({first[1].strip() if len(first) > 1 else first[0] if first else type(exc).__name__})") from None
+    return model

@@ -198,3 +198,20 @@ def test_train_with_a_label_leaves_out_rows_without_one(tmp_path):
     config = json.loads((run / "config.json").read_text())
     assert config["data"]["n_unlabelled"] == 4 and config["data"]["n_images"] == 20
     assert config["model"]["classes"] == ["a", "b"]
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"latent_dim": 9}, "weights do not fit"),
+    ({"width": 10**6}, "model_config.width"),
+    ({"image_size": "big"}, "bad model_config"),
+], ids=["wrong-shapes", "oversized-width", "wrong-type"])
+@pytest.mark.parametrize("command", ["audit", "score"])
+def test_a_model_that_does_not_match_its_config_is_a_one_line_error(tmp_path, change, fragment, command):
+    from debias.models import ConvVAE, VAEConfig
+
+    cfg = VAEConfig(image_size=32, latent_dim=4, width=8)
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"model": ConvVAE(cfg).state_dict(), "model_config": {**cfg.to_dict(), **change}}, run / "model.pt")
+    proc = debias(command, "--model", str(run), "--data", TINY, "--out", str(tmp_path / "out"), "-q")
+    assert_one_line_error(proc, fragment)
