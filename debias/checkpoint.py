@@ -8,6 +8,7 @@ cannot run code on load.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -33,9 +34,22 @@ def _umask() -> int:
     return mask
 
 
+def _remove_dead_writers_tmp(path: Path) -> None:
+    """Temporary files of earlier writes of ``path`` whose writer process is gone (killed mid-write): provably
+    stale, since the name carries the writer's process id."""
+    from debias.data.cache import pid_alive
+
+    for p in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = p.name[len(f".{path.name}.") :].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
 def _atomic_write(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_dead_writers_tmp(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         # mkstemp creates the file 0600; give it the mode a plain open() would (0666 minus the umask), so that a
         # run folder mounted into the Docker image is readable by its unprivileged user (issue 14, item 3).
@@ -60,6 +74,15 @@ def write_json(obj: Any, path: str | Path) -> None:
 
 def atomic_write_text(text: str, path: str | Path) -> None:
     _atomic_write(Path(path), lambda f: f.write(text.encode("utf-8")))
+
+
+def atomic_write_table(table: Any, path: str | Path) -> None:
+    """A DataFrame as Parquet or CSV (by the suffix), written atomically: a reader never sees half a table."""
+    p = Path(path)
+    if p.suffix.lower() in (".parquet", ".pq"):
+        _atomic_write(p, lambda f: table.to_parquet(f, index=False))
+    else:
+        _atomic_write(p, lambda f: f.write(table.to_csv(index=False).encode("utf-8")))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

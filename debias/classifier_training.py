@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from debias import __version__
-from debias.checkpoint import load_checkpoint, save_checkpoint
+from debias.checkpoint import atomic_write_table, load_checkpoint, save_checkpoint
 from debias.data import ImageSet
 from debias.device import autocast
 from debias.distributed import (
@@ -319,7 +319,7 @@ def train_classifier(
             },
             ckpt_path,
         )
-        pd.DataFrame(history).to_csv(out / "history.csv", index=False)
+        atomic_write_table(pd.DataFrame(history), out / "history.csv")
         if progress:
             print(_epoch_line(description, row))
 

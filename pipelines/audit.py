@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from debias.checkpoint import write_json
+from debias.checkpoint import atomic_write_table, write_json
 from debias.data import load_images
 from debias.density import LatentHistogramDensity
 from debias.device import resolve_device
@@ -147,8 +147,8 @@ def write_audit(job: AuditJob, model: ConvVAE, meta: dict[str, Any], rows: Encod
     }
 
     job.out.mkdir(parents=True, exist_ok=True)
-    scores.to_parquet(job.out / "scores.parquet", index=False)
-    scores.to_csv(job.out / "scores.csv", index=False)
+    atomic_write_table(scores, job.out / "scores.parquet")
+    atomic_write_table(scores, job.out / "scores.csv")
     write_json(summary, job.out / "summary.json")
     write_browser_assets(job.out, rows.pixels, scores, density)  # thumbnails + histograms for the /audit page
     if job.report:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from debias.checkpoint import write_json
+from debias.checkpoint import atomic_write_text, write_json
 from debias.errors import DebiasError
 from pipelines.train_classifier import METHODS, ORACLE, ClassifierJob, job_signature, run_train_classifier
 
@@ -97,7 +97,7 @@ def run_compare(job: CompareJob) -> CompareResult:
     markdown = to_markdown(summary)
     job.out.mkdir(parents=True, exist_ok=True)
     write_json(summary, job.out / "comparison.json")
-    (job.out / "comparison.md").write_text(markdown)
+    atomic_write_text(markdown, job.out / "comparison.md")
     for grouping in summary["groupings"]:
         plot_groups(summary, grouping, job.out / f"groups_{_file_safe(grouping)}.png")
     return CompareResult(summary=summary, markdown=markdown, out=job.out)

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from debias.calibration import drift_report
-from debias.checkpoint import write_json
+from debias.checkpoint import atomic_write_table, write_json
 from debias.data import load_images
 from debias.detector import open_detector
 from debias.scoring import encode_batch
@@ -88,8 +88,8 @@ def run_score(job: ScoreJob) -> ScoreResult:
         "score_images_per_s": len(data) / seconds if seconds > 0 else None,
     }
     job.out.mkdir(parents=True, exist_ok=True)
-    scores.to_parquet(job.out / "scores.parquet", index=False)
-    scores.to_csv(job.out / "scores.csv", index=False)
+    atomic_write_table(scores, job.out / "scores.parquet")
+    atomic_write_table(scores, job.out / "scores.csv")
     if job.heatmaps > 0:
         summary["heatmaps"] = _write_heatmaps(det, data, scores, job.out / "heatmaps", job.heatmaps)
     write_json(summary, job.out / "summary.json")

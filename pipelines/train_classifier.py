@@ -40,7 +40,7 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from debias.checkpoint import atomic_write_text, write_json
+from debias.checkpoint import atomic_write_table, write_json
 from debias.classifier_report import weight_shares, write_report
 from debias.classifier_training import (
     ClassifierTrainConfig,
@@ -431,7 +431,7 @@ def _run_train_classifier(job: ClassifierJob, ctx: DistContext) -> ClassifierRes
     shares = weight_shares(fit_table, trained.mean_weights, share_columns) if share_columns else {}
     metrics["weight_shares"] = {name: df.reset_index().to_dict("records") for name, df in shares.items()}
     job.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(predictions.to_csv(index=False), job.out / "predictions.csv")
+    atomic_write_table(predictions, job.out / "predictions.csv")
     write_json(metrics, job.out / "metrics.json")
     write_report(
         job.out / "report.html",

@@ -122,12 +122,35 @@ def _lock(path: Path) -> Iterator[None]:
 
 
 def _remove_stale(root: Path, fp: str) -> None:
+    """Leftovers of earlier builds of this store (called under its lock): trash, build folders whose builder process
+    is gone (``.FP.tmp-PID-*``: provably stale, whatever their age), and any build folder older than a day."""
     now = time.time()
     for p in root.glob(f".{fp}.*"):
         if p.is_dir():
             with contextlib.suppress(OSError):
-                if now - p.stat().st_mtime > _STALE_TMP_S or p.name.startswith(f".{fp}.trash-"):
+                dead_builder = p.name.startswith(f".{fp}.tmp-") and not pid_alive(_tmp_pid(p.name, fp))
+                if dead_builder or now - p.stat().st_mtime > _STALE_TMP_S or p.name.startswith(f".{fp}.trash-"):
                     shutil.rmtree(p, ignore_errors=True)
+
+
+def _tmp_pid(name: str, fp: str) -> int | None:
+    try:
+        return int(name[len(f".{fp}.tmp-") :].split("-", 1)[0])
+    except ValueError:
+        return None
+
+
+def pid_alive(pid: int | None) -> bool:
+    """Whether a process with this id exists on this machine (unknown ids count as alive: nothing is removed)."""
+    if pid is None or pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _shrink_npy(path: Path, n_rows: int) -> None:
