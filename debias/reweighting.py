@@ -317,7 +317,10 @@ class ClusterErrorWeights:
             rows = np.flatnonzero(y == k)
             n_k = len(rows)
             K = max(1, min(self.n_clusters, n_k))
-            pca = PCA(min(self.n_components, n_k, X.shape[1]), random_state=self.seed).fit(X[rows])
+            if n_k < 3:  # too few rows to cluster: weights as in the data
+                self.models_[k] = (None, None, np.full(1, 1.0 / n_k))
+                continue
+            pca = PCA(max(1, min(self.n_components, n_k - 1, X.shape[1])), random_state=self.seed).fit(X[rows])
             km = KMeans(K, n_init=3, random_state=self.seed).fit(pca.transform(X[rows]))
             lab = km.labels_
             n_c = np.bincount(lab, minlength=K).astype(np.float64)
@@ -340,6 +343,6 @@ class ClusterErrorWeights:
         for k in present:
             rows = np.flatnonzero(y == k)
             pca, km, row_weight = self.models_[k]
-            wk = row_weight[km.predict(pca.transform(X[rows]))]
+            wk = row_weight[km.predict(pca.transform(X[rows]))] if km is not None else np.ones(len(rows))
             w[rows] = wk / wk.sum() * self.share_[k] / total
         return w

@@ -185,3 +185,23 @@ def test_group_balanced_weights_draw_every_group_equally():
     assert w == pytest.approx([1 / 6, 1 / 6, 1 / 3, 1 / 3])
     assert group_balanced_weights(t, ["a"]) == pytest.approx([1 / 6, 1 / 6, 1 / 6, 1 / 2])
 
+
+
+def test_cluster_error_weights_hand_computed():
+    """One class, two clear clusters: 90 rows the first model got right, 10 it always got wrong. Half the draws go as
+    in the data (1/100 per row), half to the clusters by error rate (all of it to the small one): the small cluster
+    gets 10 * (0.5/10 + 0.5/100) = 55 % of the draws. Validation rows take their nearest cluster's weight."""
+    from debias.reweighting import ClusterErrorWeights
+
+    rng = np.random.default_rng(0)
+    X = np.vstack([rng.normal(0, 0.1, (90, 3)), rng.normal(5, 0.1, (10, 3))])
+    y = np.zeros(100, dtype=int)
+    errors = np.r_[np.zeros(90), np.ones(10)].astype(bool)
+    est = ClusterErrorWeights(n_clusters=2, n_components=2).fit(X, y, errors)
+    assert est.weights_[90:].sum() == pytest.approx(0.55)
+    assert est.weights_[:90] == pytest.approx(np.full(90, 0.45 / 90))
+    w_new = est.weights(np.array([[0.0, 0.0, 0.0], [5.0, 5.0, 5.0]]), np.array([0, 0]))
+    assert w_new == pytest.approx([0.005 / 0.06, 0.055 / 0.06])
+    # no errors at all: the weights are the data's
+    flat = ClusterErrorWeights(n_clusters=2, n_components=2).fit(X, y, np.zeros(100, dtype=bool)).weights_
+    assert flat == pytest.approx(np.full(100, 0.01))
