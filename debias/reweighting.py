@@ -134,10 +134,22 @@ def audit_weights(scores_path: str | Path, paths: pd.Series, column: str = "weig
     return w / w.sum()
 
 
-@torch.inference_mode()
 def encode_latents(model: ConvVAE, batch: BatchFn, n: int, batch_size: int = 512) -> np.ndarray:
     """Posterior means of n rows. Encoder and head only (the decoder is not run), eval mode, large batches: this is
     what keeps the per-epoch re-encoding of Algorithm 1 cheap next to a training epoch."""
+    return _encode_rows(model, batch, n, batch_size, lambda x: model.encode(x)[0]).astype(np.float64)
+
+
+def encode_features(model: ConvVAE, batch: BatchFn, n: int, batch_size: int = 512) -> np.ndarray:
+    """The encoder's last hidden features (the input of the head: what the classifier reads), float32 (n, F)."""
+    return _encode_rows(model, batch, n, batch_size, model.features)
+
+
+@torch.inference_mode()
+def _encode_rows(
+    model: ConvVAE, batch: BatchFn, n: int, batch_size: int, fn: Callable[[torch.Tensor], torch.Tensor]
+) -> np.ndarray:
+    """``fn`` of n rows, in eval mode and batches of ``batch_size``, as float32 on the CPU."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -145,10 +157,9 @@ def encode_latents(model: ConvVAE, batch: BatchFn, n: int, batch_size: int = 512
     for start in range(0, n, batch_size):
         idx = np.arange(start, min(start + batch_size, n))
         with autocast(device):
-            mu, _, _ = model.encode(batch(idx).to(device, non_blocking=True))
-        out.append(mu.float().cpu())
+            out.append(fn(batch(idx).to(device, non_blocking=True)).float().cpu())
     model.train(was_training)
-    return torch.cat(out).numpy().astype(np.float64)
+    return torch.cat(out).numpy() if out else np.zeros((0, 1), dtype=np.float32)
 
 
 class DBVAEAdaptive:
@@ -200,28 +211,6 @@ class DBVAEAdaptive:
             info["temperature"] = float(np.mean(temps))
         t2 = time.perf_counter()
         return w, {**_info(w, self.n), **info, "encode_s": t1 - t0, "fit_s": t2 - t1}
-
-
-@torch.inference_mode()
-def encode_features(model: ConvVAE, batch: BatchFn, n: int, batch_size: int = 512) -> np.ndarray:
-    """The encoder's last hidden features (the input of the head: what the classifier reads), float32 (n, F)."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out = []
-    s = model.config.internal_size
-    for start in range(0, n, batch_size):
-        idx = np.arange(start, min(start + batch_size, n))
-        x = batch(idx).to(device, non_blocking=True)
-        if x.shape[-1] != s:
-            x = torch.nn.functional.interpolate(x, size=(s, s), mode="bilinear", align_corners=False)
-        with autocast(device):
-            h = model.encoder(x)
-        out.append(h.float().cpu())
-    model.train(was_training)
-    if not out:
-        return np.zeros((0, 1), dtype=np.float32)
-    return torch.cat(out).numpy()
 
 
 class ClassRarity:

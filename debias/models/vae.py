@@ -77,12 +77,16 @@ class ConvVAE(nn.Module):
         dec += [nn.Conv2d(rev[-1], config.channels, 3, 1, 1)]
         self.decoder = nn.Sequential(*dec)
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Images in [0, 1], (B, C, S, S) -> mu, logvar, class logits (None without a head)."""
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1], (B, C, S, S) -> the encoder's last hidden features, the input of the head."""
         s = self.config.internal_size
         if x.shape[-1] != s:
             x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False)
-        out = self.head(self.encoder(x))
+        return self.encoder(x)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Images in [0, 1], (B, C, S, S) -> mu, logvar, class logits (None without a head)."""
+        out = self.head(self.features(x))
         d = self.config.latent_dim
         mu, logvar = out[:, :d], out[:, d : 2 * d]
         logits = out[:, 2 * d :] if self.config.n_classes else None
