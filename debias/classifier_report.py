@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 
 from debias.checkpoint import atomic_write_text
 from debias.metrics import CROSS, group_key
-from debias.report import PAGE_CSP, PAGE_CSS, _png_data_uri, figure_to_data_uri
+from debias.report import PAGE_CSP, PAGE_CSS, figure_to_data_uri, png_data_uri
 
 TOP_K = 32
 _ENV = jinja2.Environment(
@@ -88,7 +88,7 @@ def render_report(
                 "value": value,
                 "images": [
                     {
-                        "uri": _png_data_uri(images[i], scale),
+                        "uri": png_data_uri(images[i], scale),
                         "size": images.shape[1] * scale,
                         "caption": f"{rel[i]:.1f}× {os.path.basename(str(paths[i]))}",
                     }

@@ -178,7 +178,7 @@ def _fit_cols(n: int, width_px: int, reserve_px: int = 0, max_cols: int = 8) -> 
     return max(1, math.ceil(n / rows)) if n else fit
 
 
-def _png_data_uri(image: np.ndarray, scale: int = 1) -> str:
+def png_data_uri(image: np.ndarray, scale: int = 1) -> str:
     """One (H, W, C) uint8 image -> PNG data URI, upscaled by an integer factor (nearest neighbour)."""
     img = np.asarray(image)
     if scale > 1:
@@ -194,7 +194,7 @@ def _png_data_uri(image: np.ndarray, scale: int = 1) -> str:
 def _img_tag(image: np.ndarray, scale: int, alt: str = "") -> str:
     h, w = image.shape[:2]
     return (
-        f'<img class="px" src="{_png_data_uri(image, scale)}" width="{w * scale}" '
+        f'<img class="px" src="{png_data_uri(image, scale)}" width="{w * scale}" '
         f'height="{h * scale}" alt="{escape_html(alt)}">'
     )
 
