@@ -41,6 +41,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Until the server at ``base`` answers /readyz with 200; RuntimeError if it exits or the time runs out."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            err = proc.stderr.read().decode()[-2000:] if proc.stderr is not None else "(see its log)"
+            raise RuntimeError(f"server did not start: {err}")
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -95,16 +112,7 @@ def run_mode(args: argparse.Namespace, mode: str, jpegs: list[bytes]) -> dict:
            args.device, "--log-level", "warning", *MODES[mode]]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start: {proc.stderr.read().decode()[-2000:]}")
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        wait_ready(base, proc)
         asyncio.run(drive(base, jpegs, args.clients, min(256, args.requests)))  # warm-up
         before = httpx.get(f"{base}/metrics").text
         cpu0 = cpu_seconds(proc.pid)

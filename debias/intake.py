@@ -19,13 +19,17 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from debias.data.decode import ImageDecodeError, decode_image
+from debias.data.decode import DECOMPRESSION_BOMB_REASON, ImageDecodeError, decode_image
 
 DEFAULT_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF"})
 # 8-bit modes only: greyscale, RGB, palette, bilevel, with or without alpha. I;16 (16-bit PNG), I, F, CMYK, YCbCr,
 # LAB and HSV are refused with a reason instead of being converted behind the client's back.
 ACCEPTED_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA"})
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# The first bytes of each accepted format: a file that starts like one but cannot be opened is a damaged image (400),
+# not something other than an image (415).
+_SIGNATURES = (_PNG_SIGNATURE, b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM")
+_BOMB = "decompressed data too large"  # Pillow's message for an oversized zTXt, iTXt or iCCP chunk
 
 
 class UploadError(ValueError):
@@ -67,6 +71,8 @@ def probe_upload(
             with Image.open(io.BytesIO(data)) as img:
                 fmt, mode, (w, h) = img.format or "?", img.mode, img.size
     except UnidentifiedImageError:
+        if data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
+            raise UploadError("corrupt", "truncated image data (the header is incomplete)") from None
         raise UploadError("not_image", "not an image (unrecognised file format)") from None
     except Image.DecompressionBombError as exc:
         # Pillow refuses to even open images over twice its own limit; its message holds the pixel count.
@@ -75,6 +81,8 @@ def probe_upload(
         raise UploadError("too_large", f"image too large ({size}, limit {max_pixels})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         text = str(exc).lower()
+        if _BOMB in text:
+            raise UploadError("too_large", DECOMPRESSION_BOMB_REASON) from None
         if isinstance(exc, EOFError) or "truncated" in text:
             raise UploadError("corrupt", "truncated image data") from None
         raise UploadError("corrupt", f"unreadable image header ({str(exc).splitlines()[0][:120]})") from None
@@ -116,5 +124,5 @@ def decode_upload(
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             return decode_image(data, image_size, channels, max_pixels=max_pixels)
     except ImageDecodeError as exc:
-        kind = "too_large" if "too large" in exc.reason else "corrupt"
+        kind = "too_large" if exc.reason.startswith("image too large") else "corrupt"
         raise UploadError(kind, exc.reason) from None

@@ -17,7 +17,7 @@ from service.errors import install_error_handlers
 from service.metrics import ServiceMetrics
 from service.middleware import (
     ApiKeyGateMiddleware,
-    BodySizeLimitMiddleware,
+    BodyLimitsMiddleware,
     RequestMetricsMiddleware,
     SecurityHeadersMiddleware,
 )
@@ -49,7 +49,10 @@ def create_app(settings: Settings | None = None, submit: Submit | None = None) -
     app.state.engine = engine
     install_error_handlers(app)
     # The middleware added last is the outermost: the metrics also count the body limit's 413s.
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitsMiddleware, max_bytes=settings.max_body_bytes, idle_timeout_s=settings.body_idle_timeout_s,
+        total_timeout_s=settings.body_timeout_s,
+    )
     if settings.api_key is not None:  # the key before the body, and before the size limit reads the headers' length
         protected = ("/v1",) + (("/metrics", "/docs", "/redoc", "/openapi.json") if settings.protect_ops else ())
         app.add_middleware(

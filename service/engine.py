@@ -3,12 +3,14 @@ micro-batcher and keeps the recent scores for drift. Everything model-related is
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -21,6 +23,7 @@ from debias.device import resolve_device
 from debias.gpu_decode import decode_jpegs_on_device, gpu_jpeg_available, is_jpeg
 from debias.intake import UploadError, UploadInfo, decode_upload, probe_upload
 from service.batcher import MicroBatcher
+from service.decode_budget import DecodeBusy, DecodePool, PixelBudget
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 
@@ -31,7 +34,7 @@ INLINE_DECODE_PIXELS = 128 * 128
 
 
 class BadUploads(Exception):
-    """Some uploads cannot be scored: ``problems`` = [(index, UploadError)]."""
+    """Uploads that reached the model owner but cannot be scored: ``problems`` = [(index, UploadError)]."""
 
     def __init__(self, problems: list[tuple[int, UploadError]]) -> None:
         super().__init__(f"{len(problems)} unusable files")
@@ -61,6 +64,8 @@ class ScoringEngine:
         self.batcher: MicroBatcher | None = None
         self.gpu_jpeg = False
         self.recent: deque[float] = deque(maxlen=settings.drift_window)
+        self.decode_budget = PixelBudget(settings.decode_budget_pixels)
+        self.decode_pool = DecodePool(settings.decode_threads)
         self._loader = threading.Thread(target=self._load, name="debias-loader", daemon=True)
 
     @property
@@ -77,6 +82,7 @@ class ScoringEngine:
     def stop(self) -> None:
         if self.batcher is not None:
             self.batcher.stop()
+        self.decode_pool.shutdown()
 
     def _load(self) -> None:
         s = self.settings
@@ -111,48 +117,65 @@ class ScoringEngine:
             log.error("cannot load the model: %s", self.error)
 
     # -- request path ----------------------------------------------------------------------------------------------
-    async def prepare(self, blobs: Sequence[bytes]) -> list[np.ndarray | bytes]:
-        """Check and decode uploads. Headers are checked in the event loop (microseconds); small images are decoded
-        there too, since a thread hop costs more than decoding a few thousand pixels; anything bigger is decoded in
-        a worker thread so that the event loop never waits on Pillow."""
+    async def prepare(self, blobs: Sequence[bytes]) -> list[np.ndarray | bytes | UploadError]:
+        """Check and decode uploads; one outcome per blob, in order: the pixels, JPEG bytes for the GPU, or why the
+        file cannot be scored. Headers are checked in the event loop (microseconds); small images are decoded there
+        too, since a thread hop costs more than decoding a few thousand pixels. Anything bigger holds the request's
+        pixels from the server-wide budget while it decodes on the decode threads; a request that finds no room
+        within ``decode_wait_s`` raises :class:`DecodeBusy` (503)."""
         s = self.settings
-        infos: list[UploadInfo | None] = []
-        problems: list[tuple[int, UploadError]] = []
+        outcome: list[np.ndarray | bytes | UploadError | None] = [None] * len(blobs)
+        pixels: dict[int, int] = {}
         for i, data in enumerate(blobs):
             try:
-                infos.append(probe_upload(data, max_pixels=s.max_pixels, max_bytes=s.max_file_bytes, formats=s.formats))
+                info = probe_upload(data, max_pixels=s.max_pixels, max_bytes=s.max_file_bytes, formats=s.formats)
+                pixels[i] = info.width * info.height
             except UploadError as exc:
-                infos.append(None)
-                problems.append((i, exc))
-        if problems:
-            self._reject(problems)
-        if sum(info.width * info.height for info in infos if info is not None) <= INLINE_DECODE_PIXELS:
-            return self._decode(blobs)
-        return await run_in_threadpool(self._decode, blobs)
+                outcome[i] = exc
+        if self.gpu_jpeg:  # JPEGs go to the GPU undecoded; the budget is for CPU memory
+            for i in [i for i in pixels if is_jpeg(blobs[i])]:
+                outcome[i] = blobs[i]
+                del pixels[i]
+        if sum(pixels.values()) <= INLINE_DECODE_PIXELS:
+            for i in pixels:
+                outcome[i] = self._decode_one(blobs[i])
+        elif pixels:
+            for i, got in zip(pixels, await self._decode_budgeted([blobs[i] for i in pixels], list(pixels.values()))):
+                outcome[i] = got
+        for got in outcome:
+            if isinstance(got, UploadError):
+                self.metrics.rejected.labels(got.kind).inc()
+        return outcome  # type: ignore[return-value]
 
-    def _decode(self, blobs: Sequence[bytes]) -> list[np.ndarray | bytes]:
+    async def _decode_budgeted(self, blobs: list[bytes], pixels: list[int]) -> list[np.ndarray | UploadError]:
+        """Hold the request's pixels (at most the whole budget) while its images decode: all at once when they fit,
+        else one after another, so that the pixels decoding at once never exceed the budget."""
+        budget = self.decode_budget
+        try:
+            taken = await budget.acquire(sum(pixels), self.settings.decode_wait_s)
+        except DecodeBusy:
+            self.metrics.decode_busy.inc()
+            raise
+        self.metrics.decode_pixels.set(budget.in_use)
+        self.metrics.decode_pixels_peak.set(budget.peak)
+        try:
+            if sum(pixels) <= taken:
+                jobs = [self.decode_pool.run(partial(self._decode_one, b), n) for b, n in zip(blobs, pixels)]
+                return list(await asyncio.gather(*jobs))
+            return [await self.decode_pool.run(partial(self._decode_one, b), n) for b, n in zip(blobs, pixels)]
+        finally:
+            budget.release(taken)
+            self.metrics.decode_pixels.set(budget.in_use)
+
+    def _decode_one(self, data: bytes) -> np.ndarray | UploadError:
         det = self.detector
         assert det is not None
         s = self.settings
-        out: list[np.ndarray | bytes] = []
-        problems: list[tuple[int, UploadError]] = []
-        for i, data in enumerate(blobs):
-            if self.gpu_jpeg and is_jpeg(data):
-                out.append(data)  # decoded on the GPU by the model owner
-                continue
-            try:
-                out.append(decode_upload(data, det.image_size, det.channels, max_pixels=s.max_pixels,
-                                         max_bytes=s.max_file_bytes, formats=s.formats, probed=True))
-            except UploadError as exc:
-                problems.append((i, exc))
-        if problems:
-            self._reject(problems)
-        return out
-
-    def _reject(self, problems: list[tuple[int, UploadError]]) -> None:
-        for _, exc in problems:
-            self.metrics.rejected.labels(exc.kind).inc()
-        raise BadUploads(problems)
+        try:
+            return decode_upload(data, det.image_size, det.channels, max_pixels=s.max_pixels,
+                                 max_bytes=s.max_file_bytes, formats=s.formats, probed=True)
+        except UploadError as exc:
+            return exc
 
     async def score(self, images: list[np.ndarray | bytes], keep_recon: bool = False) -> NoveltyResults:
         if self._submit is not None:

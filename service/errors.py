@@ -67,6 +67,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         message = str(exc.detail)
+        if exc.status_code == 400 and message.startswith(("Too many files", "Too many fields")):
+            # The multipart parser's own cap (far above ours): still "too many files", as the README says.
+            limit = request.app.state.settings.max_files
+            return error_response(413, "too_many_files", f"too many parts in the form; the limit is {limit} files")
         if exc.status_code == 413:
             message = f"request body too large (limit {request.app.state.settings.max_body_bytes} bytes)"
         return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))

@@ -33,4 +33,11 @@ class ServiceMetrics:
         )
         self.rejected = Counter("debias_files_rejected", "Uploaded files refused, by reason kind.", ["kind"], registry=r)
         self.queue_images = Gauge("debias_queue_images", "Images waiting for or in the model.", registry=r)
+        self.decode_pixels = Gauge("debias_decode_pixels", "Pixels decoding now, across all requests.", registry=r)
+        self.decode_pixels_peak = Gauge(
+            "debias_decode_pixels_peak", "Most pixels ever decoding at once (bounded by the decode budget).", registry=r
+        )
+        self.decode_busy = Counter(
+            "debias_decode_busy", "Requests answered 503 because the decode budget stayed full.", registry=r
+        )
         self.ready = Gauge("debias_ready", "1 once the model is loaded and warmed up.", registry=r)

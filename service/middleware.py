@@ -1,7 +1,9 @@
-"""Pure ASGI middleware (no body buffering): request metrics, the request-body size limit, security headers."""
+"""Pure ASGI middleware (no body buffering): request metrics, the request-body size and time limits, the API key gate
+and security headers."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
@@ -40,31 +42,38 @@ class RequestMetricsMiddleware:
             self.metrics.latency.labels(label).observe(time.perf_counter() - t0)
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyRefused(Exception):
+    def __init__(self, status: int, error: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.error, self.message = status, error, message
 
 
-class BodySizeLimitMiddleware:
-    """Answers 413 (JSON, like every error) for a body over ``max_bytes``.
+class BodyLimitsMiddleware:
+    """Answers 413 for a body over ``max_bytes`` and 408 for a body too slow to arrive, in the service's JSON shape,
+    and closes the connection.
 
     A declared Content-Length over the limit is refused before any byte is read. A body without one (chunked) is
-    counted as it streams; once over the limit, reading stops with an error, and whatever the app then answers (the
-    multipart parser reports a parse error) is replaced by the 413.
+    counted as it streams; once over the limit, reading stops with an error. A client that sends its headers and
+    then nothing (or a byte now and then) is cut off after ``idle_timeout_s`` without data, or ``total_timeout_s``
+    after the headers: 50 such connections used to stay open as long as the clients liked (issue 14, item 2).
+    Whatever the app answers after reading stopped (the multipart parser reports a parse error) is replaced.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, idle_timeout_s: float = 10.0, total_timeout_s: float = 120.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.idle_timeout_s = idle_timeout_s
+        self.total_timeout_s = total_timeout_s
 
-    async def _refuse(self, send: Send) -> None:
-        body = json.dumps(
-            {"error": "body_too_large", "message": f"request body too large (limit {self.max_bytes} bytes)",
-             "files": []}
-        ).encode()
-        await send({"type": "http.response.start", "status": 413,
+    async def _refuse(self, send: Send, refusal: _BodyRefused) -> None:
+        body = json.dumps({"error": refusal.error, "message": refusal.message, "files": []}).encode()
+        await send({"type": "http.response.start", "status": refusal.status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
+
+    def _too_large(self) -> _BodyRefused:
+        return _BodyRefused(413, "body_too_large", f"request body too large (limit {self.max_bytes} bytes)")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -78,36 +87,53 @@ class BodySizeLimitMiddleware:
                 except ValueError:
                     declared = None
         if declared is not None and declared > self.max_bytes:
-            await self._refuse(send)
+            await self._refuse(send, self._too_large())
             return
         seen = 0
-        exceeded = False
+        body_done = False
+        refused: _BodyRefused | None = None
         replaced = False
+        deadline = time.monotonic() + self.total_timeout_s
 
         async def limited_receive() -> Message:
-            nonlocal seen, exceeded
-            message = await receive()
+            nonlocal seen, body_done, refused
+            if body_done:  # e.g. a streaming response listening for the disconnect: no timeout then
+                return await receive()
+            timeout = min(self.idle_timeout_s, deadline - time.monotonic())
+            try:
+                if timeout <= 0:
+                    raise asyncio.TimeoutError
+                message = await asyncio.wait_for(receive(), timeout)
+            except asyncio.TimeoutError:
+                slow = "nothing arrived for" if timeout >= self.idle_timeout_s else "not complete after"
+                limit = self.idle_timeout_s if timeout >= self.idle_timeout_s else self.total_timeout_s
+                refused = _BodyRefused(408, "body_timeout", f"request body too slow: {slow} {limit:g} s")
+                raise refused from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if seen > self.max_bytes:
-                    exceeded = True
-                    raise _BodyTooLarge()
+                    refused = self._too_large()
+                    raise refused
+            else:
+                body_done = True
             return message
 
         async def guarded_send(message: Message) -> None:
             nonlocal replaced
-            if exceeded:
+            if refused is not None:
                 if not replaced and message["type"] == "http.response.start":
                     replaced = True
-                    await self._refuse(send)
+                    await self._refuse(send, refused)
                 return
             await send(message)
 
         try:
             await self.app(scope, limited_receive, guarded_send)
-        except _BodyTooLarge:
+        except _BodyRefused as exc:
             if not replaced:
-                await self._refuse(send)
+                replaced = True
+                await self._refuse(send, exc)
 
 
 # The pages load only their own scripts, styles and images (plus data: and blob: images they make themselves), and
@@ -145,11 +171,34 @@ class SecurityHeadersMiddleware:
         await self.app(scope, receive, send_with_headers)
 
 
+#: The key gate reads (and drops) a refused request's body up to this size before its 401: a client that sends its
+#: whole body before reading the answer would otherwise meet a connection reset instead of the 401, because the
+#: server closed the socket with unread data in it. Anything larger is not read.
+DRAIN_LIMIT_BYTES = 1 << 20
+DRAIN_TIMEOUT_S = 2.0
+
+
 class ApiKeyGateMiddleware:
     """Answers 401 from the request headers alone, before a byte of the body is read, for every path under a
     protected prefix (``/v1``; with ``DEBIAS_PROTECT_OPS`` also ``/metrics`` and the API documentation). An
-    unauthenticated 60 MB upload used to be read in full before its 401 (issue 14, item 2). The route dependency
-    checks the key again; both compare in constant time."""
+    unauthenticated 60 MB upload used to be read in full before its 401 (issue 14, item 2). Only a small body
+    (declared at most ``DRAIN_LIMIT_BYTES``, arriving within ``DRAIN_TIMEOUT_S``) is read and dropped first, so that
+    simple clients get the 401 and not a reset. The route dependency checks the key again; both compare in constant
+    time."""
+
+    @staticmethod
+    async def _drain_small_body(scope: Scope, receive: Receive) -> None:
+        declared = next((v for k, v in scope.get("headers", []) if k == b"content-length"), None)
+        if declared is None or not declared.isdigit() or int(declared) > DRAIN_LIMIT_BYTES:
+            return
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        more = int(declared) > 0
+        while more:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                return
+            more = message["type"] == "http.request" and message.get("more_body", False)
 
     def __init__(self, app: ASGIApp, key: bytes, prefixes: tuple[str, ...]) -> None:
         self.app = app
@@ -164,6 +213,7 @@ class ApiKeyGateMiddleware:
         if given is not None and hmac.compare_digest(given, self.key):
             await self.app(scope, receive, send)
             return
+        await self._drain_small_body(scope, receive)
         body = json.dumps({"error": "unauthorized", "message": "missing or wrong X-API-Key header", "files": []}).encode()
         await send({"type": "http.response.start", "status": 401,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),

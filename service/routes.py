@@ -9,25 +9,40 @@ from fastapi import APIRouter, Depends, File, Query, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile as StarletteUploadFile  # what the form holds (FastAPI's subclasses it)
 
 from debias.detector import NoveltyResults
 from debias.explain import heatmap_png
 from service.batcher import QueueFull
 from service.deps import EngineDep, ReadyEngineDep, SettingsDep, require_api_key
+from debias.intake import UploadError
+from service.decode_budget import DecodeBusy
 from service.engine import BadUploads, ScoringEngine
 from service.errors import ApiError, ErrorBody, FileError
-from service.schemas import Drift, Health, ImageScore, ModelCard, ModelSummary, Readiness, ScoreResponse
+from service.schemas import (
+    Drift,
+    FileProblem,
+    Health,
+    ImageScore,
+    ModelCard,
+    ModelSummary,
+    Readiness,
+    ScoreResponse,
+)
 
 _ERRORS = {
-    400: {"model": ErrorBody, "description": "An upload is empty, truncated or corrupt (each file named)."},
+    400: {"model": ErrorBody, "description": "No file can be scored: empty, truncated or corrupt (each file named)."},
     401: {"model": ErrorBody, "description": "Missing or wrong X-API-Key (when the server has a key)."},
     413: {"model": ErrorBody, "description": "Body, file, image (pixels) or file count over the limit."},
     415: {"model": ErrorBody, "description": "Not an image, or an unsupported format or pixel mode."},
-    422: {"model": ErrorBody, "description": "The request has no `files` field or a malformed one."},
-    503: {"model": ErrorBody, "description": "The model is still loading, or too many images are queued."},
+    408: {"model": ErrorBody, "description": "The request body arrived too slowly (idle or total timeout)."},
+    422: {"model": ErrorBody, "description": "The request has no `files` field, or its parts are not files."},
+    503: {"model": ErrorBody, "description": "The model is still loading, or too many images are queued or decoding "
+          "(Retry-After)."},
 }
-_STATUS_OF_KIND = {"too_large": 413, "unsupported": 415, "not_image": 415, "empty": 400, "corrupt": 400}
-_CODE_OF_STATUS = {413: "too_large", 415: "unsupported_image", 400: "bad_image"}
+_STATUS_OF_KIND = {"too_large": 413, "unsupported": 415, "not_image": 415, "empty": 400, "corrupt": 400,
+                   "not_a_file": 422}
+_CODE_OF_STATUS = {413: "too_large", 415: "unsupported_image", 400: "bad_image", 422: "not_a_file"}
 
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["novelty"])
 ops = APIRouter(tags=["operations"])
@@ -41,10 +56,16 @@ def _model_summary(engine: ScoringEngine) -> ModelSummary:
     )
 
 
-def _upload_error(exc: BadUploads, names: list[str], n_files: int) -> ApiError:
-    files = [FileError(index=i, filename=names[i], reason=e.reason) for i, e in exc.problems]
-    status = _STATUS_OF_KIND.get(exc.problems[0][1].kind, 400)
-    return ApiError(status, _CODE_OF_STATUS[status], f"{len(files)} of {n_files} files cannot be scored", files)
+def _file_problem(err: UploadError) -> FileProblem:
+    status = _STATUS_OF_KIND.get(err.kind, 400)
+    return FileProblem(status=status, code=_CODE_OF_STATUS[status], reason=err.reason)
+
+
+def _all_failed(problems: list[tuple[int, UploadError]], names: list[str]) -> ApiError:
+    """No file could be scored: the request as a whole gets the 4xx of its first file, naming every file."""
+    files = [FileError(index=i, filename=names[i], reason=e.reason) for i, e in problems]
+    status = _STATUS_OF_KIND.get(problems[0][1].kind, 400)
+    return ApiError(status, _CODE_OF_STATUS[status], f"{len(files)} of {len(names)} files cannot be scored", files)
 
 
 def _heatmaps(res: NoveltyResults) -> list[str]:
@@ -57,32 +78,50 @@ def _heatmaps(res: NoveltyResults) -> list[str]:
 
 @v1.post("/score", response_model=ScoreResponse, responses=_ERRORS)
 async def score(
-    files: Annotated[list[UploadFile], File(description="One or more images (JPEG, PNG, WebP, BMP, GIF; 8-bit).")],
+    files: Annotated[
+        list[UploadFile | str],
+        File(description="One or more images (JPEG, PNG, WebP, BMP, GIF; 8-bit), each a file part with a filename."),
+    ],
     engine: ReadyEngineDep,
     settings: SettingsDep,
     heatmap: Annotated[bool, Query(description="Add a base64 PNG reconstruction-error heatmap per image.")] = False,
 ) -> ScoreResponse:
-    """Score images for novelty against the training data; results come back in request order."""
-    names = [f.filename or f"file {i}" for i, f in enumerate(files)]
+    """Score images for novelty against the training data. One result per file, in request order: a file that
+    cannot be scored carries its own `error` while the others are scored (200). Only when no file can be scored
+    does the whole request get that 4xx."""
+    names = [(f.filename if isinstance(f, StarletteUploadFile) else None) or f"file {i}" for i, f in enumerate(files)]
     if len(files) > settings.max_files:
         extra = [
             FileError(index=i, filename=names[i], reason=f"over the limit of {settings.max_files} files per request")
             for i in range(settings.max_files, len(files))
         ]
         raise ApiError(413, "too_many_files", f"{len(files)} files sent; the limit is {settings.max_files}", extra)
-    blobs = [await f.read() for f in files]
+    blobs = [await f.read() if isinstance(f, StarletteUploadFile) else b"" for f in files]
     try:
-        images = await engine.prepare(blobs)
-        res = await engine.score(images, keep_recon=heatmap)
-    except BadUploads as exc:
-        raise _upload_error(exc, names, len(files)) from None
+        outcome = await engine.prepare(blobs)
+    except DecodeBusy as exc:
+        raise ApiError(503, "busy", f"too many large images decoding at once ({exc}); retry shortly",
+                       headers={"Retry-After": "1"}) from None
+    for i, f in enumerate(files):
+        if not isinstance(f, StarletteUploadFile):  # a form field: the multipart parser has already turned its bytes to text
+            outcome[i] = UploadError("not_a_file", "a form field, not a file: send each image as a file part "
+                                     "with a filename (curl -F files=@image.png)")
+    problems = [(i, o) for i, o in enumerate(outcome) if isinstance(o, UploadError)]
+    if len(problems) == len(files):
+        raise _all_failed(problems, names)
+    good = [i for i, o in enumerate(outcome) if not isinstance(o, UploadError)]
+    try:
+        res = await engine.score([outcome[i] for i in good], keep_recon=heatmap)  # type: ignore[misc]
+    except BadUploads as exc:  # the model owner could not decode them (GPU JPEG decode): the request's 4xx
+        raise _all_failed([(good[j], e) for j, e in exc.problems], names) from None
     except QueueFull as exc:
         raise ApiError(503, "busy", str(exc), headers={"Retry-After": "1"}) from None
     maps = await run_in_threadpool(_heatmaps, res) if heatmap else [None] * len(res)
-    return ScoreResponse(
-        model=_model_summary(engine),
-        results=[ImageScore(filename=names[i], heatmap_png=maps[i], **res.record(i)) for i in range(len(res))],
-    )
+    results = [ImageScore(filename=names[i], error=_file_problem(err)) for i, err in problems]
+    results += [ImageScore(filename=names[i], heatmap_png=maps[j], **res.record(j)) for j, i in enumerate(good)]
+    order = [i for i, _ in problems] + good
+    results = [r for _, r in sorted(zip(order, results), key=lambda pair: pair[0])]
+    return ScoreResponse(model=_model_summary(engine), n_scored=len(good), n_failed=len(problems), results=results)
 
 
 @v1.get("/model", response_model=ModelCard, responses={401: _ERRORS[401], 503: _ERRORS[503]})

@@ -13,14 +13,27 @@ class TopDim(BaseModel):
     value: float = Field(description="The image's posterior mean in this dimension.")
 
 
+class FileProblem(BaseModel):
+    status: int = Field(description="The HTTP status this file alone would get (400, 413, 415 or 422).")
+    code: str = Field(description="bad_image, too_large, unsupported_image or not_a_file.")
+    reason: str = Field(description="Why this file cannot be scored, in a sentence.")
+
+
 class ImageScore(BaseModel):
+    """One uploaded file: scored (``error`` is null) or not (``error`` says why; the score fields are null)."""
+
     filename: str
-    novelty: float = Field(description="Combined typicality distance; higher = more novel.")
-    p_value: float = Field(description="Conformal p-value against the calibration images: (1 + #{cal >= s}) / (n + 1).")
-    is_novel: bool = Field(description="p_value <= target_fpr.")
-    rarity: float = Field(description="Minus the latent-histogram log density (as in `debias audit`).")
-    recon_error: float = Field(description="Mean squared error per pixel of the reconstruction.")
-    top_dims: list[TopDim] = Field(description="The latent dimensions that make the image unusual, most first.")
+    error: FileProblem | None = Field(default=None, description="Set when this file could not be scored.")
+    novelty: float | None = Field(default=None, description="Combined typicality distance; higher = more novel.")
+    p_value: float | None = Field(
+        default=None, description="Conformal p-value against the calibration images: (1 + #{cal >= s}) / (n + 1)."
+    )
+    is_novel: bool | None = Field(default=None, description="p_value <= target_fpr.")
+    rarity: float | None = Field(default=None, description="Minus the latent-histogram log density (as in `debias audit`).")
+    recon_error: float | None = Field(default=None, description="Mean squared error per pixel of the reconstruction.")
+    top_dims: list[TopDim] = Field(
+        default_factory=list, description="The latent dimensions that make the image unusual, most first."
+    )
     heatmap_png: str | None = Field(
         default=None, description="With ?heatmap=true: base64 PNG of input | reconstruction | squared error."
     )
@@ -36,7 +49,9 @@ class ModelSummary(BaseModel):
 
 class ScoreResponse(BaseModel):
     model: ModelSummary
-    results: list[ImageScore]
+    n_scored: int = Field(description="Files scored.")
+    n_failed: int = Field(description="Files that carry an error instead of a score.")
+    results: list[ImageScore] = Field(description="One entry per uploaded file, in request order.")
 
 
 class ModelCard(BaseModel):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from debias.intake import DEFAULT_FORMATS
@@ -53,7 +53,34 @@ class Settings(BaseSettings):
         default=DEFAULT_FORMATS, description="Accepted image formats, Pillow names (DEBIAS_FORMATS=JPEG,PNG)."
     )
 
+    max_decode_pixels: int | None = Field(
+        default=None, ge=1,
+        description="Pixels (width x height, from the headers) decoding at once across all requests; a request "
+        "that finds no room within decode_wait_s gets 503 with Retry-After (default: 2 x max_pixels).",
+    )
+    decode_wait_s: float = Field(default=10.0, ge=0, le=600, description="How long a request waits for decode room.")
+    decode_threads: int = Field(default=2, ge=1, le=64, description="Threads that decode uploads larger than 128x128.")
+    body_idle_timeout_s: float = Field(
+        default=10.0, gt=0, description="A request body that sends nothing for this long gets 408 and is closed."
+    )
+    body_timeout_s: float = Field(
+        default=120.0, gt=0, description="A request body not complete this long after its headers gets 408."
+    )
+
     drift_window: int = Field(default=1000, ge=1, description="Recent scores compared with the calibration set.")
+
+    @property
+    def decode_budget_pixels(self) -> int:
+        return self.max_decode_pixels if self.max_decode_pixels is not None else 2 * self.max_pixels
+
+    @model_validator(mode="after")
+    def _budget_holds_one_image(self) -> Settings:
+        if self.max_decode_pixels is not None and self.max_decode_pixels < self.max_pixels:
+            raise ValueError(
+                f"DEBIAS_MAX_DECODE_PIXELS ({self.max_decode_pixels}) must be at least DEBIAS_MAX_PIXELS "
+                f"({self.max_pixels}), or an accepted image could never be decoded"
+            )
+        return self
 
     @field_validator("api_key")
     @classmethod

@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import struct
 import tempfile
+import zlib
 from functools import lru_cache
 from pathlib import Path
 
@@ -67,8 +69,12 @@ def encode(arr: np.ndarray, fmt: str = "PNG", **kw) -> bytes:
     return buf.getvalue()
 
 
-def bad_uploads() -> dict[str, tuple[bytes, str]]:
-    """The bad-input corpus: file name -> (bytes, expected fragment of the reason)."""
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def bad_uploads() -> dict[str, tuple[bytes, str, int]]:
+    """The bad-input corpus: file name -> (bytes, expected fragment of the reason, expected HTTP status)."""
     good = encode(shapes_images(1)[0])
     grey16 = io.BytesIO()
     Image.fromarray((np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 61)).save(grey16, "PNG")
@@ -77,12 +83,16 @@ def bad_uploads() -> dict[str, tuple[bytes, str]]:
     huge = io.BytesIO()
     Image.new("1", (20000, 20000)).save(huge, "PNG")  # ~50 KB of bytes, 400 million pixels
     jpeg = encode(shapes_images(1)[0], "JPEG", quality=90)
+    # a zTXt chunk that inflates to 64 MB from ~64 KB, after the pixels (so the header probe passes)
+    bomb_chunk = _png_chunk(b"zTXt", b"note\0\0" + zlib.compress(b"a" * (64 * 2**20), 9))
     return {
-        "empty.png": (b"", "empty file"),
-        "truncated.png": (good[: len(good) // 2], "truncated"),
-        "truncated.jpg": (jpeg[: len(jpeg) // 2], "truncated"),
-        "notes.txt": (b"this is plain text, not a picture\n" * 20, "not an image"),
-        "grey16.png": (grey16.getvalue(), "16-bit"),
-        "cmyk.jpg": (cmyk.getvalue(), "CMYK"),
-        "huge.png": (huge.getvalue(), "too large"),
+        "empty.png": (b"", "empty file", 400),
+        "truncated.png": (good[: len(good) // 2], "truncated", 400),
+        "truncated.jpg": (jpeg[: len(jpeg) // 2], "truncated", 400),
+        "short.png": (good[:30], "truncated", 400),  # not even a whole header: still a damaged PNG, not "not an image"
+        "notes.txt": (b"this is plain text, not a picture\n" * 20, "not an image", 415),
+        "grey16.png": (grey16.getvalue(), "16-bit", 415),
+        "cmyk.jpg": (cmyk.getvalue(), "CMYK", 415),
+        "huge.png": (huge.getvalue(), "too large", 413),
+        "bomb.png": (good[:-12] + bomb_chunk + good[-12:], "decompression bomb", 413),
     }

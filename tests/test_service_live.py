@@ -23,6 +23,11 @@ from debias.detector import open_detector
 from tests.novelty_support import bad_uploads, encode, noise_images, shapes_images, tiny_run
 
 KEY = "live-test-key"
+# Small limits so that the decode budget and the body timeouts can be seen within seconds: one 1024 x 1024 image may
+# decode at a time, a request waits 50 ms for room; a body may pause 2 s and take 4 s in all.
+BIG_SIDE = 1024
+LIMITS = {"DEBIAS_MAX_PIXELS": str(BIG_SIDE * BIG_SIDE), "DEBIAS_MAX_DECODE_PIXELS": str(BIG_SIDE * BIG_SIDE),
+          "DEBIAS_DECODE_WAIT_S": "0.05", "DEBIAS_BODY_IDLE_TIMEOUT_S": "2", "DEBIAS_BODY_TIMEOUT_S": "4"}
 
 
 def free_port() -> int:
@@ -41,7 +46,7 @@ def run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(run, tmp_path_factory):
     log = tmp_path_factory.mktemp("live-log") / "server.log"
-    env = {**os.environ, "DEBIAS_API_KEY": KEY, "DEBIAS_MAX_FILES": "16", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "DEBIAS_API_KEY": KEY, "DEBIAS_MAX_FILES": "16", "PYTHONUNBUFFERED": "1", **LIMITS}
     for _attempt in range(3):  # the free port can be taken between our probe and the server's bind
         port = free_port()
         with open(log, "w") as out:
@@ -129,10 +134,10 @@ def test_bad_inputs_are_refused_and_the_server_keeps_serving(server):
     good = encode(shapes_images(1)[0])
     headers = {"X-API-Key": KEY}
     with httpx.Client(timeout=60) as http:
-        for name, (data, fragment) in bad_uploads().items():
+        for name, (data, fragment, status) in bad_uploads().items():
             r = http.post(f"{base}/v1/score", files=[("files", (name, data, "application/octet-stream"))],
                           headers=headers)
-            assert 400 <= r.status_code < 500 and r.json()["files"][0]["filename"] == name, (name, r.text)
+            assert r.status_code == status and r.json()["files"][0]["filename"] == name, (name, r.text)
             assert fragment in r.json()["files"][0]["reason"]
         r = http.post(f"{base}/v1/score", files=[("files", (f"{i}.png", good, "image/png")) for i in range(17)],
                       headers=headers)
@@ -188,3 +193,105 @@ def test_unauthenticated_upload_gets_its_401_before_the_body(server):
     # with the key, the request gets past the gate to the body limit, which refuses 1 GiB from the headers too
     reply, took = first_reply(f"X-API-Key: {KEY}\r\n".encode(), length=2**30)
     assert reply.startswith(b"HTTP/1.1 413") and took < 5
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's RSS from /proc")
+def test_decode_budget_bounds_concurrent_decoding(server):
+    """Issue 14, item 1: 8 concurrent requests of 4 large PNGs each. The pixels decoding at once never exceed the
+    budget (one image here); requests that find no room within the wait get 503 with Retry-After; the rest are
+    scored; memory comes back afterwards and the server keeps serving."""
+    base, proc = server
+    headers = {"X-API-Key": KEY}
+    rng = np.random.default_rng(0)
+    big = encode(rng.integers(0, 256, (BIG_SIDE, BIG_SIDE, 3), dtype=np.uint8))
+    small = encode(shapes_images(1)[0])
+    assert httpx.post(f"{base}/v1/score", files=[("files", ("s.png", small, "image/png"))], headers=headers,
+                      timeout=60).status_code == 200
+    baseline = _rss_mb(proc.pid)
+
+    async def client(http: httpx.AsyncClient, k: int) -> httpx.Response:
+        files = [("files", (f"big{k}_{j}.png", big, "image/png")) for j in range(4)]
+        return await http.post(f"{base}/v1/score", files=files, headers=headers)
+
+    async def main() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120) as http:
+            return await asyncio.gather(*(client(http, k) for k in range(8)))
+
+    answers = asyncio.run(main())
+    codes = sorted(r.status_code for r in answers)
+    assert set(codes) <= {200, 503} and 200 in codes and 503 in codes, codes
+    for r in answers:
+        if r.status_code == 503:
+            assert r.headers["retry-after"] == "1" and r.json()["error"] == "busy", r.text
+        else:
+            assert r.json()["n_scored"] == 4
+    metrics = httpx.get(f"{base}/metrics").text
+    peak = float(re.search(r"^debias_decode_pixels_peak (\S+)$", metrics, re.M).group(1))
+    assert peak == BIG_SIDE * BIG_SIDE  # one image at a time, never more
+    assert float(re.search(r"^debias_decode_busy_total (\S+)$", metrics, re.M).group(1)) == codes.count(503)
+    assert float(re.search(r"^debias_decode_pixels (\S+)$", metrics, re.M).group(1)) == 0
+    assert _rss_mb(proc.pid) < baseline + 200, (baseline, _rss_mb(proc.pid))
+    assert httpx.post(f"{base}/v1/score", files=[("files", ("s.png", small, "image/png"))], headers=headers,
+                      timeout=60).status_code == 200
+
+
+def test_slow_bodies_get_408_and_are_closed(server):
+    """Issue 14, item 2: a client that sends its headers and part of the body, then nothing, gets 408 after the idle
+    timeout (2 s here) and the connection is closed; one that trickles a byte every half second is cut off at the
+    total timeout (4 s). 20 such clients at once are all answered, and the server keeps serving."""
+    from urllib.parse import urlparse
+
+    base, _ = server
+    u = urlparse(base)
+    head = (b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            + f"X-API-Key: {KEY}\r\nContent-Length: 100000\r\n\r\n--b\r\n".encode())
+
+    def read_all(s: socket.socket) -> bytes:
+        reply = b""
+        while True:
+            try:
+                chunk = s.recv(4096)
+            except (ConnectionResetError, socket.timeout):
+                break
+            if not chunk:  # closed by the server
+                break
+            reply += chunk
+        return reply
+
+    socks = [socket.create_connection((u.hostname, u.port), timeout=15) for _ in range(20)]
+    t0 = time.monotonic()
+    for s in socks:
+        s.sendall(head)
+    replies = [read_all(s) for s in socks]
+    took = time.monotonic() - t0
+    for s in socks:
+        s.close()
+    assert all(r.startswith(b"HTTP/1.1 408") and b"body_timeout" in r for r in replies), replies[0][:300]
+    assert took < 2 + 6, took  # the idle timeout plus slack, not the 15 s socket timeout
+
+    with socket.create_connection((u.hostname, u.port), timeout=15) as s:
+        s.sendall(head)
+        t0 = time.monotonic()
+        s.settimeout(0.5)
+        reply = b""
+        while time.monotonic() - t0 < 12 and not reply:
+            try:
+                s.sendall(b"x")
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            try:
+                reply = s.recv(4096)
+            except socket.timeout:
+                continue
+        took = time.monotonic() - t0
+    assert reply.startswith(b"HTTP/1.1 408") and b"not complete after 4 s" in reply, reply[:300]
+    assert 3 < took < 8, took
+    good = [("files", ("ok.png", encode(shapes_images(1)[0]), "image/png"))]
+    assert httpx.post(f"{base}/v1/score", files=good, headers={"X-API-Key": KEY}).status_code == 200

@@ -51,8 +51,15 @@ def _one_line(exc: BaseException) -> str:
     return text[:200]
 
 
+_BOMB = "decompressed data too large"  # Pillow's message for an oversized compressed zTXt, iTXt or iCCP chunk
+DECOMPRESSION_BOMB_REASON = "image too large: a compressed metadata chunk expands beyond the limit (decompression bomb)"
+
+
 def _load_error_reason(exc: BaseException) -> str:
     text = str(exc).lower()
+    if _BOMB in text:
+        # Pillow's cap on a compressed text or ICC chunk (zTXt, iTXt, iCCP): a decompression bomb, not damage.
+        return DECOMPRESSION_BOMB_REASON
     if isinstance(exc, EOFError) or "truncated" in text or "premature end" in text:
         return "truncated image data"
     if isinstance(exc, MemoryError):
@@ -195,8 +202,8 @@ def decode_image(
     except PermissionError:
         raise ImageDecodeError("permission denied") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        if isinstance(exc, EOFError) or "truncated" in str(exc).lower():
-            raise ImageDecodeError("truncated image data") from None
+        if isinstance(exc, EOFError) or "truncated" in str(exc).lower() or _BOMB in str(exc).lower():
+            raise ImageDecodeError(_load_error_reason(exc)) from None
         raise ImageDecodeError(f"not an image ({_one_line(exc)})") from None
 
     try:

@@ -61,9 +61,11 @@
     item.body.append(el("p", { class: "error-text", text: message }));
   }
 
-  // One request for the chunk; files the server names as bad are shown as errors and the rest sent again.
+  // One request for the chunk. In a 200, each result is a score or carries its own error; when no file could be
+  // scored the server answers 4xx naming every file; 503 (busy) is retried after its Retry-After.
   async function scoreChunk(items) {
     let pending = items;
+    let retries = 0;
     while (pending.length) {
       const form = new FormData();
       for (const it of pending) form.append("files", it.file, it.file.name);
@@ -76,8 +78,17 @@
       }
       if (response.ok) {
         const body = await response.json();
-        body.results.forEach((res, i) => showScore(pending[i], res));
+        body.results.forEach((res, i) => {
+          if (res.error) showError(pending[i], `${res.error.status}: ${res.error.reason}`);
+          else showScore(pending[i], res);
+        });
         return;
+      }
+      if (response.status === 503 && retries < 5) {
+        retries += 1;
+        const wait = Number(response.headers.get("Retry-After")) || 1;
+        await new Promise((resolve) => setTimeout(resolve, 1000 * wait));
+        continue;
       }
       let body = null;
       try { body = await response.clone().json(); } catch (_) { /* not JSON */ }
