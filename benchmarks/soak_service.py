@@ -215,7 +215,7 @@ def main() -> None:
     summary = {
         "command": " ".join(sys.argv), "seconds": args.seconds, "clients": args.clients, "budget": not args.no_budget,
         "requests": len(log), "requests_per_s": len(log) / load_end, "unexpected": sum(not e["ok"] for e in log),
-        "server_5xx": sum(e["status"] >= 500 for e in log), "transport_errors": sum(e["status"] == -1 for e in log),
+        "server_5xx": sum(e["status"] >= 500 and e["status"] != 503 for e in log),  # 503 = busy, counted by kind "transport_errors": sum(e["status"] == -1 for e in log),
         "p50_ms": float(np.percentile(lat_all, 50)), "p99_ms": float(np.percentile(lat_all, 99)),
         "rss_mb": {"baseline": baseline, "peak": max(m for _, m in rss), "second_quarter_median": second_q,
                    "last_quarter_median": last_q, "after_10s_idle": settled, "flat": bool(flat)},
@@ -228,7 +228,7 @@ def main() -> None:
     md = [f"`{summary['command']}`", "",
           f"{len(log)} requests in {load_end:.0f} s ({summary['requests_per_s']:.1f}/s), {args.clients} clients, "
           f"decode budget {'on' if summary['budget'] else 'off'}; unexpected answers {summary['unexpected']}, "
-          f"5xx {summary['server_5xx']}, transport errors {summary['transport_errors']}; "
+          f"5xx other than 503 {summary['server_5xx']}, transport errors {summary['transport_errors']}; "
           f"p50 {summary['p50_ms']:.0f} ms, p99 {summary['p99_ms']:.0f} ms.", "",
           "| request kind | requests | statuses | unexpected | p50 ms | p99 ms |", "|---|---|---|---|---|---|"]
     for r in rows:
