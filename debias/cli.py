@@ -100,6 +100,11 @@ def audit(
     out: Annotated[Path, typer.Option("--out", help="Folder for scores.parquet/.csv, summary.json, report.html.")],
     where: WhereOpt = None,
     group_by: Annotated[Optional[str], typer.Option(help="Comma-separated columns for per-group statistics.")] = None,
+    estimator: Annotated[
+        str, typer.Option(help="Rarity: knn-recon (kNN latent density + reconstruction error), knn, histogram "
+                          "(paper Eq. 3-4), histogram-max (lab), gmm, recon.")
+    ] = "knn-recon",
+    n_neighbors: Annotated[int, typer.Option(min=1, help="knn, knn-recon: neighbours of the kNN density.")] = 20,
     bins: Annotated[int, typer.Option(min=1, help="Histogram bins per latent dimension.")] = 10,
     alpha: Annotated[float, typer.Option(min=0.0, help="Smoothing added to each bin probability.")] = 0.001,
     combine: Annotated[str, typer.Option(help="product (paper Eq. 3-4) or max (public lab).")] = "product",
@@ -130,6 +135,8 @@ def audit(
         out=out,
         where=where or [],
         group_by=[c.strip() for c in group_by.split(",") if c.strip()] if group_by else [],
+        estimator=estimator,
+        n_neighbors=n_neighbors,
         density=DensityOptions(
             bins=bins,
             alpha=alpha,
@@ -154,9 +161,17 @@ def audit(
     else:
         raise DebiasError(f"--engine must be local or ray, got {engine!r}")
     s = result.summary
+    if s["groups"]:
+        from rich.console import Console
+
+        from pipelines.audit import group_table
+
+        for name, groups in s["groups"].items():
+            Console().print(group_table(name, groups))
     typer.echo(
-        f"audited {s['n_images']} images ({s['n_skipped']} skipped); effective sample size "
-        f"{s['effective_sample_size']:.0f} ({s['effective_sample_fraction']:.0%}); outputs in {result.out}"
+        f"audited {s['n_images']} images ({s['n_skipped']} skipped) with {s['rarity_estimator']} rarity; effective "
+        f"sample size {s['effective_sample_size']:.0f} ({s['effective_sample_fraction']:.0%}; untempered inverse "
+        f"density: {s['untempered_effective_sample_fraction']:.1%}); outputs in {result.out}"
     )
     if open_browser:
         from pipelines.serve import serve_audit

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import jinja2
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
@@ -29,7 +30,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import NullFormatter
 from PIL import Image
 
-__all__ = ["AuditReport", "write_report", "render_html", "image_grid", "figure_to_data_uri"]
+__all__ = ["AuditReport", "GroupFinding", "RowsFinding", "Thumb", "write_report", "render_html", "image_grid", "figure_to_data_uri"]
 
 
 @dataclass
@@ -55,6 +56,58 @@ class AuditReport:
     # "share", "mean_rarity", "mean_weight", "weight_share", "weight_ratio"
     group_tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     rarity_auroc: dict[str, float] = field(default_factory=dict)  # "group name" -> AUROC of rarity for that group
+    finding_groups: list["GroupFinding"] = field(default_factory=list)  # the report's first section
+    finding_rows: "RowsFinding | None" = None
+
+
+@dataclass
+class Thumb:
+    uri: str  # data:image/png;base64,...
+    caption: str  # its group or label, and its path
+
+
+@dataclass
+class GroupFinding:
+    """An under-represented group: fewer rows than an even split, and what the audit's weights give it."""
+
+    grouping: str
+    group: str
+    count: int
+    share: float
+    even_share: float
+    weight_share: float
+    ratio: float
+    auroc: float | None
+    examples: list[Thumb]
+
+
+@dataclass
+class RowsFinding:
+    """The rarest rows, why they are rare, and the latent factor that sets them apart (a traversal of it)."""
+
+    estimator: str
+    n_rows: int
+    n_shown: int
+    examples: list[Thumb]
+    by_reconstruction: int | None  # of the shown rows, how many are rare mainly by reconstruction error
+    dim_label: str
+    dim_shift: float
+    traversal: list[str]  # data URIs
+    traversal_values: list[str]
+
+
+_FINDING = jinja2.Environment(
+    loader=jinja2.PackageLoader("debias", "templates"),
+    autoescape=jinja2.select_autoescape(["html"]),
+    undefined=jinja2.StrictUndefined,
+).get_template("audit_finding.html")
+
+
+def _finding_section(report: AuditReport) -> str:
+    if not report.finding_groups and report.finding_rows is None:
+        return ""
+    return _FINDING.render(groups=report.finding_groups, has_groupings=bool(report.group_tables),
+                           rows=report.finding_rows)
 
 
 # --------------------------------------------------------------------------------------------
@@ -673,6 +726,11 @@ table.imgtab th { font-weight: 600; font-size: 0.85em; padding: 2px 8px; text-al
 table.imgtab thead th { text-align: center; }
 table.imgtab td { padding: 1px; }
 figure.cell { margin: 0; }
+.finding-grid { display: flex; flex-wrap: wrap; gap: 8px 10px; margin: 6px 0 14px; }
+.finding-grid figure { margin: 0; width: 112px; }
+.finding-grid img { width: 96px; height: 96px; image-rendering: pixelated; display: block; }
+.finding-grid figcaption { font-size: 0.72em; color: #555; overflow-wrap: anywhere; }
+.finding { border-left: 3px solid #c0392b; padding-left: 10px; margin: 10px 0; }
 figcaption { font-size: 0.75em; color: #444; overflow-wrap: anywhere; line-height: 1.25; margin-top: 2px; }
 img.px { image-rendering: pixelated; display: block; border: 1px solid #ddd; }
 img.plot { max-width: 100%; height: auto; display: block; margin: 8px 0; }
@@ -689,11 +747,11 @@ def _summary_section(summary: Mapping[str, object] | None) -> str:
     if not summary:
         return ""
     rows = "".join(f"<tr><th>{escape_html(k)}</th><td>{format_summary_value(v)}</td></tr>" for k, v in summary.items())
-    return f'<section id="summary"><h2>Summary</h2><table class="kv">{rows}</table></section>'
+    return f'<section id="summary"><h2>Run details</h2><table class="kv">{rows}</table></section>'
 
 
 _SECTION_TITLES = {
-    "summary": "Summary",
+    "summary": "Run details",
     "distributions": "Distributions",
     "rarest": "Rarest",
     "typical": "Typical",
@@ -702,6 +760,7 @@ _SECTION_TITLES = {
     "prior": "Prior samples",
     "latent-histograms": "Latent histograms",
     "groups": "Groups",
+    "finding": "What the audit found",
 }
 
 
@@ -735,8 +794,8 @@ def render_html(report: AuditReport) -> str:
     if prior:
         prior += "</section>"
 
-    sections = [
-        ("summary", _summary_section(report.summary)),
+    sections = [  # the answer first; the internals (the summary: fingerprint, density settings, speeds) last
+        ("finding", _finding_section(report)),
         ("distributions", _distribution_section(report)),
         ("rarest", rarest),
         ("typical", typical),
@@ -745,6 +804,7 @@ def render_html(report: AuditReport) -> str:
         ("prior", prior),
         ("latent-histograms", _latent_hist_section(report)),
         ("groups", _group_section(report)),
+        ("summary", _summary_section(report.summary)),
     ]
     present = [(sid, body) for sid, body in sections if body]
     nav = " ".join(f'<a href="#{sid}">{escape_html(_SECTION_TITLES[sid])}</a>' for sid, _ in present)

@@ -69,11 +69,11 @@ def kl_per_dim(enc: Encoded) -> np.ndarray:
     return (-0.5 * (1 + enc.logvar - enc.mu**2 - np.exp(enc.logvar))).mean(0)
 
 
-def rarity_table(table: pd.DataFrame, enc: Encoded, density: LatentHistogramDensity) -> pd.DataFrame:
-    """Source columns + rarity (negative log density, higher = rarer), weight (sums to 1), recon_error."""
+def rarity_table(table: pd.DataFrame, enc: Encoded, rarity: np.ndarray, weights: np.ndarray) -> pd.DataFrame:
+    """Source columns + rarity (higher = rarer), weight (sampling probability, sums to 1), recon_error, rarity_rank."""
     out = table.copy()
-    out["rarity"] = -density.score_samples(enc.mu)
-    out["weight"] = density.sampling_weights(enc.mu)
+    out["rarity"] = rarity
+    out["weight"] = weights
     out["recon_error"] = enc.recon_error
     out["rarity_rank"] = out["rarity"].rank(ascending=False, method="first").astype(int)
     return out

@@ -9,7 +9,7 @@ Outputs in the audit folder:
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,11 +19,20 @@ import torch
 
 from debias.checkpoint import atomic_write_table, write_json
 from debias.data import load_images
-from debias.density import LatentHistogramDensity
+from debias.density import LatentHistogramDensity, effective_sample_size
 from debias.device import resolve_device
 from debias.errors import DebiasError
 from debias.models import ConvVAE
-from debias.report import AuditReport, write_report
+from debias.rarity import (
+    DEFAULT_ESTIMATOR,
+    RARITY_ESTIMATORS,
+    LatentAndReconstructionRarity,
+    audit_features,
+    build_rarity_estimator,
+    fitted_rarity,
+    rarity_weights,
+)
+from debias.report import AuditReport, GroupFinding, RowsFinding, Thumb, png_data_uri, write_report
 from debias.scoring import Encoded, encode_images, group_stats, kl_per_dim, rarity_table
 from debias.training import load_model
 from pipelines.audit_browser import write_browser_assets
@@ -53,12 +62,56 @@ class DensityOptions:
 
 
 @dataclass
+class AuditRarity:
+    """What the audit's rarity stage produced for the rows: rarity (higher = rarer), sampling weights (sum to 1), the
+    temperature that set them, the fitted histogram density (always: the report's and browser's histograms and the
+    per-dimension tails come from it) and, for ``knn-recon``, each row's two standardised terms."""
+
+    estimator: str
+    rarity: np.ndarray
+    weights: np.ndarray
+    temperature: float
+    histogram: LatentHistogramDensity
+    components: dict[str, np.ndarray] | None = None
+
+
+def fit_audit_rarity(
+    mu: np.ndarray, recon_error: np.ndarray, estimator: str = DEFAULT_ESTIMATOR,
+    density: DensityOptions | None = None, n_neighbors: int = 20,
+) -> AuditRarity:
+    """The audit's rarity stage, shared by `debias audit` (both engines) and `debias augment --model`: fit the
+    chosen estimator on the rows' latents (and reconstruction errors) and turn its rarity into sampling weights,
+    tempered to ``density.target_ess`` (or at the fixed ``density.temperature``)."""
+    density = density or DensityOptions()
+    histogram = density.build().fit(mu)
+    if estimator in ("histogram", "histogram-max"):
+        if estimator == "histogram-max" and density.combine != "max":
+            histogram = replace(density, combine="max").build().fit(mu)
+        return AuditRarity(estimator, -histogram.score_samples(mu), histogram.sampling_weights(mu),
+                           float(histogram.temperature_), histogram)
+    X = audit_features(mu, recon_error)
+    options = {"n_neighbors": n_neighbors} if estimator in ("knn", "knn-recon") else {}
+    est = build_rarity_estimator(estimator, **options)
+    rarity = fitted_rarity(est, X)
+    if density.temperature == "auto":
+        weights, t = rarity_weights(rarity, density.target_ess)
+    else:
+        t = float(density.temperature)
+        logits = t * (rarity - rarity.max())
+        weights = np.exp(logits) / np.exp(logits).sum()
+    components = est.components(X, fitted=True) if isinstance(est, LatentAndReconstructionRarity) else None
+    return AuditRarity(estimator, rarity, weights, t, histogram, components)
+
+
+@dataclass
 class AuditJob:
     model: Path
     data: str
     out: Path
     where: list[str] = field(default_factory=list)
     group_by: list[str] = field(default_factory=list)
+    estimator: str = DEFAULT_ESTIMATOR  # debias.rarity.RARITY_ESTIMATORS
+    n_neighbors: int = 20  # knn, knn-recon
     density: DensityOptions = field(default_factory=DensityOptions)
     device: str = "auto"
     batch_size: int = 256
@@ -89,6 +142,8 @@ class EncodedRows:
 
 
 def check_group_by(job: AuditJob, columns: pd.Index) -> None:
+    if job.estimator not in RARITY_ESTIMATORS:
+        raise DebiasError(f"--estimator must be one of {', '.join(RARITY_ESTIMATORS)}, got {job.estimator!r}")
     missing = [c for c in job.group_by if c not in columns]
     if missing:
         raise DebiasError(f"--group-by column(s) {missing} not in the data (columns: {', '.join(columns)})")
@@ -116,8 +171,12 @@ def write_audit(job: AuditJob, model: ConvVAE, meta: dict[str, Any], rows: Encod
     """The part every engine shares: fit the density on the latents, score, and write the tables, summary, report."""
     cfg = model.config
     enc, n = rows.enc, len(rows.table)
-    density = job.density.build().fit(enc.mu)
-    scores = rarity_table(rows.table, enc, density)
+    fit = fit_audit_rarity(enc.mu, enc.recon_error, job.estimator, job.density, job.n_neighbors)
+    density = fit.histogram
+    scores = rarity_table(rows.table, enc, fit.rarity, fit.weights)
+    if fit.components is not None:  # which of the two terms makes each row rare
+        scores["rarity_latent"] = fit.components["latent"]
+        scores["rarity_reconstruction"] = fit.components["reconstruction"]
     if enc.logits is not None:
         probs = torch.softmax(torch.from_numpy(enc.logits), 1).numpy()
         scores["predicted_label"] = [cfg.classes[i] for i in probs.argmax(1)]
@@ -137,9 +196,14 @@ def write_audit(job: AuditJob, model: ConvVAE, meta: dict[str, Any], rows: Encod
         "n_images": n,
         "n_skipped": len(rows.skipped),
         "skipped": rows.skipped.head(100).to_dict("records"),
-        "effective_sample_size": density.ess_,
-        "effective_sample_fraction": density.ess_ / n,
-        "density": {**asdict(job.density), "temperature_used": density.temperature_, "dims_used": density.dims_.tolist()},
+        "rarity_estimator": job.estimator,
+        "effective_sample_size": effective_sample_size(fit.weights),
+        "effective_sample_fraction": effective_sample_size(fit.weights) / n,
+        # What the data says before any tempering: the ESS of the paper's untempered inverse-density weights (the
+        # histogram product, Eq. 3-4 at T = 1). Low = a few rows are far rarer than the rest.
+        "untempered_effective_sample_fraction": _untempered_ess(density, enc.mu) / n,
+        "density": {**asdict(job.density), "n_neighbors": job.n_neighbors, "temperature_used": fit.temperature,
+                    "histogram_dims_used": density.dims_.tolist()},
         "active_dims_kl_gt_0.01": int((kl > 0.01).sum()),
         "encode_images_per_s": n / rows.encode_s,
         "engine": rows.engine,
@@ -154,6 +218,29 @@ def write_audit(job: AuditJob, model: ConvVAE, meta: dict[str, Any], rows: Encod
     if job.report:
         write_report(_report(model, rows.pixels, enc, density, scores, groups, summary, kl), job.out / "report.html")
     return AuditResult(scores=scores, summary=summary, out=job.out)
+
+
+def group_table(name: str, groups: dict[str, dict[str, float]], highlight: str | None = None) -> Any:
+    """The per-group table printed by `debias audit --group-by` and the demo (a rich Table), sorted by weight ratio:
+    rows, share of the rows, share of the weight, the ratio of the two (the group's mean weight relative to the
+    average row: 1.0 = drawn as often as uniform sampling would) and the AUROC of rarity for the group."""
+    from rich.table import Table
+
+    table = Table(title=f"Groups by {name}, most upweighted first (weight ratio = share of weight ÷ share of rows)")
+    for col in ("group", "rows", "share of rows", "share of weight", "weight ratio", "AUROC of rarity"):
+        table.add_column(col, justify="left" if col == "group" else "right", no_wrap=col == "group")
+    for group, g in sorted(groups.items(), key=lambda kv: -(kv[1]["weight_ratio"] or 0.0)):
+        auroc = g.get("rarity_auroc")
+        table.add_row(
+            group, f"{g['count']:.0f}", f"{g['share']:.1%}", f"{g['weight_share']:.1%}", f"{g['weight_ratio']:.2f}",
+            "–" if auroc is None else f"{auroc:.3f}", style="bold red" if group == highlight else None,
+        )
+    return table
+
+
+def _untempered_ess(histogram: LatentHistogramDensity, mu: np.ndarray) -> float:
+    log_w = -histogram.score_samples(mu)
+    return effective_sample_size(np.exp(log_w - log_w.max()))
 
 
 def _records(tbl: pd.DataFrame) -> dict[str, dict[str, float]]:
@@ -181,8 +268,14 @@ def _report(
     order = np.argsort(-scores["rarity"].to_numpy())
     rarest, typical = order[:k], order[::-1][:k]
 
+    tag_cols = [c for c in groups if c in scores.columns] or [c for c in ("label",) if c in scores.columns]
+
+    def tag(i: int) -> str:  # the row's group or label, and its path
+        values = " x ".join(str(scores[c].iloc[i]) for c in tag_cols)
+        return f"{values} · {scores['path'].iloc[i]}" if values else str(scores["path"].iloc[i])
+
     def captions(rows: np.ndarray) -> list[str]:
-        return [f"#{scores['rarity_rank'][i]} rarity {scores['rarity'][i]:.1f}" for i in rows]
+        return [f"#{scores['rarity_rank'][i]} rarity {scores['rarity'][i]:.1f} · {tag(i)}" for i in rows]
 
     recon_rows = np.concatenate([rarest[:4], typical[:4]])
     x = torch.from_numpy(pixels(recon_rows)).permute(0, 3, 1, 2).float().div_(255.0).to(device)  # as ImageSet.batch
@@ -205,6 +298,48 @@ def _report(
         for g, row in tbl.iterrows()
         if not pd.isna(row["rarity_auroc"])
     }
+    def thumbs(rows: np.ndarray) -> list[Thumb]:
+        imgs = pixels(rows)
+        return [Thumb(png_data_uri(imgs[j]), tag(i)) for j, i in enumerate(rows)]
+
+    finding_groups = []
+    for name, tbl in groups.items():
+        even = 1.0 / len(tbl)
+        key = scores[name.split(" x ")].astype(str).agg(" x ".join, axis=1).to_numpy()
+        for g, row in tbl[tbl["share"] < 0.5 * even].sort_values("share").head(5).iterrows():
+            members = np.flatnonzero(key == str(g))
+            rarest_members = members[np.argsort(-scores["rarity"].to_numpy()[members])][:8]
+            finding_groups.append(GroupFinding(
+                grouping=name, group=str(g), count=int(row["count"]), share=float(row["share"]), even_share=even,
+                weight_share=float(row["weight_share"]), ratio=float(row["weight_ratio"]),
+                auroc=None if pd.isna(row["rarity_auroc"]) else float(row["rarity_auroc"]),
+                examples=thumbs(rarest_members),
+            ))
+
+    # The latent factor that sets the rarest rows apart: the dimension where their posterior means lie furthest
+    # from the data's median, in robust standard deviations; shown as a traversal of that one dimension.
+    mu = enc.mu
+    med = np.median(mu, 0)
+    mad = 1.4826 * np.median(np.abs(mu - med), 0)
+    shift = np.abs(mu[rarest] - med) / np.where(mad > 0, mad, 1.0)
+    dim = int(np.argmax(shift.mean(0)))
+    step = float(mad[dim]) if mad[dim] > 0 else 1.0
+    dim_values = [float(med[dim] + k * step) for k in (-4, -3, -2, -1, 0, 1, 2, 3, 4)]
+    base = torch.from_numpy(enc.mu[typical[0]]).float()
+    with torch.inference_mode():
+        z = base.repeat(len(dim_values), 1)
+        z[:, dim] = torch.tensor(dim_values)
+        dim_trav = _to_uint8(torch.sigmoid(model.decode(z.to(device)).float()))
+    by_recon = None
+    if "rarity_reconstruction" in scores.columns:
+        by_recon = int((scores["rarity_reconstruction"].to_numpy()[rarest] > scores["rarity_latent"].to_numpy()[rarest]).sum())
+    finding_rows = RowsFinding(
+        estimator=str(summary.get("rarity_estimator", "")), n_rows=len(scores), n_shown=len(rarest),
+        examples=thumbs(rarest), by_reconstruction=by_recon, dim_label=f"z{dim}", dim_shift=float(shift.mean(0)[dim]),
+        traversal=[png_data_uri(im, scale=1) for im in dim_trav],
+        traversal_values=[f"{v:+.2f}" for v in dim_values],
+    )
+
     return AuditReport(
         title=f"debias audit: {summary['source']}",
         summary={k: v for k, v in summary.items() if k not in ("skipped", "groups")},
@@ -223,4 +358,6 @@ def _report(
         prior_samples=_to_uint8(model.sample_prior(k)),
         group_tables=groups,
         rarity_auroc=aurocs,
+        finding_groups=finding_groups,
+        finding_rows=finding_rows,
     )

@@ -178,8 +178,8 @@ def _validate(job: AugmentJob) -> None:
 # ------------------------------------------------------------------------------------------------ rarity
 def rarity_columns(job: AugmentJob, data: ImageSet) -> pd.DataFrame | None:
     """Per row of ``data``: ``weight`` (sampling probability, sums to 1) and ``rarity`` (higher = rarer), from
-    --weights (an audit's scores, joined on path) or --model (encode with the VAE and fit the latent histograms, as
-    `debias audit` does with its default density settings); None when neither is given."""
+    --weights (an audit's scores, joined on path) or --model (encode with the VAE and score rarity as `debias audit`
+    does with its defaults); None when neither is given."""
     if job.weights is not None:
         scores = read_scores(job.weights)
     elif job.model is not None:
@@ -206,7 +206,7 @@ def rarity_columns(job: AugmentJob, data: ImageSet) -> pd.DataFrame | None:
 def _vae_scores(job: AugmentJob, data: ImageSet) -> pd.DataFrame:
     from debias.scoring import encode_images
     from debias.training import load_model
-    from pipelines.audit import DensityOptions
+    from pipelines.audit import fit_audit_rarity
 
     assert job.model is not None
     model, _ = load_model(job.model, resolve_device(job.device))
@@ -216,14 +216,8 @@ def _vae_scores(job: AugmentJob, data: ImageSet) -> pd.DataFrame:
     if (cfg.image_size, cfg.channels) != (data.image_size, data.channels):
         vae_data = load_images(job.data, where=job.where, image_size=cfg.image_size, channels=cfg.channels, progress=job.progress)
     enc = encode_images(model, vae_data, progress=job.progress)
-    density = DensityOptions().build().fit(enc.mu)
-    return pd.DataFrame(
-        {
-            "path": vae_data.table["path"].astype(str),
-            "weight": density.sampling_weights(enc.mu),
-            "rarity": -density.score_samples(enc.mu),
-        }
-    )
+    fit = fit_audit_rarity(enc.mu, enc.recon_error)  # as `debias audit` scores rarity with its defaults
+    return pd.DataFrame({"path": vae_data.table["path"].astype(str), "weight": fit.weights, "rarity": fit.rarity})
 
 
 # --------------------------------------------------------------------------------------------------- GAN

@@ -10,11 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 from sklearn.metrics import roc_auc_score
 
 from debias.training import TrainConfig
-from pipelines.audit import AuditJob, AuditResult, run_audit
+from pipelines.audit import AuditJob, AuditResult, group_table, run_audit
 from pipelines.train import TrainJob, run_train
 
 DEMO_IMAGE_SIZE = 32
@@ -45,22 +44,20 @@ def run_demo(out: Path, epochs: int = 12, n: int = 4000, device: str = "auto", p
     scores = result.scores
     rare = scores["rare"].astype(int).to_numpy() == 1
     auroc = roc_auc_score(rare, scores["rarity"])
-    ratio = scores["weight"][rare].mean() / scores["weight"][~rare].mean()
-
-    table = Table(title="Per-group rarity (built-in shapes; the planted rare group is white triangle)")
-    for col in ("group", "rows", "share", "mean weight / overall", "AUROC of rarity"):
-        table.add_column(col, justify="right" if col != "group" else "left")
-    groups = result.summary["groups"]["group"]
-    for name, g in sorted(groups.items(), key=lambda kv: -kv[1]["weight_ratio"]):
-        style = "bold red" if name == "white triangle" else None
-        table.add_row(
-            name, f"{g['count']:.0f}", f"{g['share']:.1%}", f"{g['weight_ratio']:.2f}x", f"{g['rarity_auroc']:.3f}",
-            style=style,
-        )
-    console.print(table)
+    summary = result.summary
+    groups = summary["groups"]["group"]
+    console.print(group_table("group (built-in shapes; the planted rare group is white triangle)", groups,
+                              highlight="white triangle"))
+    ratio = groups["white triangle"]["weight_ratio"]
     console.print(
-        f"rare group: {rare.sum()} of {len(rare)} rows ({rare.mean():.1%}); mean weight {ratio:.1f}x the rest; "
-        f"AUROC of rarity {auroc:.3f}; effective sample size {result.summary['effective_sample_size']:.0f}"
+        f"rare group (white triangle): {rare.sum()} of {len(rare)} rows ({rare.mean():.1%}), "
+        f"{groups['white triangle']['weight_share']:.1%} of the weight: weight ratio {ratio:.1f} "
+        f"(share of weight ÷ share of rows); AUROC of rarity {auroc:.3f}"
+    )
+    console.print(
+        f"effective sample size: {summary['effective_sample_fraction']:.0%} of the rows, as tempered "
+        f"(--target-ess); the paper's untempered inverse-density weights keep "
+        f"{summary['untempered_effective_sample_fraction']:.1%} (the lower, the more a few rows stand out)"
     )
     console.print(f"report: {result.out / 'report.html'}")
     return result

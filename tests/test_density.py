@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from sklearn.base import clone
 
 from debias.density import LatentHistogramDensity, effective_sample_size
 
@@ -203,3 +204,74 @@ def test_temperature_for_ess_meets_its_target():
         t = temperature_for_ess(rarity, target)
         w = np.exp(t * rarity - (t * rarity).max())
         assert effective_sample_size(w) / 500 == pytest.approx(target, abs=1e-3)
+
+
+# ---- issue 15: the audit's rarity estimators, on cases small enough to compute by hand -------------------------
+
+
+def test_knn_density_is_minus_d_log_of_the_kth_neighbour_distance():
+    from debias.density import KNNDensity
+
+    Z = np.array([[0.0], [1.0], [3.0], [6.0], [16.0]])
+    est = KNNDensity(n_neighbors=1, n_components=None).fit(Z)
+    # Leaving each row out, the nearest other row lies at 1, 1, 2, 3 and 10; d = 1.
+    np.testing.assert_allclose(est.score_fitted(), -np.log([1, 1, 2, 3, 10]), atol=1e-9)
+    np.testing.assert_allclose(est.score_samples(np.array([[4.0], [20.0]])), -np.log([1.0, 4.0]), atol=1e-9)
+
+
+def test_latent_and_reconstruction_rarity_adds_two_robust_z_scores():
+    from debias.rarity import LatentAndReconstructionRarity, audit_features, fitted_rarity
+
+    mu = np.array([[0.0], [1.0], [3.0], [6.0], [16.0]])
+    recon = np.exp(np.array([0.0, 1.0, 2.0, 3.0, 4.0]))
+    est = LatentAndReconstructionRarity(n_neighbors=1, n_components=None)
+    rarity = fitted_rarity(est, audit_features(mu, recon))
+    # kNN part: log r_k = log(1, 1, 2, 3, 10); median log 2; MAD = median |.| = log 2 (normal-consistent x 1.4826).
+    log_r = np.log([1.0, 1.0, 2.0, 3.0, 10.0])
+    z_latent = (log_r - np.log(2)) / (1.4826 * np.log(2))
+    # reconstruction part: log error = 0..4; median 2; MAD 1.
+    z_recon = (np.arange(5.0) - 2.0) / 1.4826
+    np.testing.assert_allclose(rarity, z_latent + z_recon, atol=1e-9)
+    parts = est.components(audit_features(mu, recon), fitted=True)
+    np.testing.assert_allclose(parts["latent"], z_latent, atol=1e-9)
+    np.testing.assert_allclose(parts["reconstruction"], z_recon, atol=1e-9)
+    # a new row: its neighbour distance is to the fitted rows (none left out)
+    new = audit_features(np.array([[4.0]]), np.array([np.exp(2.0)]))
+    np.testing.assert_allclose(-est.score_samples(new), (np.log(1.0) - np.log(2)) / (1.4826 * np.log(2)) + 0.0)
+    assert clone(est).get_params() == est.get_params()
+
+
+def test_gaussian_mixture_with_one_component_is_the_gaussian_log_density():
+    from scipy.stats import multivariate_normal
+
+    from debias.rarity import audit_features, build_rarity_estimator, fitted_rarity
+
+    rng = np.random.default_rng(0)
+    mu = rng.normal(size=(400, 2)) @ np.array([[1.0, 0.5], [0.0, 0.8]])
+    est = build_rarity_estimator("gmm", n_components=1, reg_covar=0.0)
+    fitted_rarity(est, audit_features(mu, np.ones(400)))  # fitted on all rows (the rows are scored cross-fitted)
+    gauss = multivariate_normal(mu.mean(0), np.cov(mu.T, bias=True))
+    np.testing.assert_allclose(est.score_samples(mu), gauss.logpdf(mu), rtol=1e-6)
+
+
+def test_rarity_weights_are_tempered_exponentials_at_the_target_ess():
+    from debias.rarity import rarity_weights
+
+    rarity = np.array([0.0, 0.0, 0.0, 1.0, 3.0])
+    w, t = rarity_weights(rarity, 0.6)
+    np.testing.assert_allclose(w, np.exp(t * rarity) / np.exp(t * rarity).sum(), atol=1e-9)
+    assert effective_sample_size(w) == pytest.approx(0.6 * 5, rel=1e-6)
+    assert w[4] > w[3] > w[0]
+
+
+def test_every_rarity_estimator_ranks_a_planted_outlier_first():
+    from debias.rarity import RARITY_ESTIMATORS, audit_features, build_rarity_estimator, fitted_rarity
+
+    rng = np.random.default_rng(1)
+    mu = rng.normal(size=(300, 4))
+    mu[0] = 8.0  # far from everything in every dimension
+    recon = np.exp(rng.normal(size=300) * 0.1)
+    recon[0] = np.exp(3.0)  # and badly reconstructed
+    for name in RARITY_ESTIMATORS:
+        rarity = fitted_rarity(build_rarity_estimator(name), audit_features(mu, recon))
+        assert np.argmax(rarity) == 0, name

@@ -15,10 +15,10 @@ from PIL import Image
 from debias.report import AuditReport, figure_to_data_uri, image_grid, write_report
 
 SPECIAL = "<b>x</b>"
+ESCAPED = "&lt;b&gt;x&lt;/b&gt;"
 DATA_URI = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 
 HEADINGS = [
-    "Summary",
     "Rarity and weight distributions",
     "Rarest samples",
     "Most typical samples",
@@ -27,6 +27,7 @@ HEADINGS = [
     "Samples from the prior",
     "Latent histograms",
     "Groups",
+    "Run details",  # the internals last
 ]
 
 
@@ -140,7 +141,7 @@ def test_empty_sections_are_omitted(tmp_path) -> None:
     text = write_report(rep, tmp_path / "r.html").read_text(encoding="utf-8")
     for gone in ("Groups", "Latent traversals", "Samples from the prior", "Reconstructions", "Latent histograms"):
         assert f"<h2>{gone}</h2>" not in text
-    for kept in ("Summary", "Rarest samples", "Most typical samples"):
+    for kept in ("Run details", "Rarest samples", "Most typical samples"):
         assert f"<h2>{kept}</h2>" in text
 
 
@@ -169,3 +170,48 @@ def test_figure_to_data_uri() -> None:
     raw = base64.b64decode(uri.split(",", 1)[1])
     assert b"matplotlib.org" not in raw  # the Software tag (a URL) is stripped
     assert _decode(uri.split(",", 1)[1]).format == "PNG"
+
+
+def test_the_report_opens_with_the_finding(tmp_path) -> None:
+    """Issue 15: the first section names the under-represented groups with their weight ratio and example thumbnails
+    (captioned with group and path), then the rarest rows and the latent factor that sets them apart; the run's
+    internals come last. Everything from the data is escaped."""
+    from debias.report import GroupFinding, RowsFinding, Thumb, png_data_uri
+
+    img = png_data_uri(np.zeros((8, 8, 3), np.uint8))
+    report = _make_report(3)
+    report.finding_groups = [GroupFinding(
+        grouping="race", group=f"black {SPECIAL}", count=245, share=0.027, even_share=0.2, weight_share=0.081,
+        ratio=3.0, auroc=0.71, examples=[Thumb(img, f"black · faces/{SPECIAL}.jpg")] * 3,
+    )]
+    report.finding_rows = RowsFinding(
+        estimator="knn-recon", n_rows=9000, n_shown=16, examples=[Thumb(img, "a.png")] * 16, by_reconstruction=11,
+        dim_label="z4", dim_shift=2.5, traversal=[img] * 9, traversal_values=[f"{v:+.2f}" for v in range(9)],
+    )
+    text = write_report(report, tmp_path / "report.html").read_text(encoding="utf-8")
+    first = text.find("<h2>")
+    assert text[first:].startswith("<h2>What the audit found</h2>")
+    assert text.find("<h2>Run details</h2>") > text.find("<h2>Groups</h2>") > first
+    finding = " ".join(text[first : text.find("</section>", first)].split())
+    assert "245 rows, 2.7 % of the data where an even split would give 20.0 %" in finding
+    assert "8.1 % of the weight: weight ratio <b>3.00</b>" in finding and "0.710" in finding
+    assert finding.count(f"black · faces/{ESCAPED}.jpg") == 6  # alt text and caption of each of the 3 thumbnails
+    assert SPECIAL not in finding
+    assert "11 of them are rare mainly because the model" in finding and "<b>z4</b>" in finding
+    assert finding.count("<img ") == 3 + 16 + 9
+
+
+def test_report_without_groups_says_no_group_and_still_shows_the_rarest_rows(tmp_path) -> None:
+    from debias.report import RowsFinding, Thumb, png_data_uri
+
+    img = png_data_uri(np.zeros((8, 8, 3), np.uint8))
+    report = _make_report(3)
+    report.finding_rows = RowsFinding(
+        estimator="histogram", n_rows=100, n_shown=4, examples=[Thumb(img, "a.png")] * 4, by_reconstruction=None,
+        dim_label="z1", dim_shift=1.0, traversal=[], traversal_values=[],
+    )
+    text = write_report(report, tmp_path / "report.html").read_text(encoding="utf-8")
+    finding = text[text.find("<h2>What the audit found</h2>") :]
+    finding = " ".join(finding[: finding.find("</section>")].split())
+    assert "No group holds less than half an even share" in finding  # group tables exist, none under-represented
+    assert "The rarest rows" in finding and "rare mainly because" not in finding

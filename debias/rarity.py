@@ -1,0 +1,175 @@
+"""Rarity estimators for the audit, side by side over the same latents (issue 15).
+
+An audit asks which rows of a dataset are rare. Each estimator here turns a model's view of the rows (the posterior
+means ``mu`` and the reconstruction errors) into a rarity per row, higher = rarer:
+
+- ``histogram``: the paper's product of per-dimension histograms (DB-VAE, Amini et al. 2019, Eq. 3-4), over whitened
+  latents: :class:`debias.density.LatentHistogramDensity`. It sees the marginals only.
+- ``histogram-max``: the public lab's max rule over the same histograms.
+- ``knn``: k-nearest-neighbour density of the latents (:class:`debias.density.KNNDensity`): sees joint structure, so
+  a rare *combination* of common values is rare.
+- ``gmm``: a Gaussian mixture over the latents (scikit-learn's ``GaussianMixture``), cross-fitted in two halves.
+- ``knn-recon``: :class:`LatentAndReconstructionRarity`, the kNN latent rarity plus the reconstruction error, each
+  standardised on the fitted rows. A VAE spends its latent capacity on common variation; a factor that only 2 % of
+  the images carry may get no latent direction at all and shows up only as a reconstruction error.
+- ``recon``: the reconstruction error alone (a reference).
+
+All are scikit-learn estimators (``score_samples`` higher = more typical). The rows an estimator was fitted on are
+scored leaving each row out where that matters (a kNN row is not its own neighbour): :func:`fitted_rarity`.
+Sampling weights are ``exp(T * rarity)`` normalised, with T chosen for a target effective sample size:
+:func:`rarity_weights`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.base import BaseEstimator, OutlierMixin, clone
+from sklearn.mixture import GaussianMixture
+from sklearn.utils.validation import check_is_fitted
+
+from debias.density import KNNDensity, LatentHistogramDensity, temperature_for_ess
+
+RARITY_ESTIMATORS = ("knn-recon", "knn", "histogram", "histogram-max", "gmm", "recon")
+DEFAULT_ESTIMATOR = "knn-recon"
+
+
+def audit_features(mu: np.ndarray, recon_error: np.ndarray) -> np.ndarray:
+    """(n, d + 1): the posterior means and the per-image reconstruction error, the input of every estimator here."""
+    return np.hstack([np.asarray(mu, np.float64), np.asarray(recon_error, np.float64)[:, None]])
+
+
+def _robust_z(values: np.ndarray, centre: float, scale: float) -> np.ndarray:
+    return (values - centre) / scale
+
+
+def _centre_scale(values: np.ndarray) -> tuple[float, float]:
+    # Median and the normal-consistent MAD: a few extreme rows (the rare ones we look for) do not set the scale.
+    centre = float(np.median(values))
+    scale = float(1.4826 * np.median(np.abs(values - centre)))
+    return centre, scale if scale > 0 else float(np.std(values)) or 1.0
+
+
+class LatentAndReconstructionRarity(OutlierMixin, BaseEstimator):
+    """Rarity = z(kNN rarity of the latents) + z(log reconstruction error), each a robust z-score on the fitted rows.
+
+    Input: :func:`audit_features` rows, [mu | recon_error]. The kNN part is ``d log r_k`` (minus the log density of
+    :class:`~debias.density.KNNDensity` up to a constant); the reconstruction part is the log mean squared error.
+    ``recon_weight`` scales the second term (0 = the kNN rarity alone). Both terms are one number per row on a common
+    scale, so neither dominates because of its units.
+
+    Fitted attributes: knn_, knn_centre_, knn_scale_, recon_centre_, recon_scale_, n_features_in_, offset_.
+    """
+
+    def __init__(self, n_neighbors: int = 20, n_components: int | None = 32, recon_weight: float = 1.0,
+                 contamination: float = 0.05) -> None:
+        self.n_neighbors = n_neighbors
+        self.n_components = n_components
+        self.recon_weight = recon_weight
+        self.contamination = contamination
+
+    def fit(self, X: np.ndarray, y: object = None) -> "LatentAndReconstructionRarity":
+        X = np.asarray(X, dtype=np.float64)
+        if X.ndim != 2 or X.shape[1] < 2:
+            raise ValueError("expected audit_features rows: [mu | recon_error], at least 2 columns")
+        self.n_features_in_ = X.shape[1]
+        self.knn_ = KNNDensity(n_neighbors=self.n_neighbors, n_components=self.n_components).fit(X[:, :-1])
+        knn_rarity = -self.knn_.score_fitted()
+        self.knn_centre_, self.knn_scale_ = _centre_scale(knn_rarity)
+        self.recon_centre_, self.recon_scale_ = _centre_scale(np.log(np.maximum(X[:, -1], 1e-12)))
+        self.offset_ = float(np.quantile(-self._combine(knn_rarity, X[:, -1]), self.contamination))
+        return self
+
+    def _combine(self, knn_rarity: np.ndarray, recon_error: np.ndarray) -> np.ndarray:
+        z_knn = _robust_z(knn_rarity, self.knn_centre_, self.knn_scale_)
+        z_recon = _robust_z(np.log(np.maximum(recon_error, 1e-12)), self.recon_centre_, self.recon_scale_)
+        return z_knn + self.recon_weight * z_recon
+
+    def components(self, X: np.ndarray, fitted: bool = False) -> dict[str, np.ndarray]:
+        """The two standardised terms per row ("latent", "reconstruction"): which one makes a row rare."""
+        check_is_fitted(self, "knn_")
+        X = np.asarray(X, dtype=np.float64)
+        knn = -(self.knn_.score_fitted() if fitted else self.knn_.score_samples(X[:, :-1]))
+        return {
+            "latent": _robust_z(knn, self.knn_centre_, self.knn_scale_),
+            "reconstruction": _robust_z(np.log(np.maximum(X[:, -1], 1e-12)), self.recon_centre_, self.recon_scale_),
+        }
+
+    def score_samples(self, X: np.ndarray) -> np.ndarray:
+        """Minus the rarity of new rows (higher = more typical)."""
+        check_is_fitted(self, "knn_")
+        X = np.asarray(X, dtype=np.float64)
+        return -self._combine(-self.knn_.score_samples(X[:, :-1]), X[:, -1])
+
+    def score_fitted(self, X: np.ndarray) -> np.ndarray:
+        """The same for the fitted rows ``X`` themselves, each left out of its own neighbourhood."""
+        check_is_fitted(self, "knn_")
+        return -self._combine(-self.knn_.score_fitted(), np.asarray(X, dtype=np.float64)[:, -1])
+
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        return self.score_samples(X) - self.offset_
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return np.where(self.decision_function(X) < 0, -1, 1)
+
+
+def build_rarity_estimator(name: str, **options: object) -> BaseEstimator:
+    """A fresh estimator by name (:data:`RARITY_ESTIMATORS`); ``options`` are its parameters."""
+    if name == "knn-recon":
+        return LatentAndReconstructionRarity(**options)  # type: ignore[arg-type]
+    if name == "knn":
+        return KNNDensity(**options)  # type: ignore[arg-type]
+    if name == "histogram":
+        return LatentHistogramDensity(**options)  # type: ignore[arg-type]
+    if name == "histogram-max":
+        return LatentHistogramDensity(**{"combine": "max", **options})  # type: ignore[arg-type]
+    if name == "gmm":
+        return GaussianMixture(**{"n_components": 8, "covariance_type": "full", "reg_covar": 1e-4,
+                                  "random_state": 0, **options})  # type: ignore[arg-type]
+    if name == "recon":
+        return _ReconstructionOnly()
+    raise ValueError(f"unknown rarity estimator {name!r}; choose from {', '.join(RARITY_ESTIMATORS)}")
+
+
+class _ReconstructionOnly(BaseEstimator):
+    """The log reconstruction error as the rarity (a reference, not a density)."""
+
+    def fit(self, X: np.ndarray, y: object = None) -> "_ReconstructionOnly":
+        self.n_features_in_ = np.asarray(X).shape[1]
+        return self
+
+    def score_samples(self, X: np.ndarray) -> np.ndarray:
+        return -np.log(np.maximum(np.asarray(X, np.float64)[:, -1], 1e-12))
+
+
+def fitted_rarity(estimator: BaseEstimator, X: np.ndarray) -> np.ndarray:
+    """Fit ``estimator`` on :func:`audit_features` rows ``X`` and return the rarity of those same rows (higher =
+    rarer), each row left out of its own neighbourhood where the estimator has neighbours."""
+    X = np.asarray(X, dtype=np.float64)
+    latents = X[:, :-1]
+    if isinstance(estimator, LatentAndReconstructionRarity):
+        return -estimator.fit(X).score_fitted(X)
+    if isinstance(estimator, _ReconstructionOnly):
+        return -estimator.fit(X).score_samples(X)
+    if isinstance(estimator, KNNDensity):
+        return -estimator.fit(latents).score_fitted()
+    if isinstance(estimator, GaussianMixture) and len(latents) >= 4 * estimator.n_components:
+        # Cross-fitted in two halves: a mixture fitted on a row can give an odd row a component of its own and call
+        # it dense. Each half is scored by the mixture of the other half; the estimator itself is fitted on all rows.
+        rng = np.random.default_rng(0)
+        half = rng.permutation(len(latents)) % 2 == 0
+        rarity = np.empty(len(latents))
+        for part in (half, ~half):
+            rarity[part] = -clone(estimator).fit(latents[~part]).score_samples(latents[part])
+        estimator.fit(latents)
+        return rarity
+    return -estimator.fit(latents).score_samples(latents)
+
+
+def rarity_weights(rarity: np.ndarray, target_ess: float = 0.5) -> tuple[np.ndarray, float]:
+    """Sampling probabilities ∝ exp(T * rarity), T chosen so that their effective sample size is ``target_ess`` of
+    the rows (:func:`debias.density.temperature_for_ess`); returns (weights summing to 1, T)."""
+    r = np.asarray(rarity, dtype=np.float64)
+    t = temperature_for_ess(r, target_ess)
+    logits = t * (r - r.max())
+    w = np.exp(logits)
+    return w / w.sum(), t
