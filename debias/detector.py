@@ -53,6 +53,8 @@ class NoveltyResults:
     rarity: np.ndarray  # the audit's rarity: minus the latent-histogram log density
     recon_error: np.ndarray
     top_dims: list[list[dict[str, float | int]]]
+    driver: list[str] = field(default_factory=list)  # the statistic that drove each image's novelty
+    statistics: list[dict[str, float]] = field(default_factory=list)  # each statistic's standardised value
     recon: torch.Tensor | None = field(default=None, repr=False)  # reconstructions (CPU), when asked for
     images: torch.Tensor | None = field(default=None, repr=False)  # the model's inputs (CPU), with ``recon``
 
@@ -66,6 +68,8 @@ class NoveltyResults:
             "is_novel": bool(self.is_novel[i]),
             "rarity": float(self.rarity[i]),
             "recon_error": float(self.recon_error[i]),
+            "driver": self.driver[i],
+            "statistics": self.statistics[i],
             "top_dims": self.top_dims[i],
         }
 
@@ -102,14 +106,16 @@ class NoveltyDetector:
 
     def score_encoded(self, enc: Encoded, *, top_k: int = 5) -> NoveltyResults:
         X = feature_matrix(enc)
-        novelty = self.scorer.novelty(X)
+        out = self.scorer.analyse(X, k=top_k)  # one neighbour search for the score and its explanation
         return NoveltyResults(
-            novelty=novelty,
-            p_value=self.calibrator.p_values(novelty),
-            is_novel=self.calibrator.is_novel(novelty),
+            novelty=out["novelty"],
+            p_value=self.calibrator.p_values(out["novelty"]),
+            is_novel=self.calibrator.is_novel(out["novelty"]),
             rarity=self.scorer.rarity(X),
             recon_error=enc.recon_error,
-            top_dims=self.scorer.top_dims(X, k=top_k),
+            top_dims=out["top_dims"],
+            driver=out["driver"],
+            statistics=out["statistics"],
         )
 
     def score_batch(self, x: torch.Tensor, *, top_k: int = 5, keep_recon: bool = False) -> NoveltyResults:

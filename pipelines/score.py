@@ -2,7 +2,9 @@
 
 Outputs in the score folder:
     scores.parquet, scores.csv  one row per image: all source columns + novelty, p_value, is_novel, rarity,
-                                recon_error, novelty_rank, top_dims (JSON list of {dim, tail, value})
+                                recon_error, novelty_rank, driver (the statistic behind the
+                                score), statistics (JSON: standardised value of each), top_dims (JSON list of
+                                {dim, distance_share, tail, value})
     summary.json                counts, fraction novel, the score distribution against the calibration set (drift),
                                 the detector's card (model, fitted-on data, calibration size, threshold, target FPR)
     heatmaps/                   with --heatmaps K: reconstruction-error heatmaps of the K most novel images
@@ -71,6 +73,8 @@ def run_score(job: ScoreJob) -> ScoreResult:
     scores["rarity"] = res.rarity
     scores["recon_error"] = res.recon_error
     scores["novelty_rank"] = scores["novelty"].rank(ascending=False, method="first").astype(int)
+    scores["driver"] = res.driver  # the statistic behind each verdict: posterior_knn or recon_error
+    scores["statistics"] = [json.dumps(d) for d in res.statistics]
     scores["top_dims"] = [json.dumps(d) for d in res.top_dims]
 
     summary: dict[str, Any] = {

@@ -261,6 +261,8 @@ def _concat(parts: list[NoveltyResults]) -> NoveltyResults:
         rarity=np.concatenate([p.rarity for p in parts]),
         recon_error=np.concatenate([p.recon_error for p in parts]),
         top_dims=[d for p in parts for d in p.top_dims],
+        driver=[d for p in parts for d in p.driver],
+        statistics=[d for p in parts for d in p.statistics],
         recon=torch.cat([p.recon for p in parts]) if parts[0].recon is not None else None,
         images=torch.cat([p.images for p in parts]) if parts[0].images is not None else None,
     )
@@ -274,6 +276,8 @@ def _take(res: NoveltyResults, a: int, b: int, keep_recon: bool) -> NoveltyResul
         rarity=res.rarity[a:b],
         recon_error=res.recon_error[a:b],
         top_dims=res.top_dims[a:b],
+        driver=res.driver[a:b],
+        statistics=res.statistics[a:b],
         recon=res.recon[a:b] if keep_recon and res.recon is not None else None,
         images=res.images[a:b] if keep_recon and res.images is not None else None,
     )

@@ -9,6 +9,10 @@ from pydantic import BaseModel, Field
 
 class TopDim(BaseModel):
     dim: int = Field(description="Latent dimension index.")
+    distance_share: float | None = Field(
+        default=None, description="This dimension's share of the squared latent distance to the image's nearest "
+        "training images (the posterior_knn statistic); the list is ordered by it."
+    )
     tail: float = Field(description="Training mass of histogram bins no more likely than this image's bin.")
     value: float = Field(description="The image's posterior mean in this dimension.")
 
@@ -31,8 +35,16 @@ class ImageScore(BaseModel):
     is_novel: bool | None = Field(default=None, description="p_value <= target_fpr.")
     rarity: float | None = Field(default=None, description="Minus the latent-histogram log density (as in `debias audit`).")
     recon_error: float | None = Field(default=None, description="Mean squared error per pixel of the reconstruction.")
+    driver: str | None = Field(
+        default=None, description="The statistic that drove the novelty score: posterior_knn (the latent distance "
+        "to the nearest training images) or recon_error (the reconstruction error)."
+    )
+    statistics: dict[str, float] = Field(
+        default_factory=dict, description="Each statistic's standardised value (training mean 0, sd 1)."
+    )
     top_dims: list[TopDim] = Field(
-        default_factory=list, description="The latent dimensions that make the image unusual, most first."
+        default_factory=list,
+        description="The latent dimensions behind the latent distance, largest share first.",
     )
     heatmap_png: str | None = Field(
         default=None, description="With ?heatmap=true: base64 PNG of input | reconstruction | squared error."

@@ -178,7 +178,29 @@ def test_top_dims_point_at_the_shifted_dimension():
     tops = scorer.top_dims(odd, k=3)
     assert all(t[0]["dim"] == 4 and t[0]["value"] == 6.0 for t in tops)
     assert all(0 < d["tail"] <= 1 for t in tops for d in t) and all(len(t) == 3 for t in tops)
-    assert all(t[0]["tail"] <= t[1]["tail"] <= t[2]["tail"] for t in tops)
+    # ordered by each dimension's share of the squared distance to the nearest training posteriors (issue 15)
+    assert all(t[0]["distance_share"] >= t[1]["distance_share"] >= t[2]["distance_share"] for t in tops)
+    assert all(t[0]["distance_share"] > 0.5 for t in tops)
+
+
+def test_the_explanation_names_the_statistic_behind_the_verdict():
+    """Issue 15: a latent outlier is explained by the latent distance, a badly reconstructed but otherwise typical
+    image by its reconstruction error; the standardised values are those the score adds up."""
+    X = synthetic_features(3000)
+    scorer = NoveltyScorer().fit(X[:2000])
+    far, blurry = X[2000:2001].copy(), X[2001:2002].copy()
+    far[:, 2] = 7.0
+    blurry[:, -1] = np.exp(-1.0)  # training recon errors are exp(-4 +- 0.2)
+    out = scorer.analyse(np.vstack([far, blurry]), k=2)
+    assert out["driver"] == ["posterior_knn", "recon_error"]
+    z = out["statistics"]
+    assert z[0]["posterior_knn"] > 3 and abs(z[0]["recon_error"]) < 3
+    assert z[1]["recon_error"] > 10 and z[1]["recon_error"] > z[1]["posterior_knn"]
+    # the score is the sum of those terms (l1: the kNN term counts only above the mean)
+    expected = [max(v["posterior_knn"], 0.0) + abs(v["recon_error"]) for v in z]
+    np.testing.assert_allclose(out["novelty"], expected)
+    np.testing.assert_allclose(out["novelty"], scorer.novelty(np.vstack([far, blurry])))
+    assert out["top_dims"][0][0]["dim"] == 2
 
 
 # -- on a tiny trained model ---------------------------------------------------------------------------------------
@@ -213,9 +235,9 @@ def test_score_does_not_depend_on_batch_mates(run, data):
         for res, k in ((together, i), (other_mates, j)):
             np.testing.assert_allclose(res.novelty[k], alone.novelty[0], rtol=1e-4, atol=1e-6)
             assert abs(res.p_value[k] - alone.p_value[0]) <= tol + 1e-12  # at most one calibration rank
-            assert res.top_dims[k][0]["dim"] == alone.top_dims[0][0]["dim"] or res.top_dims[k][0]["tail"] == pytest.approx(
-                alone.top_dims[0][0]["tail"]
-            )
+            assert res.top_dims[k][0]["dim"] == alone.top_dims[0][0]["dim"] or res.top_dims[k][0][
+                "distance_share"] == pytest.approx(alone.top_dims[0][0]["distance_share"])
+            assert res.driver[k] == alone.driver[0]
 
 
 def test_detector_is_stored_reloaded_and_refitted_when_the_model_changes(run):
@@ -297,7 +319,9 @@ def test_score_command_end_to_end(run, tmp_path):
         assert col in scores.columns, col
     assert scores["p_value"].between(1 / 61, 1).all()
     dims = json.loads(scores["top_dims"].iloc[0])
-    assert len(dims) == 5 and {"dim", "tail", "value"} <= set(dims[0])
+    assert len(dims) == 5 and {"dim", "distance_share", "tail", "value"} <= set(dims[0])
+    assert set(scores["driver"]) <= {"posterior_knn", "recon_error"}
+    assert set(json.loads(scores["statistics"].iloc[0])) == {"posterior_knn", "recon_error"}
     noise = pd.read_parquet(out_noise / "scores.parquet")
     assert noise["is_novel"].mean() > 0.9 > 0.3 > scores["is_novel"].mean()
     assert roc_auc_score(np.r_[np.zeros(len(scores)), np.ones(len(noise))], np.r_[scores["novelty"], noise["novelty"]]) > 0.95

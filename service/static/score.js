@@ -36,15 +36,23 @@
       metric("p-value", res.p_value, 3, "p-value"),
       metric("rarity", res.rarity, 4, "rarity"),
       metric("recon. error", res.recon_error, 3, "recon-error")));
+    if (res.driver) {
+      const names = { posterior_knn: "latent distance to the nearest training images", recon_error: "reconstruction error" };
+      const z = res.statistics || {};
+      const parts = Object.keys(z).map((k) => `${names[k] || k} z = ${fmt(z[k], 2)}`);
+      item.body.append(el("p", { class: "driver", "data-driver": res.driver,
+        text: `Driven by the ${names[res.driver] || res.driver} (${parts.join("; ")}).` }));
+    }
     if (res.top_dims && res.top_dims.length) {
+      const share = (d) => (d.distance_share === null || d.distance_share === undefined ? 0 : d.distance_share);
       const rows = res.top_dims.map((d) => el("tr", {},
         el("td", { text: `z${d.dim}` }),
-        el("td", { text: fmt(d.tail, 3) }),
-        el("td", {}, el("span", { class: "tailbar", style: `width:${Math.round(60 * (1 - Math.min(1, d.tail)))}px` })),
+        el("td", { text: d.distance_share === null || d.distance_share === undefined ? "–" : `${fmt(100 * share(d), 1)} %` }),
+        el("td", {}, el("span", { class: "tailbar", style: `width:${Math.round(60 * Math.min(1, share(d)))}px` })),
         el("td", { text: fmt(d.value, 3) })));
-      item.body.append(el("div", { class: "muted", text: "Unusual latent dimensions (small tail = unusual)" }),
+      item.body.append(el("div", { class: "muted", text: "Latent dimensions behind the distance (share of the squared distance to the nearest training images)" }),
         el("table", { class: "dims" },
-          el("thead", {}, el("tr", {}, el("th", { text: "dim" }), el("th", { text: "tail" }), el("th"), el("th", { text: "value" }))),
+          el("thead", {}, el("tr", {}, el("th", { text: "dim" }), el("th", { text: "share" }), el("th"), el("th", { text: "value" }))),
           el("tbody", {}, ...rows)));
     }
     if (res.heatmap_png) {
