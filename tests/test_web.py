@@ -339,6 +339,10 @@ def test_browser_audit_table_sorts_and_filters(page, open_server, scores, audit_
     assert len(rarity) == 64 and rarity == sorted(rarity, reverse=True)
     assert rarity[0] == pytest.approx(scores["rarity"].max())
     assert page.locator("#rows tbody img").count() == 64  # every rarest row has its thumbnail
+    # ... captioned with its groups (--group-by shape,group) and its path (issue 15)
+    first = scores.sort_values("rarity_rank").iloc[0]
+    caption = page.locator("#rows tbody figcaption").first.text_content()
+    assert caption == f"{first['shape']} × {first['group']} · {first['path']}"
     rarest_rows = set(json.loads((audit_dir / "browser.json").read_text())["thumbs"]["rarest"])
 
     page.click('#rows th[data-column="recon_error"]')

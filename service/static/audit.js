@@ -5,7 +5,7 @@
   const { api, el, svg, errorText, fmt } = debias;
   const FIRST = ["row", "rarity_rank", "rarity", "weight", "recon_error"];
   const PAGE = 100;
-  const state = { subset: "rarest", sort: null, order: null, q: "", column: "", offset: 0, total: 0, columns: [] };
+  const state = { subset: "rarest", sort: null, order: null, q: "", column: "", offset: 0, total: 0, columns: [], tags: [] };
   let requestId = 0;
 
   function showFailure(text) {
@@ -29,8 +29,14 @@
   function renderRows(body) {
     const numeric = new Set(state.columns.filter((c) => c.numeric).map((c) => c.name));
     const rows = body.rows.map((r) => {
-      const tr = el("tr", { "data-row": r.row },
-        el("td", {}, r.thumb ? el("img", { src: r.thumb, alt: `row ${r.row}` }) : el("span", { class: "muted", text: "–" })));
+      // Each thumbnail carries its group (the audit's --group-by columns) or label, and its path.
+      const tag = [state.tags.map((c) => r[c]).filter((v) => v !== null && v !== undefined).join(" × "), r.path]
+        .filter((v) => v).join(" · ");
+      const thumb = r.thumb
+        ? el("figure", { class: "thumb-cell" }, el("img", { src: r.thumb, alt: tag || `row ${r.row}`, title: tag }),
+          el("figcaption", { text: tag }))
+        : el("span", { class: "muted", text: "–" });
+      const tr = el("tr", { "data-row": r.row }, el("td", {}, thumb));
       for (const name of columnOrder(state.columns)) {
         const v = r[name];
         tr.append(el("td", {
@@ -142,6 +148,9 @@
     const body = await response.json();
     const s = body.summary || {};
     state.columns = body.columns;
+    const names = new Set(body.columns.map((c) => c.name));
+    const grouped = Object.keys(s.groups || {}).filter((k) => !k.includes(" x ") && names.has(k));
+    state.tags = grouped.length ? grouped : ["label"].filter((k) => names.has(k));
     document.getElementById("title").textContent = `Audit: ${s.source || "(unknown source)"}`;
     document.title = `debias · audit · ${s.source || ""}`;
     const stat = (k, v) => el("div", {}, el("div", { class: "muted", text: k }), el("strong", { text: v }));
@@ -149,7 +158,7 @@
       stat("images", fmt(body.n_rows)),
       stat("skipped", fmt(s.n_skipped)),
       stat("effective sample size", s.effective_sample_size ? `${fmt(s.effective_sample_size, 4)} (${Math.round(100 * s.effective_sample_fraction)} %)` : "–"),
-      stat("density", s.density ? `${s.density.combine}, ${s.density.bins} bins, ${s.density.whiten ? "whitened" : "raw"} latents` : "–"),
+      stat("rarity", s.rarity_estimator || (s.density ? `histogram ${s.density.combine}` : "–")),
       stat("model", s.model || "–"));
     for (const b of document.querySelectorAll("[data-subset]")) {
       if (b.dataset.subset !== "all") b.textContent = `${b.dataset.subset === "rarest" ? "Rarest" : "Most typical"} ${body.k}`;
