@@ -108,7 +108,7 @@ def audit(
     bins: Annotated[int, typer.Option(min=1, help="Histogram bins per latent dimension.")] = 10,
     alpha: Annotated[float, typer.Option(min=0.0, help="Smoothing added to each bin probability.")] = 0.001,
     combine: Annotated[str, typer.Option(help="product (paper Eq. 3-4) or max (public lab).")] = "product",
-    temperature: Annotated[str, typer.Option(help="'auto' or a number: scales the product's log-weights.")] = "auto",
+    temperature: Annotated[str, typer.Option(help="'auto' or a number T: weights ∝ exp(T · rarity).")] = "auto",
     target_ess: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="With --temperature auto: effective sample size / n.")
     ] = 0.5,
