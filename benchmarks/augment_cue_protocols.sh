@@ -13,7 +13,7 @@
 #
 #   bash benchmarks/augment_cue_protocols.sh [OUT=bench-out/augcue] [SEEDS=0,1,2] [PROTOCOLS="tint patch blur"]
 #
-# About 80 min on 2 CPU cores. Finished steps are reused, so an interrupted run continues where it stopped.
+# About 70 min on 1 CPU core (OMP_NUM_THREADS=1). Finished steps are reused, so an interrupted run continues where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-out/augcue}
@@ -23,6 +23,7 @@ PROTOCOLS=${PROTOCOLS:-"tint patch blur"}
 DEBIAS=${DEBIAS:-.venv/bin/debias}
 GAN_EPOCHS=${GAN_EPOCHS:-15}
 CYCLE_EPOCHS=${CYCLE_EPOCHS:-3}
+ESTIMATOR=${ESTIMATOR:-histogram}  # the audit's rarity: the paper's histogram product (the default when this was run)
 
 for p in $PROTOCOLS; do
   data="$CUES/$p/manifest.csv"
@@ -33,7 +34,7 @@ for p in $PROTOCOLS; do
   [ -f "$o/vae/model.pt" ] || "$DEBIAS" train --data "$data" --where split=train --image-size 32 --latent-dim 16 \
       --epochs 8 --out "$o/vae" --quiet > /dev/null
   [ -f "$o/audit/scores.parquet" ] || "$DEBIAS" audit --model "$o/vae" --data "$data" --where split=train \
-      --out "$o/audit" --no-report --quiet > /dev/null
+      --estimator "$ESTIMATOR" --out "$o/audit" --no-report --quiet > /dev/null
   echo "   audit done $(date +%T)"
   [ -f "$o/gan/combined.csv" ] || "$DEBIAS" augment --method gan --data "$data" --where split=train --label gender \
       --weights "$o/audit/scores.parquet" --n 2000 --image-size 32 --epochs "$GAN_EPOCHS" --out "$o/gan" \

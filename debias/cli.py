@@ -104,7 +104,7 @@ def audit(
         str, typer.Option(help="Rarity: knn-recon (kNN latent density + reconstruction error), knn, histogram "
                           "(paper Eq. 3-4), histogram-max (lab), gmm, recon.")
     ] = "knn-recon",
-    n_neighbors: Annotated[int, typer.Option(min=1, help="knn, knn-recon: neighbours of the kNN density.")] = 20,
+    n_neighbors: Annotated[int, typer.Option(min=1, help="knn, knn-recon: neighbours of the kNN density.")] = 5,
     bins: Annotated[int, typer.Option(min=1, help="Histogram bins per latent dimension.")] = 10,
     alpha: Annotated[float, typer.Option(min=0.0, help="Smoothing added to each bin probability.")] = 0.001,
     combine: Annotated[str, typer.Option(help="product (paper Eq. 3-4) or max (public lab).")] = "product",

@@ -77,7 +77,7 @@ class AuditRarity:
 
 def fit_audit_rarity(
     mu: np.ndarray, recon_error: np.ndarray, estimator: str = DEFAULT_ESTIMATOR,
-    density: DensityOptions | None = None, n_neighbors: int = 20,
+    density: DensityOptions | None = None, n_neighbors: int = 5,
 ) -> AuditRarity:
     """The audit's rarity stage, shared by `debias audit` (both engines) and `debias augment --model`: fit the
     chosen estimator on the rows' latents (and reconstruction errors) and turn its rarity into sampling weights,
@@ -111,7 +111,7 @@ class AuditJob:
     where: list[str] = field(default_factory=list)
     group_by: list[str] = field(default_factory=list)
     estimator: str = DEFAULT_ESTIMATOR  # debias.rarity.RARITY_ESTIMATORS
-    n_neighbors: int = 20  # knn, knn-recon
+    n_neighbors: int = 5  # knn, knn-recon
     density: DensityOptions = field(default_factory=DensityOptions)
     device: str = "auto"
     batch_size: int = 256
