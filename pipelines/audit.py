@@ -226,9 +226,12 @@ def group_table(name: str, groups: dict[str, dict[str, float]], highlight: str |
     average row: 1.0 = drawn as often as uniform sampling would) and the AUROC of rarity for the group."""
     from rich.table import Table
 
-    table = Table(title=f"Groups by {name}, most upweighted first (weight ratio = share of weight ÷ share of rows)")
-    for col in ("group", "rows", "share of rows", "share of weight", "weight ratio", "AUROC of rarity"):
-        table.add_column(col, justify="left" if col == "group" else "right", no_wrap=col == "group")
+    table = Table(
+        title=f"Groups by {name}", caption="ratio = share of weight ÷ share of rows (1.0 = drawn as often as "
+        "uniform sampling would); AUROC = how well rarity ranks the group's rows first",
+    )
+    for col in ("group", "rows", "% rows", "% weight", "ratio", "AUROC"):
+        table.add_column(col, justify="left" if col == "group" else "right", no_wrap=True)
     for group, g in sorted(groups.items(), key=lambda kv: -(kv[1]["weight_ratio"] or 0.0)):
         auroc = g.get("rarity_auroc")
         table.add_row(

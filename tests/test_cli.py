@@ -116,6 +116,17 @@ def test_audit_end_to_end(trained_run, tmp_path):
     assert set(summary["groups"]) == {"group", "shape", "group x shape"}
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64") >= 6 and "white triangle" in html
+    assert html.find("<h2>What the audit found</h2>") < html.find("<h2>Run details</h2>")
+    # the terminal table (issue 15): one per grouping, groups sorted by weight ratio, with its figures
+    assert summary["rarity_estimator"] == "knn-recon" and {"rarity_latent", "rarity_reconstruction"} <= set(scores)
+    assert "Groups by shape" in proc.stdout and "% weight" in proc.stdout and "ratio = share of weight" in proc.stdout
+    shapes = summary["groups"]["shape"]
+    lines = [line for line in proc.stdout.splitlines() if any(f"│ {g} " in line for g in shapes)]
+    printed = [next(g for g in shapes if f"│ {g} " in line) for line in lines]
+    assert printed == sorted(shapes, key=lambda g: -shapes[g]["weight_ratio"])
+    for g in shapes:
+        row = next(line for line in lines if f"│ {g} " in line)
+        assert f"{shapes[g]['weight_ratio']:.2f}" in row and f"{shapes[g]['share']:.1%}" in row
 
 
 def test_audit_max_rule_and_where(trained_run, tmp_path):
