@@ -111,11 +111,14 @@ def main() -> None:
     ap.add_argument("--latent-dim", type=int, default=32)
     ap.add_argument("--beta", type=float, default=1.0)
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--epochs", type=int, default=None, help="Train every dataset this long (default: per dataset).")
+    ap.add_argument("--results", default="results", help="Name of the results files in --out.")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     results: list[dict] = []
-    tag = f"s{args.image_size}_l{args.latent_dim}_b{args.beta:g}"
+    tag = f"s{args.image_size}_l{args.latent_dim}_b{args.beta:g}" + (f"_e{args.epochs}" if args.epochs else "")
     for name, (data, rare, reference, epochs) in datasets(args.datasets.split(","), args.image_size).items():
+        epochs = args.epochs or epochs
         for seed in seeds if name == "utkface" else seeds[:1]:
             run = args.out / "runs" / f"{name}_{tag}_seed{seed}"
             t0 = time.time()
@@ -136,17 +139,18 @@ def main() -> None:
                 results.append({"dataset": name, "seed": seed, "method": method, "rare": int(rare.sum()),
                                 "n": len(rare), **evaluate(r, rare, reference)})
             print(f"{name} seed {seed}: {time.time() - t0:.0f} s", flush=True)
-            (args.out / "results.json").write_text(json.dumps({"options": vars(args) | {"out": str(args.out)},
+            (args.out / f"{args.results}.json").write_text(json.dumps({"options": vars(args) | {"out": str(args.out)},
                                                                "results": results}, indent=1))
     df = pd.DataFrame(results)
     med = df.groupby(["dataset", "method"], sort=False)[["auroc", "weight_ratio", "ess_fraction"]].median()
-    lines = [f"Options: image size {args.image_size}, latent {args.latent_dim}, beta {args.beta:g}; median over seeds "
+    lines = [f"Options: image size {args.image_size}, latent {args.latent_dim}, beta {args.beta:g}, epochs "
+             f"{args.epochs or 'per dataset'}; median over seeds "
              f"{args.seeds} (utkface), seed {seeds[0]} (others).", "",
              "| dataset | method | AUROC | mean-weight ratio | ESS / n |", "|---|---|---|---|---|"]
     for (ds, method), row in med.iterrows():
         lines.append(f"| {ds} | {method} | {row.auroc:.3f} | {row.weight_ratio:.2f} | {row.ess_fraction:.2f} |")
     text = "\n".join(lines) + "\n"
-    (args.out / "results.md").write_text(text)
+    (args.out / f"{args.results}.md").write_text(text)
     print(text)
 
 

@@ -29,8 +29,8 @@ def main() -> None:
     ap.add_argument("--baseline", type=Path, default=Path("bench-out/debias"))
     args = ap.parse_args()
 
-    rows = ["| protocol | training set | method | accuracy | worst group | gap closed | seeds |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| protocol | training set | method | accuracy | worst group | gap closed | Δ gap vs original data, paired | seeds |",
+            "|---|---|---|---|---|---|---|---|"]
     for proto_dir in sorted(p for p in args.out.iterdir() if p.is_dir()):
         base_file = args.baseline / proto_dir.name / "comparison.json"
         if not base_file.is_file():
@@ -55,11 +55,16 @@ def main() -> None:
                 if not seeds_used:
                     continue
                 gaps = [(worst[s] - erm[s]) / (oracle[s] - erm[s]) for s in seeds_used]
+                base_worst = per_seed(base, method, "worst_group_accuracy")
+                delta = "–"
+                if set_name != "original" and all(s in base_worst for s in seeds_used):
+                    d = [(worst[s] - base_worst[s]) / (oracle[s] - erm[s]) for s in seeds_used]
+                    delta = f"{np.mean(d):+.2f} ± {np.std(d):.2f}"
                 a = np.array([acc[s] for s in seeds_used]) * 100
                 w = np.array([worst[s] for s in seeds_used]) * 100
                 rows.append(
                     f"| {proto_dir.name} | {set_name} | {method} | {a.mean():.1f} ± {a.std():.1f} | "
-                    f"{w.mean():.1f} ± {w.std():.1f} | {np.mean(gaps):.2f} ± {np.std(gaps):.2f} | "
+                    f"{w.mean():.1f} ± {w.std():.1f} | {np.mean(gaps):.2f} ± {np.std(gaps):.2f} | {delta} | "
                     f"{','.join(map(str, seeds_used))} |"
                 )
     text = "\n".join(rows) + "\n"
