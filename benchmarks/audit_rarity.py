@@ -45,7 +45,9 @@ UTK = ROOT.parent / "shared" / "data" / "utkface" / "manifest.csv"
 FMNIST_CLASSES = tuple(range(10))
 
 
-def datasets(names: list[str], image_size: int) -> dict[str, tuple[object, np.ndarray, np.ndarray, int]]:
+def datasets(
+    names: list[str], image_size: int, fmnist_classes: tuple[int, ...] = FMNIST_CLASSES
+) -> dict[str, tuple[object, np.ndarray, np.ndarray, int]]:
     """name -> (ImageSet, rare mask, reference mask, epochs)."""
     out = {}
     if "shapes" in names:
@@ -60,7 +62,7 @@ def datasets(names: list[str], image_size: int) -> dict[str, tuple[object, np.nd
     if "fmnist" in names and FMNIST.is_dir():
         full = load_images(str(FMNIST), where=["split=train"], image_size=image_size, progress=False)
         labels = full.table["label"].astype(int).to_numpy()
-        for c in FMNIST_CLASSES:
+        for c in fmnist_classes:
             rng = np.random.default_rng(c)
             keep = [rng.choice(np.flatnonzero(labels == c), 20, replace=False)]
             for other in range(10):
@@ -113,11 +115,13 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--epochs", type=int, default=None, help="Train every dataset this long (default: per dataset).")
     ap.add_argument("--results", default="results", help="Name of the results files in --out.")
+    ap.add_argument("--fmnist-classes", default=",".join(map(str, FMNIST_CLASSES)))
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     results: list[dict] = []
     tag = f"s{args.image_size}_l{args.latent_dim}_b{args.beta:g}" + (f"_e{args.epochs}" if args.epochs else "")
-    for name, (data, rare, reference, epochs) in datasets(args.datasets.split(","), args.image_size).items():
+    classes = tuple(int(c) for c in args.fmnist_classes.split(","))
+    for name, (data, rare, reference, epochs) in datasets(args.datasets.split(","), args.image_size, classes).items():
         epochs = args.epochs or epochs
         for seed in seeds if name == "utkface" else seeds[:1]:
             run = args.out / "runs" / f"{name}_{tag}_seed{seed}"

@@ -33,6 +33,22 @@ WhereOpt = Annotated[
     typer.Option("--where", help="Keep rows where COL=VALUE (repeatable; same column: any of, columns: all of)."),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+
+
+def _apply_precision(value: str) -> str:
+    from debias.device import set_precision
+
+    set_precision(value)  # for the whole process: every forward pass of this command
+    return value
+
+
+PrecisionOpt = Annotated[
+    str,
+    typer.Option(
+        "--precision", callback=_apply_precision,
+        help="auto (bf16 on CUDA and on CPUs with AMX or AVX-512-BF16, else fp32), fp32 or bf16.",
+    ),
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 
@@ -54,6 +70,7 @@ def train(
     batch_size: Annotated[int, typer.Option(min=1)] = 128,
     lr: Annotated[float, typer.Option(min=0.0)] = 1e-3,
     device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
     seed: int = 0,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
     quiet: QuietOpt = False,
@@ -115,6 +132,7 @@ def audit(
     dims: Annotated[str, typer.Option(help="all, or active (skip collapsed latent dimensions).")] = "all",
     whiten: Annotated[bool, typer.Option(help="Rotate latents onto principal axes before the histograms.")] = True,
     device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
     report: Annotated[bool, typer.Option(help="Write report.html.")] = True,
     open_browser: Annotated[
@@ -185,6 +203,7 @@ def demo(
     epochs: Annotated[int, typer.Option(min=1)] = 12,
     n: Annotated[int, typer.Option(min=200, help="Images in the built-in dataset.")] = 4000,
     device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
     quiet: QuietOpt = False,
 ) -> None:
     """Train and audit on the built-in shapes dataset and show that its rare group was found."""
@@ -373,6 +392,7 @@ def train_classifier(
     rarity_dims: _ClsRarityDims = 32,
     weighted_selection: _ClsWeightedSelection = True,
     device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
     seed: int = 0,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
     quiet: QuietOpt = False,
@@ -438,6 +458,7 @@ def compare(
     rarity_dims: _ClsRarityDims = 32,
     weighted_selection: _ClsWeightedSelection = True,
     device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
     quiet: QuietOpt = False,
 ) -> None:
     """Run several methods x seeds with identical options and write a side-by-side table and per-group charts."""
@@ -487,6 +508,7 @@ def score(
     top_k: TopKOpt = 5,
     heatmaps: Annotated[int, typer.Option(min=0, help="Write error heatmaps of the K most novel images.")] = 0,
     device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
     quiet: QuietOpt = False,
 ) -> None:
@@ -514,6 +536,7 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
     device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
     max_batch_size: Annotated[
         Optional[int], typer.Option(min=1, help="Images per model batch (default 64; 1 turns batching off).")
     ] = None,
@@ -576,6 +599,7 @@ def quality(
     kid_subsets: Annotated[int, typer.Option(min=1, help="KID random subsets.")] = 100,
     cas_epochs: Annotated[int, typer.Option(min=1, help="Epochs of the CAS classifier.")] = 10,
     device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
     seed: int = 0,
     quiet: QuietOpt = False,
 ) -> None:
@@ -648,6 +672,7 @@ def augment(
         typer.Option(help="A VAE run on the same data: also measure FID/KID, precision/recall, CAS (OUT/quality/)."),
     ] = None,
     device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
     seed: int = 0,
     resume: Annotated[bool, typer.Option(help="Continue the training run in --out from its last checkpoint.")] = False,
     quiet: QuietOpt = False,

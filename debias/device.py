@@ -19,8 +19,48 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+_precision = "auto"  # set once per process by the CLI (--precision) or by set_precision()
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AMX or AVX-512-BF16), read from /proc/cpuinfo (Linux only; other
+    systems report False, so ``auto`` keeps them on float32)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def set_precision(name: str) -> None:
+    """``auto`` (bfloat16 on CUDA and on CPUs with AMX or AVX-512-BF16, float32 elsewhere), ``fp32`` or ``bf16``:
+    the precision of every forward pass in this process. Losses, KL terms, densities and calibration stay float32:
+    the loops cast the model's outputs before they use them."""
+    global _precision
+    if name not in PRECISIONS:
+        raise DebiasError(f"--precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
+    if name == "bf16" and not torch.cuda.is_available() and not cpu_has_bf16():
+        raise DebiasError("--precision bf16: this CPU has neither AMX nor AVX-512-BF16 (use auto or fp32)")
+    _precision = name
+
+
+def effective_precision(device: torch.device) -> str:
+    """"bf16" or "fp32": what :func:`autocast` does on ``device`` under the current setting."""
+    if _precision == "fp32":
+        return "fp32"
+    if _precision == "bf16" or device.type == "cuda":
+        return "bf16"
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bfloat16 autocast on CUDA (no loss scaling needed, unlike float16); full precision on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bfloat16 autocast where :func:`effective_precision` says so (no loss scaling needed, unlike float16); full
+    precision otherwise."""
+    if effective_precision(device) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

@@ -27,7 +27,7 @@ import torch
 from debias import __version__
 from debias.checkpoint import load_checkpoint, save_checkpoint, write_json
 from debias.data import ImageSet
-from debias.device import autocast
+from debias.device import autocast, effective_precision
 from debias.distributed import (
     DistContext,
     ModelWithLoss,
@@ -132,7 +132,8 @@ def train_vae(
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_json(
-            {"model": model_config.to_dict(), "train": asdict(config), "data": asdict(data_desc)}, out / "config.json"
+            {"model": model_config.to_dict(), "train": {**asdict(config), "precision": effective_precision(device)},
+             "data": asdict(data_desc)}, out / "config.json"
         )
     step = wrap(ModelWithLoss(model, vae_loss), ctx)  # every parameter takes part in the VAE / DB-VAE loss
     y_all = torch.from_numpy(labels) if labels is not None else None
