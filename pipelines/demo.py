@@ -57,7 +57,7 @@ def run_demo(out: Path, epochs: int = 12, n: int = 4000, device: str = "auto", p
     console.print(
         f"effective sample size: {summary['effective_sample_fraction']:.0%} of the rows, as tempered "
         f"(--target-ess); the paper's untempered inverse-density weights keep "
-        f"{summary['untempered_effective_sample_fraction']:.1%} (the lower, the more a few rows stand out)"
+        f"{summary['untempered_effective_sample_fraction']:.2%} (the lower, the more a few rows stand out)"
     )
     console.print(f"report: {result.out / 'report.html'}")
     return result
