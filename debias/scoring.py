@@ -10,7 +10,6 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from debias.data import ImageSet
-from debias.density import LatentHistogramDensity
 from debias.device import autocast
 from debias.models import ConvVAE
 from debias.progress import progress_bar

@@ -15,13 +15,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from starlette.concurrency import run_in_threadpool
 
 from debias.calibration import drift_report
 from debias.detector import NoveltyDetector, NoveltyResults, open_detector
 from debias.device import resolve_device
 from debias.gpu_decode import decode_jpegs_on_device, gpu_jpeg_available, is_jpeg
-from debias.intake import UploadError, UploadInfo, decode_upload, probe_upload
+from debias.intake import UploadError, decode_upload, probe_upload
 from service.batcher import MicroBatcher
 from service.decode_budget import DecodeBusy, DecodePool, PixelBudget
 from service.metrics import ServiceMetrics

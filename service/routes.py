@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 from typing import Annotated
 
+import numpy as np
 from fastapi import APIRouter, Depends, File, Query, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -13,9 +14,9 @@ from starlette.datastructures import UploadFile as StarletteUploadFile  # what t
 
 from debias.detector import NoveltyResults
 from debias.explain import heatmap_png
+from debias.intake import UploadError
 from service.batcher import QueueFull
 from service.deps import EngineDep, ReadyEngineDep, SettingsDep, require_api_key
-from debias.intake import UploadError
 from service.decode_budget import DecodeBusy
 from service.engine import BadUploads, ScoringEngine
 from service.errors import ApiError, ErrorBody, FileError
@@ -96,16 +97,19 @@ async def score(
             for i in range(settings.max_files, len(files))
         ]
         raise ApiError(413, "too_many_files", f"{len(files)} files sent; the limit is {settings.max_files}", extra)
-    blobs = [await f.read() if isinstance(f, StarletteUploadFile) else b"" for f in files]
+    parts = [i for i, f in enumerate(files) if isinstance(f, StarletteUploadFile)]
+    # A part without a filename is a form field: the multipart parser has already turned its bytes into text.
+    outcome: list[np.ndarray | bytes | UploadError] = [
+        UploadError("not_a_file", "a form field, not a file: send each image as a file part with a filename "
+                    "(curl -F files=@image.png)")
+    ] * len(files)
     try:
-        outcome = await engine.prepare(blobs)
+        decoded = await engine.prepare([await files[i].read() for i in parts])  # type: ignore[union-attr]
     except DecodeBusy as exc:
         raise ApiError(503, "busy", f"too many large images decoding at once ({exc}); retry shortly",
                        headers={"Retry-After": "1"}) from None
-    for i, f in enumerate(files):
-        if not isinstance(f, StarletteUploadFile):  # a form field: the multipart parser has already turned its bytes to text
-            outcome[i] = UploadError("not_a_file", "a form field, not a file: send each image as a file part "
-                                     "with a filename (curl -F files=@image.png)")
+    for i, got in zip(parts, decoded):
+        outcome[i] = got
     problems = [(i, o) for i, o in enumerate(outcome) if isinstance(o, UploadError)]
     if len(problems) == len(files):
         raise _all_failed(problems, names)
@@ -117,10 +121,9 @@ async def score(
     except QueueFull as exc:
         raise ApiError(503, "busy", str(exc), headers={"Retry-After": "1"}) from None
     maps = await run_in_threadpool(_heatmaps, res) if heatmap else [None] * len(res)
-    results = [ImageScore(filename=names[i], error=_file_problem(err)) for i, err in problems]
-    results += [ImageScore(filename=names[i], heatmap_png=maps[j], **res.record(j)) for j, i in enumerate(good)]
-    order = [i for i, _ in problems] + good
-    results = [r for _, r in sorted(zip(order, results), key=lambda pair: pair[0])]
+    results = [ImageScore(filename=names[i], error=_file_problem(err)) for i, err in problems]  # request order below
+    for j, i in enumerate(good):
+        results.insert(i, ImageScore(filename=names[i], heatmap_png=maps[j], **res.record(j)))
     return ScoreResponse(model=_model_summary(engine), n_scored=len(good), n_failed=len(problems), results=results)
 
 
