@@ -266,19 +266,23 @@ class NoveltyScorer(OutlierMixin, BaseEstimator):
         that the list explains the same statistic as the verdict (issue 15: ordering by histogram tails named
         dimensions that had nothing to do with a distance-driven verdict). Without it, by tail (ties broken by
         the distance from the training mean)."""
-        return self.analyse(X, k)["top_dims"]
+        self._check_fitted()
+        mu, logvar, _ = split_features(self._check_array(X, fitted=True))
+        knn = self._knn(np.hstack([mu, logvar]), None) if "posterior_knn" in self.statistics else None
+        return self._top_dims(mu, logvar, knn, k)
 
-    def explain(self, X: np.ndarray) -> tuple[list[str], list[dict[str, float]]]:
-        """Per row: the statistic that drove the novelty score (the largest term of the combination: for ``l1`` the
-        standardised deviation that counts most) and every statistic's standardised value (z: training mean 0,
-        sd 1). ``posterior_knn`` = the latent distance to the nearest training images, ``recon_error`` = how badly
-        the model reconstructs the image."""
-        return self._explain(self.statistic_matrix(X))
-
-    def _explain(self, S: np.ndarray) -> tuple[list[str], list[dict[str, float]]]:
+    def _terms(self, S: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The standardised statistics and the l1 terms they add to the score: |z|, or max(z, 0) for
+        :data:`ONE_SIDED` statistics."""
         Zs = (S - self.stat_mean_) / self.stat_scale_
         one_sided = np.array([name in ONE_SIDED for name in self.statistics])
-        terms = np.where(one_sided, np.maximum(Zs, 0.0), np.abs(Zs))
+        return Zs, np.where(one_sided, np.maximum(Zs, 0.0), np.abs(Zs))
+
+    def _explain(self, S: np.ndarray) -> tuple[list[str], list[dict[str, float]]]:
+        """Per row: the statistic that drove the score (its largest term; ``posterior_knn`` = the latent distance to
+        the nearest training images, ``recon_error`` = how badly the model reconstructs the image) and every
+        statistic's standardised value (training mean 0, sd 1)."""
+        Zs, terms = self._terms(S)
         drivers = [self.statistics[j] for j in terms.argmax(1)]
         values = [{name: float(Zs[i, j]) for j, name in enumerate(self.statistics)} for i in range(len(Zs))]
         return drivers, values
@@ -311,10 +315,10 @@ class NoveltyScorer(OutlierMixin, BaseEstimator):
 
     # -- internals -------------------------------------------------------------------------------------------------
     def _score_from_stats(self, S: np.ndarray) -> np.ndarray:
-        Zs = (S - self.stat_mean_) / self.stat_scale_
+        Zs, terms = self._terms(S)
         one_sided = np.array([name in ONE_SIDED for name in self.statistics])
         if self.combine == "l1":
-            return -np.where(one_sided, np.maximum(Zs, 0.0), np.abs(Zs)).sum(1)
+            return -terms.sum(1)
         if self.combine == "mahalanobis":
             return -np.sqrt(np.einsum("ij,jk,ik->i", Zs, self.stat_precision_, Zs))
         # fisher: two-sided empirical tail of each statistic, with +1 smoothing so no p is 0

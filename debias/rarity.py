@@ -166,11 +166,15 @@ def fitted_rarity(estimator: BaseEstimator, X: np.ndarray) -> np.ndarray:
     return -estimator.fit(latents).score_samples(latents)
 
 
-def rarity_weights(rarity: np.ndarray, target_ess: float = 0.5) -> tuple[np.ndarray, float]:
-    """Sampling probabilities ∝ exp(T * rarity), T chosen so that their effective sample size is ``target_ess`` of
-    the rows (:func:`debias.density.temperature_for_ess`); returns (weights summing to 1, T)."""
+def tempered_weights(rarity: np.ndarray, temperature: float) -> np.ndarray:
+    """Sampling probabilities ∝ exp(T * rarity), summing to 1 (T = 1 on a negative log density: inverse density)."""
     r = np.asarray(rarity, dtype=np.float64)
-    t = temperature_for_ess(r, target_ess)
-    logits = t * (r - r.max())
-    w = np.exp(logits)
-    return w / w.sum(), t
+    w = np.exp(temperature * (r - r.max()))
+    return w / w.sum()
+
+
+def rarity_weights(rarity: np.ndarray, target_ess: float = 0.5) -> tuple[np.ndarray, float]:
+    """:func:`tempered_weights` with T chosen so that their effective sample size is ``target_ess`` of the rows
+    (:func:`debias.density.temperature_for_ess`); returns (weights, T)."""
+    t = temperature_for_ess(np.asarray(rarity, dtype=np.float64), target_ess)
+    return tempered_weights(rarity, t), t

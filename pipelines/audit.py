@@ -31,6 +31,7 @@ from debias.rarity import (
     build_rarity_estimator,
     fitted_rarity,
     rarity_weights,
+    tempered_weights,
 )
 from debias.report import AuditReport, GroupFinding, RowsFinding, Thumb, png_data_uri, write_report
 from debias.scoring import Encoded, encode_images, group_stats, kl_per_dim, rarity_table
@@ -83,10 +84,8 @@ def fit_audit_rarity(
     chosen estimator on the rows' latents (and reconstruction errors) and turn its rarity into sampling weights,
     tempered to ``density.target_ess`` (or at the fixed ``density.temperature``)."""
     density = density or DensityOptions()
-    histogram = density.build().fit(mu)
+    histogram = (replace(density, combine="max") if estimator == "histogram-max" else density).build().fit(mu)
     if estimator in ("histogram", "histogram-max"):
-        if estimator == "histogram-max" and density.combine != "max":
-            histogram = replace(density, combine="max").build().fit(mu)
         return AuditRarity(estimator, -histogram.score_samples(mu), histogram.sampling_weights(mu),
                            float(histogram.temperature_), histogram)
     X = audit_features(mu, recon_error)
@@ -97,8 +96,7 @@ def fit_audit_rarity(
         weights, t = rarity_weights(rarity, density.target_ess)
     else:
         t = float(density.temperature)
-        logits = t * (rarity - rarity.max())
-        weights = np.exp(logits) / np.exp(logits).sum()
+        weights = tempered_weights(rarity, t)
     components = est.components(X, fitted=True) if isinstance(est, LatentAndReconstructionRarity) else None
     return AuditRarity(estimator, rarity, weights, t, histogram, components)
 
@@ -242,8 +240,7 @@ def group_table(name: str, groups: dict[str, dict[str, float]], highlight: str |
 
 
 def _untempered_ess(histogram: LatentHistogramDensity, mu: np.ndarray) -> float:
-    log_w = -histogram.score_samples(mu)
-    return effective_sample_size(np.exp(log_w - log_w.max()))
+    return effective_sample_size(tempered_weights(-histogram.score_samples(mu), 1.0))
 
 
 def _records(tbl: pd.DataFrame) -> dict[str, dict[str, float]]:
