@@ -648,12 +648,24 @@ def augment(
     rare_quantile: Annotated[
         float, typer.Option(help="cyclegan --from common --to rare: share of the rarest rows that form 'rare'.")
     ] = 0.1,
-    epochs: Annotated[int, typer.Option(min=1)] = 20,
+    epochs: Annotated[
+        int, typer.Option(min=1, help="gan: an epoch draws as many images as the data has (by rarity); cyclegan: "
+                          "max(|A|, |B|) pairs, the larger domain once and the smaller in repeated passes.")
+    ] = 20,
     image_size: Annotated[int, typer.Option(min=28, max=128)] = 64,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Default: 64 (gan), 8 (cyclegan).")] = None,
     width: Annotated[int, typer.Option(min=4, help="Channels of the full-resolution layers (doubled per halving).")] = 32,
     z_dim: Annotated[int, typer.Option(min=1, help="gan: noise dimensions.")] = 128,
-    n_blocks: Annotated[int, typer.Option(min=0, help="cyclegan: residual blocks of the generator.")] = 6,
+    n_blocks: Annotated[
+        Optional[int], typer.Option(min=0, help="cyclegan: residual blocks of the generator (default: 3 below 128 px, "
+                                    "6 at 128 px, as the reference's 6 at 128 and 9 at 256).")
+    ] = None,
+    max_steps: Annotated[
+        Optional[int], typer.Option(min=1, help="End training after this many steps (a budget; the run is saved).")
+    ] = None,
+    max_minutes: Annotated[
+        Optional[float], typer.Option(min=0.01, help="End training after this many minutes (saved; --resume continues).")
+    ] = None,
     lr: Annotated[float, typer.Option(min=0.0)] = 2e-4,
     ema_decay: Annotated[float, typer.Option(min=0.0, max=1.0, help="gan: EMA decay of the generator copy.")] = 0.999,
     d_lr: Annotated[
@@ -684,7 +696,8 @@ def augment(
         raise DebiasError(f"--method must be gan or cyclegan, got {method!r}")
     job = AugmentJob(
         method=method, data=data, out=out, n=n, where=where or [], weights=weights, model=model, label=label,
-        image_size=image_size, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
+        image_size=image_size, epochs=epochs, batch_size=batch_size, max_steps=max_steps, max_minutes=max_minutes,
+        lr=lr, seed=seed, device=device,
         gan=GANOptions(z_dim=z_dim, width=width, ema_decay=ema_decay, d_lr=d_lr, diffaugment=diffaugment,
                        balanced_labels=balanced_labels),
         cyclegan=CycleGANOptions(domain_column=domain_column, source=from_, target=to, rare_quantile=rare_quantile,

@@ -4,8 +4,11 @@ The paper's recipe: least-squares GAN losses, cycle-consistency weight 10, ident
 discriminators trained on a pool of the last 50 generated images, Adam with lr 2e-4 and betas (0.5, 0.999), the
 learning rate constant for the first half of the epochs and decayed linearly towards 0 over the second half.
 
-An epoch is max(|A|, |B|) pairs: each domain is walked in shuffled passes (the smaller one several times), so the rare
-domain's few images are all used every epoch.
+An epoch is max(|A|, |B|) pairs, as in the reference implementation (its unaligned dataset has the larger domain's
+length): the larger domain is seen once, the smaller one in as many shuffled passes as it takes (a rare domain of 240
+images beside 4,760 common ones: 20 passes), so that the --epochs schedule means what it means in the paper whatever
+the domains' sizes. A run can also end early at ``max_steps`` or ``max_minutes``: the epoch in progress is then
+recorded as far as it went, saved, and the generators are written (``resume=True`` with more epochs continues).
 
 RUN_DIR layout:
     checkpoint.pt   both generators, both discriminators, both optimizers and LR schedules, the image pools, epoch,
@@ -34,7 +37,7 @@ from debias.device import autocast
 from debias.errors import DebiasError
 from debias.gan_training import save_image_grid, to_uint8
 from debias.models.cyclegan import CycleGANConfig, PatchDiscriminator, ResnetGenerator
-from debias.progress import epoch_line, progress_bar
+from debias.progress import TrainingClock, epoch_line, progress_bar
 from debias.training import DataDescription
 
 CHECKPOINT = "checkpoint.pt"
@@ -53,6 +56,8 @@ class CycleGANTrainConfig:
     grid_size: int = 8  # images per row of the sample grid
     seed: int = 0
     device: str = "auto"
+    max_steps: int | None = None  # end the run after this many steps of this process (a budget, not an identity)
+    max_minutes: float | None = None  # or after this much wall time
 
 
 class ImagePool:
@@ -164,6 +169,9 @@ def train_cyclegan(
     grid_a = domain_a.batch(np.arange(k)).mul(2).sub(1)
     grid_b = domain_b.batch(np.arange(k)).mul(2).sub(1)
 
+    steps_per_epoch = -(-len(dist.shard(np.arange(max(len(domain_a), len(domain_b))), ctx)) // batch_size)
+    clock = TrainingClock("CycleGAN", steps_per_epoch, config.epochs - start_epoch, max_steps=config.max_steps,
+                          max_minutes=config.max_minutes, report=progress and ctx.is_main)
     for epoch in range(start_epoch, config.epochs):
         torch.manual_seed(config.seed * 100_003 + epoch)
         rows_a, rows_b = epoch_pairs(len(domain_a), len(domain_b), config.seed, epoch)
@@ -175,6 +183,7 @@ def train_cyclegan(
             m.train()
         sums: dict[str, float] = {}
         t0 = time.perf_counter()
+        done, stopped = 0, None
         with progress_bar(f"CycleGAN epoch {epoch + 1}/{config.epochs}", total=len(rows_a), enabled=progress and ctx.is_main) as bar:
             for start in range(0, len(rows_a), batch_size):
                 real_a = _batch(domain_a, rows_a[start : start + batch_size], device)
@@ -218,11 +227,16 @@ def train_cyclegan(
                 for key, v in parts.items():
                     sums[key] = sums.get(key, 0.0) + v * b
                 bar.advance(b, g=parts["g_loss"], cyc=parts["cycle"], d_a=parts["d_a"], d_b=parts["d_b"])
+                done += b
+                clock.tick()
+                if dist.any_rank(clock.exhausted, ctx):
+                    stopped = clock.stop_reason or "another process's budget"
+                    break
         lr = opt_g.param_groups[0]["lr"]  # this epoch's rate, before the schedule moves on
         sched_g.step()
         sched_d.step()
         elapsed = time.perf_counter() - t0
-        reduced = dist.all_reduce_sum({**sums, "_rows": float(len(rows_a))}, ctx)  # all ranks' totals
+        reduced = dist.all_reduce_sum({**sums, "_rows": float(done)}, ctx)  # all ranks' totals
         total = reduced.pop("_rows")
         sums = {k: reduced[k] for k in sums}
         row = {
@@ -232,6 +246,8 @@ def train_cyclegan(
             "pairs_per_s": total / elapsed,
             "seconds": elapsed,
         }
+        if stopped:
+            row["stopped_by"] = stopped
         history.append(row)
         if ctx.is_main:
             save_checkpoint(
@@ -257,7 +273,12 @@ def train_cyclegan(
             _save_samples(g_ab, g_ba, grid_a, grid_b, out / "samples" / f"epoch_{epoch + 1:03d}.png")
             if progress:
                 print(epoch_line(row))
+            if stopped:
+                print(f"stopped by {stopped} after {clock.steps} steps ({clock.elapsed / 60:.1f} min), in epoch "
+                      f"{epoch + 1} at {int(total)} of its pairs; --resume with more --epochs continues")
         dist.barrier(ctx)
+        if stopped:
+            break
 
     path = out / GENERATORS
     if ctx.is_main:
@@ -291,8 +312,8 @@ def _save_samples(g_ab: ResnetGenerator, g_ba: ResnetGenerator, a: torch.Tensor,
 
 def _comparable(config: CycleGANTrainConfig) -> dict[str, Any]:
     d = asdict(config)
-    d.pop("epochs")
-    d.pop("device")
+    for budget in ("epochs", "device", "max_steps", "max_minutes"):
+        d.pop(budget)
     d["betas"] = list(d["betas"])
     return d
 

@@ -32,12 +32,14 @@ from debias.data import ImageSet, load_images
 from debias.density import LatentHistogramDensity
 from debias.errors import DebiasError
 from debias.models import ConvVAE
-from debias.novelty import NoveltyScorer, feature_matrix
+from debias.novelty import PIXEL_STATISTICS, NoveltyScorer, PixelDensity, feature_matrix
 from debias.scoring import Encoded, encode_batch, encode_images
 from debias.training import MODEL, load_model
 
 NOVELTY_FILE = "novelty.pt"
-FORMAT_VERSION = 2  # 2: posterior_knn + recon_error, l1 (1 was mahalanobis of five statistics)
+# 3: + pixel_density, fisher (issue 16); 2: posterior_knn + recon_error, l1; 1: mahalanobis of five statistics.
+# A file of another format is refitted, not read.
+FORMAT_VERSION = 3
 DEFAULT_CALIBRATION_FRACTION = 0.2
 DEFAULT_TARGET_FPR = 0.05
 
@@ -76,15 +78,22 @@ class NoveltyResults:
 
 # -- the detector ------------------------------------------------------------------------------------------------
 class NoveltyDetector:
-    """Model + fitted :class:`NoveltyScorer` + :class:`ConformalCalibrator`, and a card describing them."""
+    """Model + fitted :class:`NoveltyScorer` + :class:`ConformalCalibrator`, and a card describing them; with a
+    :class:`PixelDensity` when the scorer reads the pixel column (the default statistics do)."""
 
     def __init__(
-        self, model: ConvVAE, scorer: NoveltyScorer, calibrator: ConformalCalibrator, card: dict[str, Any]
+        self,
+        model: ConvVAE,
+        scorer: NoveltyScorer,
+        calibrator: ConformalCalibrator,
+        card: dict[str, Any],
+        pixel_density: PixelDensity | None = None,
     ) -> None:
         self.model = model
         self.scorer = scorer
         self.calibrator = calibrator
         self.card = card
+        self.pixel_density = pixel_density
 
     @property
     def device(self) -> torch.device:
@@ -102,10 +111,15 @@ class NoveltyDetector:
         """The same detector deciding at another false-positive rate (recomputed from the stored scores)."""
         cal = ConformalCalibrator(target_fpr=target_fpr).fit(self.calibrator.scores_)
         card = {**self.card, "target_fpr": cal.target_fpr, "threshold": _finite_or_none(cal.threshold_)}
-        return NoveltyDetector(self.model, self.scorer, cal, card)
+        return NoveltyDetector(self.model, self.scorer, cal, card, self.pixel_density)
 
-    def score_encoded(self, enc: Encoded, *, top_k: int = 5) -> NoveltyResults:
-        X = feature_matrix(enc)
+    def pixel_scores(self, x: torch.Tensor) -> np.ndarray | None:
+        """The pixel column of the feature matrix for (B, C, S, S) images in [0, 1], or None without one."""
+        return self.pixel_density.score_samples(x) if self.pixel_density is not None else None
+
+    def score_encoded(self, enc: Encoded, pixel: np.ndarray | None = None, *, top_k: int = 5) -> NoveltyResults:
+        """Results from encodings (and the images' :meth:`pixel_scores`, when the detector has a pixel density)."""
+        X = feature_matrix(enc, pixel)
         out = self.scorer.analyse(X, k=top_k)  # one neighbour search for the score and its explanation
         return NoveltyResults(
             novelty=out["novelty"],
@@ -121,7 +135,7 @@ class NoveltyDetector:
     def score_batch(self, x: torch.Tensor, *, top_k: int = 5, keep_recon: bool = False) -> NoveltyResults:
         """(B, C, S, S) float images in [0, 1] (already at the model's size) -> results."""
         enc, recon = encode_batch(self.model, x)
-        res = self.score_encoded(enc, top_k=top_k)
+        res = self.score_encoded(enc, self.pixel_scores(x), top_k=top_k)
         if keep_recon:
             res.recon, res.images = recon, x.float().cpu()
         return res
@@ -129,7 +143,12 @@ class NoveltyDetector:
     def score_dataset(
         self, data: ImageSet, *, top_k: int = 5, batch_size: int = 256, progress: bool = True
     ) -> NoveltyResults:
-        return self.score_encoded(encode_images(self.model, data, batch_size=batch_size, progress=progress), top_k=top_k)
+        enc = encode_images(self.model, data, batch_size=batch_size, progress=progress)
+        pixel = None
+        if self.pixel_density is not None:
+            pixel = np.concatenate([self.pixel_density.score_samples(data.batch(slice(a, a + batch_size)))
+                                    for a in range(0, len(data), batch_size)])
+        return self.score_encoded(enc, pixel, top_k=top_k)
 
     # -- persistence -----------------------------------------------------------------------------------------------
     def save(self, path: str | Path, model_sha256: str) -> None:
@@ -139,6 +158,7 @@ class NoveltyDetector:
                 "model_sha256": model_sha256,
                 "scorer": _pack(self.scorer),
                 "calibrator": _pack(self.calibrator),
+                "pixel_density": _pack(self.pixel_density),
                 "card": self.card,
             },
             path,
@@ -176,10 +196,19 @@ def fit_detector(
         )
     t0 = time.perf_counter()
     enc = encode_images(model, data, batch_size=batch_size, progress=progress, description="encoding (novelty fit)")
-    X = feature_matrix(enc)
     order = np.random.default_rng(seed).permutation(n)
     cal_rows, fit_rows = order[:n_cal], order[n_cal:]
     scorer = scorer if scorer is not None else NoveltyScorer()
+    pixel_density, pixel = None, None
+    if PIXEL_STATISTICS & set(scorer.statistics):
+        # Fitted on the fit part only, like the scorer: the calibration images must be new to everything that was
+        # fitted, or their p-values would not be exchangeable with those of new images.
+        pixel_density = PixelDensity()
+        for a in range(0, len(fit_rows), batch_size):
+            pixel_density.partial_fit(data.batch(np.sort(fit_rows[a : a + batch_size])))
+        pixel = np.concatenate([pixel_density.score_samples(data.batch(slice(a, a + batch_size)))
+                                for a in range(0, n, batch_size)])
+    X = feature_matrix(enc, pixel)
     scorer.fit(X[fit_rows])
     calibrator = ConformalCalibrator(target_fpr=target_fpr).fit(scorer.novelty(X[cal_rows]))
     cfg = model.config
@@ -194,7 +223,9 @@ def fit_detector(
         "novelty": {
             "statistics": list(scorer.statistics),
             "combine": scorer.combine,
+            "one_sided": list(scorer.one_sided),
             "n_neighbors": scorer.n_neighbors,
+            "pixel_bins": pixel_density.bins if pixel_density is not None else None,
             "knn_references": int(len(scorer.reference_)),
             "bins": scorer.bins,
             "alpha": scorer.alpha,
@@ -212,7 +243,7 @@ def fit_detector(
         "fitted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "fit_seconds": round(time.perf_counter() - t0, 2),
     }
-    return NoveltyDetector(model, scorer, calibrator, card)
+    return NoveltyDetector(model, scorer, calibrator, card, pixel_density)
 
 
 def open_detector(
@@ -277,11 +308,13 @@ def _load(path: Path, model: ConvVAE, sha: str) -> NoveltyDetector | None:
     try:
         scorer = _unpack(blob["scorer"])
         calibrator = _unpack(blob["calibrator"])
+        pixel_density = _unpack(blob.get("pixel_density"))
     except (KeyError, TypeError, ValueError) as exc:
         raise DebiasError(f"cannot load {path}: {exc}; delete it (or pass --refit) to fit the scorer again") from None
-    if not isinstance(scorer, NoveltyScorer) or not isinstance(calibrator, ConformalCalibrator):
+    if (not isinstance(scorer, NoveltyScorer) or not isinstance(calibrator, ConformalCalibrator)
+            or not isinstance(pixel_density, (PixelDensity, type(None)))):
         raise DebiasError(f"cannot load {path}: unexpected contents; delete it (or pass --refit) to fit again")
-    return NoveltyDetector(model, scorer, calibrator, dict(blob["card"]))
+    return NoveltyDetector(model, scorer, calibrator, dict(blob["card"]), pixel_density)
 
 
 def _finite_or_none(x: float) -> float | None:
@@ -293,6 +326,7 @@ def _finite_or_none(x: float) -> float | None:
 _ESTIMATORS: dict[str, type] = {
     "NoveltyScorer": NoveltyScorer,
     "ConformalCalibrator": ConformalCalibrator,
+    "PixelDensity": PixelDensity,
     "LatentHistogramDensity": LatentHistogramDensity,
 }
 

@@ -170,6 +170,14 @@ def all_reduce_sum(values: dict[str, float], ctx: DistContext) -> dict[str, floa
     return dict(zip(keys, t.cpu().tolist()))
 
 
+def any_rank(flag: bool, ctx: DistContext) -> bool:
+    """True on every rank when ``flag`` is true on at least one: ranks stop a loop together (a time budget runs out
+    at slightly different steps on each), or the others would wait forever in the next collective."""
+    if not ctx.enabled:
+        return flag
+    return all_reduce_sum({"flag": float(flag)}, ctx)["flag"] > 0
+
+
 def barrier(ctx: DistContext) -> None:
     if ctx.enabled:
         dist.barrier()

@@ -8,6 +8,9 @@ Per step: a discriminator step on real and fake images (non-saturating logistic 
 kind of random transforms), a generator step through the augmentation, and an exponential moving average (EMA) of the
 generator's weights, which gives visibly cleaner samples than the last iterate and is what generation uses.
 
+A run can end early at ``max_steps`` or ``max_minutes`` (a CPU budget): the epoch in progress is recorded as far as it
+went and saved, and the generator is written; ``resume=True`` with more epochs continues from the next epoch.
+
 RUN_DIR layout:
     checkpoint.pt   both networks, both optimizers, the EMA generator, epoch, configs, data fingerprint, loss history
                     (rewritten atomically after every epoch; ``resume=True`` continues from it bit-identically)
@@ -41,7 +44,7 @@ from debias.device import autocast
 from debias.diffaugment import DiffAugmentConfig, diff_augment
 from debias.errors import DebiasError
 from debias.models.dcgan import DCGANConfig, Discriminator, Generator
-from debias.progress import epoch_line, progress_bar
+from debias.progress import TrainingClock, epoch_line, progress_bar
 from debias.reweighting import draw_epoch
 from debias.training import DataDescription
 
@@ -61,6 +64,8 @@ class GANTrainConfig:
     grid_size: int = 64  # images in each epoch's sample grid
     seed: int = 0
     device: str = "auto"
+    max_steps: int | None = None  # end the run after this many steps of this process (a budget, not an identity)
+    max_minutes: float | None = None  # or after this much wall time
 
 
 def weights_digest(weights: np.ndarray | None) -> str:
@@ -175,6 +180,9 @@ def train_gan(
     grid_z = torch.randn(config.grid_size, model_config.z_dim, generator=grid_noise)
     grid_y = grid_labels(model_config, config.grid_size)
 
+    steps_per_epoch = -(-len(dist.shard(np.arange(n), ctx)) // batch_size)
+    clock = TrainingClock("GAN", steps_per_epoch, config.epochs - start_epoch, max_steps=config.max_steps,
+                          max_minutes=config.max_minutes, report=progress and ctx.is_main)
     for epoch in range(start_epoch, config.epochs):
         torch.manual_seed(_epoch_seed(config.seed, epoch))
         rows = dist.shard(epoch_rows(weights, n, config.seed, epoch), ctx)
@@ -184,6 +192,7 @@ def train_gan(
         discriminator.train()
         sums: dict[str, float] = {}
         t0 = time.perf_counter()
+        done, stopped = 0, None
         with progress_bar(f"GAN epoch {epoch + 1}/{config.epochs}", total=len(rows), enabled=progress and ctx.is_main) as bar:
             for start in range(0, len(rows), batch_size):
                 idx = np.sort(rows[start : start + batch_size])  # sorted reads suit the memmap
@@ -225,11 +234,18 @@ def train_gan(
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + v * b
                 bar.advance(b, d=parts["d_loss"], g=parts["g_loss"])
+                done += b
+                clock.tick()
+                if dist.any_rank(clock.exhausted, ctx):
+                    stopped = clock.stop_reason or "another process's budget"
+                    break
         elapsed = time.perf_counter() - t0
-        reduced = dist.all_reduce_sum({**sums, "_rows": float(len(rows))}, ctx)  # all ranks' totals
+        reduced = dist.all_reduce_sum({**sums, "_rows": float(done)}, ctx)  # all ranks' totals
         total = reduced.pop("_rows")
         sums = {k: reduced[k] for k in sums}
         row = {"epoch": epoch + 1, **{k: v / total for k, v in sums.items()}, "images_per_s": total / elapsed, "seconds": elapsed}
+        if stopped:
+            row["stopped_by"] = stopped
         history.append(row)
         if ctx.is_main:
             save_checkpoint(
@@ -256,7 +272,12 @@ def train_gan(
             save_image_grid(grid, out / "samples" / f"epoch_{epoch + 1:03d}.png")
             if progress:
                 print(epoch_line(row))
+            if stopped:
+                print(f"stopped by {stopped} after {clock.steps} steps ({clock.elapsed / 60:.1f} min), in epoch "
+                      f"{epoch + 1} at {int(total)} of its images; --resume with more --epochs continues")
         dist.barrier(ctx)
+        if stopped:
+            break
 
     path = out / GENERATOR
     if ctx.is_main:
@@ -285,8 +306,8 @@ def _to(y: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
 def _comparable(config: GANTrainConfig) -> dict[str, Any]:
     """The training options a resume must keep (all but the number of epochs and the device)."""
     d = asdict(config)
-    d.pop("epochs")
-    d.pop("device")
+    for budget in ("epochs", "device", "max_steps", "max_minutes"):
+        d.pop(budget)
     d["betas"] = list(d["betas"])
     return d
 

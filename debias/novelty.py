@@ -8,17 +8,27 @@ suspicious as being too bad (Nalisnick et al. 2019, "Detecting out-of-distributi
 using typicality"; Morningstar et al., AISTATS 2021, "Density of States Estimation").
 
 Per image we compute statistics from one encoder/decoder pass (see :data:`STATISTICS`), each fitted on training
-images only. The shipped default uses two of them:
+images only. The shipped default uses three of them, two in the model's view and one in the pixels' (issue 16):
 
 - ``posterior_knn``: the log mean distance from the image's posterior (mu, log sigma^2) to the posteriors of its
   ``k`` nearest training images. A digit under a clothes model lands in an empty region of latent space even when
   it reconstructs well; the nearest-neighbour distance sees that without assuming a shape for the training latents.
 - ``recon_error``: the log mean squared reconstruction error.
+- ``pixel_density``: the mean per-pixel log frequency of the image's pixel values among the training images' values
+  at the same position (:class:`PixelDensity`, HBOS-style; Goldstein & Dengel 2012). It sees what a 16-dimensional
+  latent space smooths away: a shirt's textured front among T-shirts and pullovers, and, two-sided, the likelihood
+  trap of the other direction (a digit is far *more* probable per pixel than any garment).
 
-and combines them with ``combine="l1"``: the sum over statistics of the absolute standardised deviation from the
-training mean, |s_j - mean_j| / sd_j. Two-sided, so "too good to be true" counts as much as "too bad" -- except for
-the kNN distance, where only "farther than usual" counts (:data:`ONE_SIDED`): an image closer than usual to training
-posteriors is typical (a training image scored again finds itself at distance 0).
+and combines them with ``combine="fisher"``: each statistic's empirical tail p-value among the fitted rows, -2 sum
+log p (Fisher's method). Tails are rank-based, so no statistic's scale dominates, and one statistic far out in its
+tail decides the score even when the others look normal. Sidedness (``one_sided``): for the kNN distance and the
+reconstruction error only "larger than usual" counts (an image nearer than usual to the training posteriors, or
+reconstructed better, is typical; the trap of simple images is left to the two-sided pixel density); every other
+statistic is two-sided, "too typical" counting as much as "too unusual".
+
+Measured on 16 leave-one-class-out and far-OOD cases (``benchmarks/near_ood.py``, docs/benchmarks.md), this beat the
+previous default (``l1`` of the first two, recon two-sided) on mean AUROC and on every far-OOD pair; it is not good
+enough on the hardest near-distribution classes, and the figures say so.
 
 Alternatives kept as options and measured side by side in ``docs/benchmarks.md``: the audit's latent-histogram log
 density (``latent_density``; it is reported per image as ``rarity`` and explains the score through ``top_dims``, but
@@ -57,25 +67,96 @@ STATISTICS = (
     "posterior_logvar",  # mean over dims of the encoder's log sigma^2: how sure the encoder is
     "kl",  # log KL(q(z|x) || N(0, I)), summed over dims
     "latent_norm",  # log ||mu||^2 (Euclidean, unlike latent_mahalanobis)
+    "pixel_density",  # mean per-pixel log frequency under PixelDensity (needs the pixel column)
 )
-DEFAULT_STATISTICS = ("posterior_knn", "recon_error")
-#: Statistics where only one direction means novel. Being closer than usual to the training posteriors is what a
-#: training image re-scored looks like (it finds itself), not a sign of novelty; every other statistic is two-sided.
-ONE_SIDED = frozenset({"posterior_knn"})
+DEFAULT_STATISTICS = ("posterior_knn", "recon_error", "pixel_density")
+#: Statistics where only one direction means novel (the default ``one_sided``). Being closer than usual to the
+#: training posteriors is what a training image re-scored looks like (it finds itself), not a sign of novelty; a
+#: better reconstruction than usual is left to the two-sided pixel density (issue 16: one-sided recon_error raised
+#: the Fashion-MNIST leave-one-class-out mean AUROC, with the far-OOD pairs held by pixel_density).
+ONE_SIDED = ("posterior_knn", "recon_error")
+#: Statistics that read the optional pixel column of the feature matrix (:func:`feature_matrix` with ``pixel``).
+PIXEL_STATISTICS = frozenset({"pixel_density"})
 _COMBINE = ("l1", "mahalanobis", "fisher")
 _KNN_CHUNK = 256  # query rows per distance block: bounds memory at 256 x n_reference float64 (40 MB at 20k)
 _EPS = 1e-12
 
 
-def feature_matrix(enc: Encoded) -> np.ndarray:
-    """(n, 2d + 1) float64 input of :class:`NoveltyScorer`: posterior means, log-variances, reconstruction error."""
-    return np.hstack([enc.mu, enc.logvar, enc.recon_error[:, None]]).astype(np.float64, copy=False)
+def feature_matrix(enc: Encoded, pixel: np.ndarray | None = None) -> np.ndarray:
+    """Input of :class:`NoveltyScorer`: (n, 2d + 1) posterior means, log-variances and reconstruction error, and with
+    ``pixel`` (:meth:`PixelDensity.score_samples` of the same images) a last column: (n, 2d + 2)."""
+    cols = [enc.mu, enc.logvar, enc.recon_error[:, None]]
+    if pixel is not None:
+        cols.append(np.asarray(pixel, dtype=np.float64).reshape(-1, 1))
+    return np.hstack(cols).astype(np.float64, copy=False)
 
 
 def split_features(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Inverse of :func:`feature_matrix`: (mu, logvar, recon_error)."""
+    """Inverse of :func:`feature_matrix`: (mu, logvar, recon_error); the pixel column, if any, is :func:`pixel_column`."""
     d = (X.shape[1] - 1) // 2
     return X[:, :d], X[:, d : 2 * d], X[:, 2 * d]
+
+
+def pixel_column(X: np.ndarray) -> np.ndarray | None:
+    """The pixel density column of a feature matrix (an even number of columns, 2d + 2), or None (2d + 1)."""
+    return X[:, -1] if X.shape[1] % 2 == 0 else None
+
+
+class PixelDensity(BaseEstimator):
+    """Per-pixel histograms of the training images' values, scikit-learn style (HBOS on pixels, Goldstein & Dengel
+    2012): the score of an image is the mean over pixel positions (and channels) of log P_j(bin of x_j), with
+    add-``alpha`` smoothing. Higher = more typical. A pixel-space view beside the latent one: a 16-dimensional latent
+    space keeps an image's outline and smooths away its texture, which is what tells a shirt from a T-shirt.
+
+    Input: images as (n, C, H, W) float arrays or tensors in [0, 1] (``ImageSet.batch``), any fixed shape.
+    ``partial_fit`` adds images to the counts, so a large set can be fitted in chunks.
+
+    Fitted attributes: n_features_in_ (pixels x channels), n_samples_fit_, log_prob_ (n_features_in_, bins).
+    """
+
+    def __init__(self, bins: int = 16, alpha: float = 1.0) -> None:
+        self.bins = bins
+        self.alpha = alpha
+
+    def fit(self, X: Any, y: object = None) -> "PixelDensity":
+        for attr in ("counts_", "log_prob_"):
+            if hasattr(self, attr):
+                delattr(self, attr)
+        return self.partial_fit(X)
+
+    def partial_fit(self, X: Any, y: object = None) -> "PixelDensity":
+        if not (isinstance(self.bins, (int, np.integer)) and self.bins >= 2) or not self.alpha > 0:
+            raise ValueError(f"bins must be an integer >= 2 and alpha > 0, got {self.bins!r}, {self.alpha!r}")
+        codes = self._codes(X, fitted=hasattr(self, "counts_"))
+        n, f = codes.shape
+        if not hasattr(self, "counts_"):
+            self.counts_ = np.zeros((f, self.bins), dtype=np.int64)
+            self.n_features_in_, self.n_samples_fit_ = f, 0
+        # one bincount over (feature, bin) pairs: all features at once, no Python loop over pixels
+        flat = (np.arange(f, dtype=np.int64)[None, :] * self.bins + codes).ravel()
+        self.counts_ += np.bincount(flat, minlength=f * self.bins).reshape(f, self.bins)
+        self.n_samples_fit_ += n
+        total = self.n_samples_fit_ + self.alpha * self.bins
+        self.log_prob_ = np.log((self.counts_ + self.alpha) / total).astype(np.float32)
+        return self
+
+    def score_samples(self, X: Any) -> np.ndarray:
+        """Mean per-pixel log frequency of each image, float64 (n,)."""
+        if not hasattr(self, "log_prob_"):
+            raise RuntimeError("PixelDensity is not fitted yet; call fit(images) first")
+        codes = self._codes(X, fitted=True)
+        offsets = np.arange(codes.shape[1], dtype=np.int64) * self.bins
+        return self.log_prob_.ravel()[offsets + codes].mean(1, dtype=np.float64)
+
+    def _codes(self, X: Any, fitted: bool) -> np.ndarray:
+        """(n, features) int64 bin of every value: floor(x * bins), x in [0, 1] (1.0 in the last bin)."""
+        x = X if isinstance(X, torch.Tensor) else torch.as_tensor(np.asarray(X))
+        if x.ndim < 2 or len(x) == 0:
+            raise ValueError(f"expected a non-empty batch of images (n, C, H, W), got shape {tuple(x.shape)}")
+        x = x.detach().to("cpu", torch.float32).reshape(len(x), -1)
+        if fitted and x.shape[1] != self.n_features_in_:
+            raise ValueError(f"expected images of {self.n_features_in_} values, got {x.shape[1]}")
+        return (x * self.bins).floor_().clamp_(0, self.bins - 1).to(torch.int64).numpy()
 
 
 class NoveltyScorer(OutlierMixin, BaseEstimator):
@@ -83,10 +164,13 @@ class NoveltyScorer(OutlierMixin, BaseEstimator):
 
     Parameters
     ----------
-    statistics : names from :data:`STATISTICS` to combine.
-    combine : ``"l1"`` (default: sum of absolute standardised deviations; positive part only for :data:`ONE_SIDED`
-        statistics), ``"mahalanobis"`` (shrunk-covariance Mahalanobis distance of the standardised statistics,
-        always two-sided) or ``"fisher"`` (per-statistic empirical tails, two-sided except :data:`ONE_SIDED`).
+    statistics : names from :data:`STATISTICS` to combine (``pixel_density`` needs the pixel column of
+        :func:`feature_matrix`).
+    combine : ``"fisher"`` (default: -2 sum log p of the per-statistic empirical tails), ``"l1"`` (sum of absolute
+        standardised deviations) or ``"mahalanobis"`` (shrunk-covariance Mahalanobis distance of the standardised
+        statistics, always two-sided).
+    one_sided : statistics where only "larger than the training rows" counts (fisher: the upper tail; l1: the
+        positive part); the others are two-sided. Default :data:`ONE_SIDED`.
     n_neighbors : k of ``posterior_knn``.
     max_reference : at most this many fitted posteriors are kept as ``posterior_knn`` neighbours (a seeded random
         subset beyond that), which bounds the memory and the per-image cost of a search.
@@ -108,7 +192,8 @@ class NoveltyScorer(OutlierMixin, BaseEstimator):
     def __init__(
         self,
         statistics: Sequence[str] = DEFAULT_STATISTICS,
-        combine: str = "l1",
+        combine: str = "fisher",
+        one_sided: Sequence[str] = ONE_SIDED,
         n_neighbors: int = 5,
         max_reference: int = 20_000,
         bins: int = 10,
@@ -117,6 +202,7 @@ class NoveltyScorer(OutlierMixin, BaseEstimator):
     ) -> None:
         self.statistics = statistics
         self.combine = combine
+        self.one_sided = one_sided
         self.n_neighbors = n_neighbors
         self.max_reference = max_reference
         self.bins = bins
@@ -127,6 +213,7 @@ class NoveltyScorer(OutlierMixin, BaseEstimator):
     def fit(self, X: np.ndarray, y: object = None) -> "NoveltyScorer":
         X = self._check_array(X, fitted=False)
         self._check_params()
+        self._check_pixel_column(X)
         mu, logvar, _ = split_features(X)
         n, d = mu.shape
         if n < self.n_neighbors + 2:
@@ -155,8 +242,7 @@ class NoveltyScorer(OutlierMixin, BaseEstimator):
         Zs = (S - self.stat_mean_) / self.stat_scale_
         if self.combine == "mahalanobis":
             self.stat_precision_ = LedoitWolf(assume_centered=True).fit(Zs).get_precision()
-        elif self.combine == "fisher":
-            self.stat_sorted_ = np.sort(S, axis=0).T.copy()
+        self.stat_sorted_ = np.sort(S, axis=0).T.copy()  # the tails of fisher and of the explanation
         self.offset_ = float(np.quantile(self._score_from_stats(S), self.contamination))
         return self
 
@@ -189,6 +275,8 @@ class NoveltyScorer(OutlierMixin, BaseEstimator):
                 cols.append(np.log(np.maximum(kl, 0.0) + _EPS))
             elif name == "latent_norm":
                 cols.append(np.log((mu**2).sum(1) + _EPS))
+            elif name == "pixel_density":
+                cols.append(pixel_column(X))
         return np.column_stack(cols)
 
     def _knn(self, Q: np.ndarray, self_rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -272,15 +360,34 @@ class NoveltyScorer(OutlierMixin, BaseEstimator):
         return self._top_dims(mu, logvar, knn, k)
 
     def _terms(self, S: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The standardised statistics and the l1 terms they add to the score: |z|, or max(z, 0) for
-        :data:`ONE_SIDED` statistics."""
+        """The standardised statistics and each statistic's term of the score: fisher -log p of its tail, else the
+        l1 term |z| (max(z, 0) for ``one_sided`` statistics). The largest term is the explanation's driver."""
         Zs = (S - self.stat_mean_) / self.stat_scale_
-        one_sided = np.array([name in ONE_SIDED for name in self.statistics])
+        if self.combine == "fisher":
+            return Zs, -self._log_tails(S)
+        one_sided = np.array([name in self.one_sided for name in self.statistics])
         return Zs, np.where(one_sided, np.maximum(Zs, 0.0), np.abs(Zs))
+
+    def _log_tails(self, S: np.ndarray) -> np.ndarray:
+        """(n, k) log of each statistic's empirical tail p-value among the fitted rows, +1 smoothed so no p is 0:
+        the upper tail for ``one_sided`` statistics, twice the smaller tail (at most 1) for the others."""
+        n = self.stat_sorted_.shape[1]
+        logp = np.empty_like(S)
+        for j, name in enumerate(self.statistics):
+            col = self.stat_sorted_[j]
+            below = np.searchsorted(col, S[:, j], side="right")  # #{train <= s}
+            above = n - np.searchsorted(col, S[:, j], side="left")  # #{train >= s}
+            if name in self.one_sided:
+                p = (1.0 + above) / (n + 1.0)
+            else:
+                p = np.minimum(1.0, 2.0 * (1.0 + np.minimum(below, above)) / (n + 1.0))
+            logp[:, j] = np.log(p)
+        return logp
 
     def _explain(self, S: np.ndarray) -> tuple[list[str], list[dict[str, float]]]:
         """Per row: the statistic that drove the score (its largest term; ``posterior_knn`` = the latent distance to
-        the nearest training images, ``recon_error`` = how badly the model reconstructs the image) and every
+        the nearest training images, ``recon_error`` = how badly the model reconstructs the image, ``pixel_density`` =
+        how usual its pixel values are where they are; fisher: the smallest tail p-value) and every
         statistic's standardised value (training mean 0, sd 1)."""
         Zs, terms = self._terms(S)
         drivers = [self.statistics[j] for j in terms.argmax(1)]
@@ -316,24 +423,11 @@ class NoveltyScorer(OutlierMixin, BaseEstimator):
     # -- internals -------------------------------------------------------------------------------------------------
     def _score_from_stats(self, S: np.ndarray) -> np.ndarray:
         Zs, terms = self._terms(S)
-        one_sided = np.array([name in ONE_SIDED for name in self.statistics])
-        if self.combine == "l1":
-            return -terms.sum(1)
         if self.combine == "mahalanobis":
             return -np.sqrt(np.einsum("ij,jk,ik->i", Zs, self.stat_precision_, Zs))
-        # fisher: two-sided empirical tail of each statistic, with +1 smoothing so no p is 0
-        n = self.stat_sorted_.shape[1]
-        logp = np.zeros(S.shape[0])
-        for j in range(S.shape[1]):
-            col = self.stat_sorted_[j]
-            below = np.searchsorted(col, S[:, j], side="right")  # #{train <= s}
-            above = n - np.searchsorted(col, S[:, j], side="left")  # #{train >= s}
-            if one_sided[j]:
-                p = (1.0 + above) / (n + 1.0)
-            else:
-                p = np.minimum(1.0, 2.0 * (1.0 + np.minimum(below, above)) / (n + 1.0))
-            logp += np.log(p)
-        return 2.0 * logp  # = -(Fisher statistic)
+        if self.combine == "fisher":
+            return -2.0 * terms.sum(1)  # = 2 sum log p = -(Fisher's statistic)
+        return -terms.sum(1)
 
     def _check_params(self) -> None:
         if self.combine not in _COMBINE:
@@ -345,6 +439,14 @@ class NoveltyScorer(OutlierMixin, BaseEstimator):
             raise ValueError("contamination must be in [0, 1)")
         if not (isinstance(self.n_neighbors, (int, np.integer)) and self.n_neighbors >= 1):
             raise ValueError(f"n_neighbors must be a positive integer, got {self.n_neighbors!r}")
+        if any(name not in STATISTICS for name in self.one_sided):
+            raise ValueError(f"one_sided must name statistics of {STATISTICS}, got {list(self.one_sided)}")
+
+    def _check_pixel_column(self, X: np.ndarray) -> None:
+        if PIXEL_STATISTICS & set(self.statistics) and pixel_column(X) is None:
+            raise ValueError(
+                "the statistic pixel_density needs the pixel column: feature_matrix(encoded, pixel=PixelDensity "
+                "scores), 2d + 2 columns; or leave pixel_density out of statistics")
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "offset_"):
@@ -352,8 +454,10 @@ class NoveltyScorer(OutlierMixin, BaseEstimator):
 
     def _check_array(self, X: np.ndarray, fitted: bool) -> np.ndarray:
         X = np.asarray(X, dtype=np.float64)
-        if X.ndim != 2 or X.shape[0] == 0 or X.shape[1] < 3 or X.shape[1] % 2 == 0:
-            raise ValueError(f"expected a non-empty (n, 2d + 1) feature matrix [mu | logvar | recon], got {X.shape}")
+        if X.ndim != 2 or X.shape[0] == 0 or X.shape[1] < 3:
+            raise ValueError(
+                f"expected a non-empty feature matrix [mu | logvar | recon (| pixel)] of 2d + 1 or 2d + 2 columns, "
+                f"got {X.shape}")
         if not np.isfinite(X).all():
             raise ValueError("features contain NaN or infinite values")
         if fitted and X.shape[1] != self.n_features_in_:

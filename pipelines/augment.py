@@ -33,7 +33,7 @@ from debias.errors import DebiasError
 from debias.reweighting import read_scores
 from debias.gan_training import GANTrainConfig, load_generator, to_uint8, train_gan
 from debias.cyclegan_training import CycleGANTrainConfig, load_generators, train_cyclegan
-from debias.models.cyclegan import CycleGANConfig
+from debias.models.cyclegan import CycleGANConfig, default_n_blocks
 from debias.models.dcgan import DCGANConfig
 from debias.progress import progress_bar
 from debias.training import DataDescription, encode_labels
@@ -59,7 +59,7 @@ class CycleGANOptions:
     target: str | None = None  # --to: the rare domain, translated into
     rare_quantile: float = 0.1  # --from common --to rare: the rarest share of the rows is domain B
     width: int = 32
-    n_blocks: int = 6
+    n_blocks: int | None = None  # default: by image size (debias.models.cyclegan.default_n_blocks)
 
 
 @dataclass
@@ -75,6 +75,8 @@ class AugmentJob:
     image_size: int = 64
     epochs: int = 20
     batch_size: int | None = None  # default: 64 (GAN), 8 (CycleGAN)
+    max_steps: int | None = None  # training budget: end after this many steps (the epoch in progress is kept)
+    max_minutes: float | None = None  # or after this much time
     lr: float = 2e-4
     seed: int = 0
     device: str = "auto"
@@ -263,6 +265,8 @@ def _run_gan(job: AugmentJob, data: ImageSet) -> tuple[pd.DataFrame | None, int]
         augment=DiffAugmentConfig() if job.gan.diffaugment else DiffAugmentConfig(color=False, translation=0.0, cutout=0.0),
         seed=job.seed,
         device=job.device,
+        max_steps=job.max_steps,
+        max_minutes=job.max_minutes,
     )
     desc = DataDescription(
         source=job.data, where=list(job.where), fingerprint=data.fingerprint, n_images=len(data),
@@ -336,10 +340,12 @@ def _run_cyclegan(job: AugmentJob, data: ImageSet) -> tuple[pd.DataFrame | None,
     domain_a, domain_b = data.subset(rows_a), data.subset(rows_b)
     try:
         model_config = CycleGANConfig(image_size=job.image_size, channels=data.channels, width=cg.width,
-                                      disc_width=cg.width, n_blocks=cg.n_blocks)
+                                      disc_width=cg.width,
+                                      n_blocks=cg.n_blocks if cg.n_blocks is not None else default_n_blocks(job.image_size))
     except ValueError as exc:
         raise DebiasError(str(exc)) from exc
-    config = CycleGANTrainConfig(epochs=job.epochs, batch_size=job.batch_size or 8, lr=job.lr, seed=job.seed, device=job.device)
+    config = CycleGANTrainConfig(epochs=job.epochs, batch_size=job.batch_size or 8, lr=job.lr, seed=job.seed,
+                                 device=job.device, max_steps=job.max_steps, max_minutes=job.max_minutes)
     fingerprint = hashlib.sha256(f"{domain_a.fingerprint}\0{domain_b.fingerprint}".encode()).hexdigest()[:16]
     desc = DataDescription(
         source=job.data, where=list(job.where), fingerprint=fingerprint, n_images=len(rows_a) + len(rows_b),

@@ -240,6 +240,47 @@ def test_cyclegan_resume_gives_the_uninterrupted_weights(tmp_path, monkeypatch):
     assert [r["lr"] for r in a["history"]] == [r["lr"] for r in b["history"]] == [2e-4, 2e-4, 1e-4]
 
 
+@pytest.mark.parametrize("make_job, per_epoch", [(gan_job, 7), (cyclegan_job, None)])
+def test_a_step_budget_ends_the_run_saved_and_resumable(tmp_path, capsys, make_job, per_epoch):
+    """Issue 17: --max-steps ends training after that many steps, mid-epoch: the epoch is recorded as far as it went
+    (with the reason), the run is saved and its outputs written; --resume with more epochs continues."""
+    out = tmp_path / "run"
+    result = run_augment(replace(make_job(out, epochs=3, max_steps=2), progress=True))
+    history = pd.read_csv(out / "loss.csv")
+    assert len(history) == 1 and history["stopped_by"].iloc[0] == "--max-steps 2"
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1 and result.n_images > 0
+    printed = capsys.readouterr()
+    assert "stopped by --max-steps 2 after 2 steps" in printed.out
+    run_augment(replace(make_job(out, epochs=2), resume=True))
+    history = pd.read_csv(out / "loss.csv")
+    assert len(history) == 2 and pd.isna(history["stopped_by"].iloc[1])
+
+
+def test_training_clock_prints_a_whole_run_eta_and_keeps_the_budget(capsys):
+    from debias.progress import TrainingClock
+
+    clock = TrainingClock("GAN", steps_per_epoch=100, epochs_left=20, max_minutes=0.5, eta_after_steps=2,
+                          eta_after_s=0.0)
+    clock.start -= 4.0  # as if the first two steps took 2 s each
+    clock.tick()
+    assert clock.eta_line is None
+    clock.tick()
+    line = capsys.readouterr().err
+    assert "per step after 2 steps" in line and "an epoch of 100 steps takes about" in line
+    assert "20 epoch(s) left about" in line and "budget stops it after about 15 steps" in line
+    assert not clock.exhausted
+    clock.start -= 30.0
+    assert clock.exhausted and clock.stop_reason == "--max-minutes 0.5"
+    with pytest.raises(ValueError, match="max_steps"):
+        TrainingClock("GAN", 1, 1, max_steps=0)
+
+
+def test_cyclegan_blocks_follow_the_image_size():
+    from debias.models.cyclegan import default_n_blocks
+
+    assert [default_n_blocks(s) for s in (28, 32, 64, 96, 128)] == [2, 2, 3, 3, 6]
+
+
 def test_cyclegan_common_to_rare_from_audit_scores(tmp_path):
     table = load_images(SHAPES, image_size=SIZE, progress=False).table
     rng = np.random.default_rng(0)

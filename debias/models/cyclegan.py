@@ -22,7 +22,7 @@ class CycleGANConfig:
     image_size: int = 64  # 28..128 px, square
     channels: int = 3  # 1 or 3
     width: int = 32  # generator: channels of its first layer (the paper: 64)
-    n_blocks: int = 6  # residual blocks (the paper: 6 at 128 px, 9 at 256 px)
+    n_blocks: int = 6  # residual blocks (the paper: 6 at 128 px, 9 at 256 px; see default_n_blocks)
     disc_width: int = 32  # discriminator: channels of its first layer (the paper: 64)
     disc_layers: int = 3  # stride-2 layers of the discriminator (3 = the 70x70 PatchGAN)
 
@@ -36,6 +36,18 @@ class CycleGANConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def default_n_blocks(image_size: int) -> int:
+    """Residual blocks for an image size. The reference uses 9 at 256 px and 6 at 128 px: at its 4x down-sampled
+    bottleneck (64 and 32 px) the blocks' 3x3 convolutions then see most of the image. At 64 px the bottleneck is
+    16 px wide and 3 blocks already see 13 of them, at half the cost of 6 (the blocks are ~90 % of a generator's
+    work): what makes a CPU epoch practical (docs/benchmarks.md, issue 17)."""
+    if image_size >= 256:
+        return 9
+    if image_size >= 128:
+        return 6
+    return 3 if image_size >= 64 else 2
 
 
 def _init_normal(module: nn.Module) -> None:

@@ -37,7 +37,8 @@
       metric("rarity", res.rarity, 4, "rarity"),
       metric("recon. error", res.recon_error, 3, "recon-error")));
     if (res.driver) {
-      const names = { posterior_knn: "latent distance to the nearest training images", recon_error: "reconstruction error" };
+      const names = { posterior_knn: "latent distance to the nearest training images", recon_error: "reconstruction error",
+                      pixel_density: "pixel values unusual for their place" };
       const z = res.statistics || {};
       const parts = Object.keys(z).map((k) => `${names[k] || k} z = ${fmt(z[k], 2)}`);
       item.body.append(el("p", { class: "driver", "data-driver": res.driver,

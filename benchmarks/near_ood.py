@@ -1,0 +1,181 @@
+"""Near- and far-out-of-distribution benchmark of the novelty score (issue 16), every method on the same models.
+
+    python benchmarks/near_ood.py cache   --out bench-out/nearood [--cases fmnist-0,...] [--threads 1]
+    python benchmarks/near_ood.py analyse --out bench-out/nearood [--methods shipped,...]
+
+``cache`` trains one small VAE per case and stores, per image of the case's four parts, everything the methods
+read: the posterior (mu, log sigma^2), the reconstruction error, the ELBO terms, the encoder's features, the pixels
+and the PNG size of the image (its input complexity). ``analyse`` fits every method on the same fit part and
+scores the same in-distribution test images (negatives) and out-of-distribution images (positives).
+
+Cases (all models 28 px except UTKFace at 32 px; latent 16, width 16, beta 1, seed 0):
+
+- ``fmnist-K`` (K = 0..9): Fashion-MNIST with class K held out. Trained on 2,000 random training images of each
+  of the other 9 classes (18,000), 5 epochs; in = the 9,000 test images of the kept classes, OOD = the 1,000 of K.
+- ``mnist-K`` (K = 1, 4, 9 by default): the 10k MNIST digits of ../shared split 8,000 / 2,000 (seed 0); trained
+  on the 8,000 without digit K, 10 epochs; in = the 2,000 without K, OOD = the training and test digits K.
+- far OOD: ``fmnist-all`` (all 10 classes, 20,000, 5 epochs) -> MNIST; ``mnist-all`` (8,000, 10 epochs) ->
+  Fashion-MNIST test; ``utkface`` (UTKFace train split at 32 px, 3 channels, 10 epochs) -> MNIST.
+
+The model's training images are split as ``debias score`` splits them (seed 0): 80 % fit, 20 % calibration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from debias.data import ImageSet, load_images  # noqa: E402
+from debias.detector import DEFAULT_CALIBRATION_FRACTION  # noqa: E402
+from debias.models import VAEConfig  # noqa: E402
+from debias.training import DataDescription, TrainConfig, load_model, train_vae  # noqa: E402
+
+FMNIST = "/usr/share/datasets/fashion-mnist"
+MNIST = str(ROOT.parent / "shared" / "data" / "mnist")
+UTKFACE = str(ROOT.parent / "shared" / "data" / "utkface" / "manifest.csv")
+FMNIST_CLASSES = ["T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
+DEFAULT_CASES = [f"fmnist-{k}" for k in range(10)] + ["mnist-1", "mnist-4", "mnist-9", "fmnist-all", "mnist-all",
+                                                      "utkface"]
+
+
+# ------------------------------------------------------------------------------------------------ the cases' data
+def _mnist_parts(size: int, channels: int) -> tuple[ImageSet, np.ndarray]:
+    data = load_images(MNIST, image_size=size, channels=channels, progress=False)
+    order = np.random.default_rng(0).permutation(len(data))
+    part = np.zeros(len(data), dtype=bool)
+    part[order[:8000]] = True  # True = training part
+    return data, part
+
+
+def case_data(case: str) -> tuple[ImageSet, ImageSet, ImageSet, dict]:
+    """(train, in-distribution test, OOD, model settings) of a case."""
+    rng = np.random.default_rng(0)
+    if case.startswith("fmnist"):
+        train_all = load_images(FMNIST, where=["split=train"], image_size=28, channels=1, progress=False)
+        test_all = load_images(FMNIST, where=["split=test"], image_size=28, channels=1, progress=False)
+        ytr = train_all.table["label"].astype(int).to_numpy()
+        yte = test_all.table["label"].astype(int).to_numpy()
+        held = None if case == "fmnist-all" else int(case.split("-")[1])
+        keep = [c for c in range(10) if c != held]
+        rows = np.sort(np.concatenate([rng.choice(np.flatnonzero(ytr == c), 2000, replace=False) for c in keep]))
+        train = train_all.subset(rows)
+        if held is None:
+            mnist, _ = _mnist_parts(28, 1)
+            return train, test_all, mnist, {"image_size": 28, "epochs": 5}
+        return (train, test_all.subset(np.flatnonzero(yte != held)), test_all.subset(np.flatnonzero(yte == held)),
+                {"image_size": 28, "epochs": 5})
+    if case.startswith("mnist"):
+        data, part = _mnist_parts(28, 1)
+        y = data.table["label"].astype(int).to_numpy()
+        if case == "mnist-all":
+            fm = load_images(FMNIST, where=["split=test"], image_size=28, channels=1, progress=False)
+            return data.subset(np.flatnonzero(part)), data.subset(np.flatnonzero(~part)), fm, \
+                {"image_size": 28, "epochs": 10}
+        held = int(case.split("-")[1])
+        return (data.subset(np.flatnonzero(part & (y != held))), data.subset(np.flatnonzero(~part & (y != held))),
+                data.subset(np.flatnonzero(y == held)), {"image_size": 28, "epochs": 10})
+    if case == "utkface":
+        train = load_images(UTKFACE, where=["split=train"], image_size=32, channels=3, progress=False)
+        test = load_images(UTKFACE, where=["split=test"], image_size=32, channels=3, progress=False)
+        mnist, _ = _mnist_parts(32, 3)
+        return train, test, mnist, {"image_size": 32, "epochs": 10}
+    raise SystemExit(f"unknown case {case!r}")
+
+
+# ------------------------------------------------------------------------------------------------ cache
+@torch.inference_mode()
+def encode_all(model, data: ImageSet, batch_size: int = 512) -> dict[str, np.ndarray]:
+    """Per image: mu, logvar, MSE, Bernoulli NLL (sum over pixels, z = mu), KL, encoder features, pixels, PNG bytes."""
+    model.eval()
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("mu", "logvar", "mse", "bce", "kl", "features")}
+    for start in range(0, len(data), batch_size):
+        x = data.batch(slice(start, start + batch_size))
+        h = model.features(x)
+        mu, logvar, _ = model.encode(x)
+        logits = model.decode(mu).float()
+        parts["mu"].append(mu.numpy())
+        parts["logvar"].append(logvar.numpy())
+        parts["mse"].append((torch.sigmoid(logits) - x).pow(2).flatten(1).mean(1).numpy())
+        parts["bce"].append(F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1).numpy())
+        parts["kl"].append((-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)).numpy())
+        parts["features"].append(h.flatten(1).numpy().astype(np.float16))
+    out = {k: np.concatenate(v) for k, v in parts.items()}
+    out["pixels"] = np.ascontiguousarray(data.images).reshape(len(data), -1)
+    out["png_bytes"] = np.array([_png_size(img) for img in np.asarray(data.images)], dtype=np.float64)
+    return out
+
+
+def _png_size(img: np.ndarray) -> int:
+    buf = io.BytesIO()
+    Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(buf, format="PNG", optimize=True)
+    return buf.tell()
+
+
+def cache(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    for case in args.cases:
+        path = args.out / "cache" / f"{case}.npz"
+        if path.exists():
+            print(f"{case}: cached", flush=True)
+            continue
+        t0 = time.perf_counter()
+        train, inn, ood, opts = case_data(case)
+        run_dir = args.out / "models" / case
+        if not (run_dir / "model.pt").exists():
+            cfg = VAEConfig(image_size=opts["image_size"], channels=train.channels, latent_dim=16, beta=1.0, width=16)
+            desc = DataDescription(source=f"near_ood.py case {case}", where=[], fingerprint=train.fingerprint,
+                                   n_images=len(train), n_skipped=0)
+            train_vae(train, cfg, TrainConfig(epochs=opts["epochs"], device="cpu"), run_dir, data_desc=desc,
+                      resume=(run_dir / "checkpoint.pt").exists(), progress=False)
+        t_train = time.perf_counter() - t0
+        model, _ = load_model(run_dir, "cpu")
+        n = len(train)
+        order = np.random.default_rng(0).permutation(n)  # the split fit_detector makes
+        n_cal = int(round(n * DEFAULT_CALIBRATION_FRACTION))
+        split = {"fit": np.sort(order[n_cal:]), "cal": np.sort(order[:n_cal])}
+        arrays = {}
+        for part, data in (("fit", train.subset(split["fit"])), ("cal", train.subset(split["cal"])),
+                           ("in", inn), ("ood", ood)):
+            for key, value in encode_all(model, data).items():
+                arrays[f"{part}/{key}"] = value
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, **arrays)
+        tmp.replace(path)
+        print(f"{case}: n_train {n}, in {len(inn)}, ood {len(ood)}; train {t_train:.0f} s, "
+              f"total {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("cache")
+    c.add_argument("--out", type=Path, default=Path("bench-out/nearood"))
+    c.add_argument("--cases", type=lambda s: s.split(","), default=DEFAULT_CASES)
+    c.add_argument("--threads", type=int, default=1)
+    a = sub.add_parser("analyse")
+    a.add_argument("--out", type=Path, default=Path("bench-out/nearood"))
+    a.add_argument("--cases", type=lambda s: s.split(","), default=DEFAULT_CASES)
+    args = ap.parse_args()
+    if args.cmd == "cache":
+        cache(args)
+    else:
+        from near_ood_methods import analyse  # noqa: E402  (kept apart: methods change, the cache does not)
+        analyse(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""The methods of benchmarks/near_ood.py's ``analyse``: every statistic, combination and baseline, on cached arrays.
+
+Each method is fitted on the ``fit`` part only, its scores on the ``cal`` part set the conformal threshold at the
+target FPR, and it is judged on ``in`` (negatives) and ``ood`` (positives): AUROC, FPR at 95 % TPR, and the
+conformal decision's realised FPR on ``in`` and TPR on ``ood``.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import roc_auc_score, roc_curve
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from debias.calibration import ConformalCalibrator  # noqa: E402
+from debias.novelty import NoveltyScorer, PixelDensity  # noqa: E402
+
+TARGET_FPR = 0.05
+PARTS = ("fit", "cal", "in", "ood")
+
+
+def load_case(path: Path) -> dict[str, dict[str, np.ndarray]]:
+    z = np.load(path)
+    out: dict[str, dict[str, np.ndarray]] = {p: {} for p in PARTS}
+    for key in z.files:
+        part, name = key.split("/", 1)
+        out[part][name] = z[key]
+    return out
+
+
+def fpr_at_tpr(y: np.ndarray, s: np.ndarray, tpr: float = 0.95) -> float:
+    fpr, tprs, _ = roc_curve(y, s)
+    return float(fpr[np.searchsorted(tprs, tpr, side="left")])
+
+
+def feature_matrix(p: dict[str, np.ndarray], pixel: np.ndarray | None = None) -> np.ndarray:
+    cols = [p["mu"], p["logvar"], p["mse"][:, None]] + ([pixel[:, None]] if pixel is not None else [])
+    return np.hstack(cols).astype(np.float64)
+
+
+def images_nchw(p: dict[str, np.ndarray], shape: tuple[int, int, int]) -> np.ndarray:
+    """The cached uint8 pixels (n, H*W*C, HWC order) as ImageSet.batch gives them: float (n, C, H, W) in [0, 1]."""
+    h, w, c = shape
+    return (p["pixels"].reshape(-1, h, w, c).transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
+
+
+def shipped(case, shape) -> dict[str, np.ndarray]:
+    """The library's default detector, exactly: PixelDensity and NoveltyScorer() fitted on the fit part."""
+    dens = PixelDensity().fit(images_nchw(case["fit"], shape))
+    X = {p: feature_matrix(case[p], dens.score_samples(images_nchw(case[p], shape))) for p in PARTS}
+    scorer = NoveltyScorer().fit(X["fit"])
+    return {p: scorer.novelty(X[p]) for p in ("cal", "in", "ood")}
+
+
+def pixels(p: dict[str, np.ndarray]) -> np.ndarray:
+    return p["pixels"].astype(np.float32) / 255.0
+
+
+def neg_elbo(p: dict[str, np.ndarray]) -> np.ndarray:
+    return (p["bce"] + p["kl"]).astype(np.float64)
+
+
+# ------------------------------------------------------------------------------------------------ building blocks
+def knn_distance(ref: np.ndarray, q: np.ndarray, k: int, exclude_self: bool = False) -> np.ndarray:
+    """Mean Euclidean distance from each query row to its k nearest reference rows (brute force, torch)."""
+    import torch
+
+    R = torch.from_numpy(np.ascontiguousarray(ref, dtype=np.float32))
+    r2 = (R * R).sum(1)
+    out = np.empty(len(q))
+    for a in range(0, len(q), 512):
+        Q = torch.from_numpy(np.ascontiguousarray(q[a : a + 512], dtype=np.float32))
+        d2 = ((Q * Q).sum(1)[:, None] + r2[None, :] - 2 * Q @ R.T).clamp_min_(0)
+        if exclude_self:
+            idx = torch.arange(a, a + len(Q))
+            d2[torch.arange(len(Q)), idx] = float("inf")
+        out[a : a + len(Q)] = torch.topk(d2, k, dim=1, largest=False).values.sqrt().mean(1).numpy()
+    return out
+
+
+class PixelHistogram:
+    """HBOS-style log density of the pixels: one histogram per pixel (and channel), summed log frequencies."""
+
+    def __init__(self, bins: int = 16, alpha: float = 1.0) -> None:
+        self.bins, self.alpha = bins, alpha
+
+    def fit(self, P: np.ndarray) -> "PixelHistogram":
+        b = np.minimum((P * self.bins).astype(np.int64), self.bins - 1)
+        counts = np.stack([np.bincount(b[:, j], minlength=self.bins) for j in range(P.shape[1])])
+        self.logp_ = np.log((counts + self.alpha) / (len(P) + self.alpha * self.bins))  # (features, bins)
+        return self
+
+    def score(self, P: np.ndarray) -> np.ndarray:
+        b = np.minimum((P * self.bins).astype(np.int64), self.bins - 1)
+        return self.logp_[np.arange(P.shape[1])[None, :], b].sum(1)
+
+
+def standardise(fit_values: np.ndarray):
+    m, s = fit_values.mean(), fit_values.std() + 1e-12
+    return lambda v: (v - m) / s
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+def statistics(case: dict[str, dict[str, np.ndarray]], k: int = 5) -> dict[str, dict[str, np.ndarray]]:
+    """name -> part -> raw statistic (direction: as computed; the combiners decide one- or two-sided)."""
+    fit = case["fit"]
+    stats: dict[str, dict[str, np.ndarray]] = {}
+    ship = NoveltyScorer(statistics=("posterior_knn", "recon_error", "latent_mahalanobis", "kl",
+                                     "posterior_logvar", "latent_norm", "latent_density")).fit(feature_matrix(fit))
+    # fit-part values: leave-one-out for kNN statistics, as NoveltyScorer's fit does
+    fit_ship = ship._statistics(feature_matrix(fit), self_rows=np.arange(len(fit["mu"])))
+    for j, name in enumerate(ship.statistics):
+        stats[name] = {p: (fit_ship[:, j] if p == "fit" else ship.statistic_matrix(feature_matrix(case[p]))[:, j])
+                       for p in PARTS}
+    stats["neg_elbo"] = {p: np.log(neg_elbo(case[p])) for p in PARTS}
+    stats["bce"] = {p: np.log(case[p]["bce"]) for p in PARTS}
+    # Serra et al. (ICLR 2020), input complexity: NLL in bits minus the PNG code length in bits
+    stats["elbo_minus_complexity"] = {p: neg_elbo(case[p]) / np.log(2) - 8 * case[p]["png_bytes"] for p in PARTS}
+    stats["png_bytes"] = {p: np.log(case[p]["png_bytes"]) for p in PARTS}
+    hist = PixelHistogram().fit(pixels(fit))
+    stats["pixel_hbos"] = {p: -hist.score(pixels(case[p])) for p in PARTS}
+    F_fit = fit["features"].astype(np.float32)
+    stats["feature_knn"] = {p: np.log(knn_distance(F_fit, case[p]["features"], k, exclude_self=(p == "fit")) + 1e-12)
+                            for p in PARTS}
+    Pf = pixels(fit)
+    stats["pixel_knn"] = {p: np.log(knn_distance(Pf, pixels(case[p]), k, exclude_self=(p == "fit")) + 1e-12)
+                          for p in PARTS}
+    return stats
+
+
+ONE_SIDED = {"posterior_knn", "feature_knn", "pixel_knn"}
+
+
+def l1_combo(stats, names, one_sided=ONE_SIDED) -> dict[str, np.ndarray]:
+    out = {p: np.zeros_like(stats[names[0]][p]) for p in PARTS}
+    for n in names:
+        z = standardise(stats[n]["fit"])
+        for p in PARTS:
+            v = z(stats[n][p])
+            out[p] += np.maximum(v, 0) if n in one_sided else np.abs(v)
+    return out
+
+
+def max_tail_combo(stats, names, one_sided=ONE_SIDED) -> dict[str, np.ndarray]:
+    """-log of the smallest per-statistic empirical tail p-value (two-sided unless one-sided): a rank combination
+    that lets the one statistic that sees the image decide, instead of averaging it away."""
+    out = {p: np.full_like(stats[names[0]][p], -np.inf) for p in PARTS}
+    for n in names:
+        ref = np.sort(stats[n]["fit"])
+        m = len(ref)
+        for p in PARTS:
+            v = stats[n][p]
+            above = m - np.searchsorted(ref, v, side="left")
+            if n in one_sided:
+                pv = (1.0 + above) / (m + 1.0)
+            else:
+                below = np.searchsorted(ref, v, side="right")
+                pv = np.minimum(1.0, 2 * (1.0 + np.minimum(below, above)) / (m + 1.0))
+            out[p] = np.maximum(out[p], -np.log(pv))
+    return out
+
+
+def fisher_combo(stats, names, one_sided=ONE_SIDED) -> dict[str, np.ndarray]:
+    out = {p: np.zeros_like(stats[names[0]][p]) for p in PARTS}
+    for n in names:
+        ref = np.sort(stats[n]["fit"])
+        m = len(ref)
+        for p in PARTS:
+            v = stats[n][p]
+            above = m - np.searchsorted(ref, v, side="left")
+            if n in one_sided:
+                pv = (1.0 + above) / (m + 1.0)
+            else:
+                below = np.searchsorted(ref, v, side="right")
+                pv = np.minimum(1.0, 2 * (1.0 + np.minimum(below, above)) / (m + 1.0))
+            out[p] += -np.log(pv)
+    return out
+
+
+def gmm_combo(stats, names, n_components: int = 8) -> dict[str, np.ndarray]:
+    """Minus the log density of a Gaussian mixture over the standardised statistics (fitted on the fit part)."""
+    from sklearn.mixture import GaussianMixture
+
+    cols = {p: np.column_stack([standardise(stats[n]["fit"])(stats[n][p]) for n in names]) for p in PARTS}
+    g = GaussianMixture(n_components, covariance_type="full", random_state=0, reg_covar=1e-3).fit(cols["fit"])
+    return {p: -g.score_samples(cols[p]) for p in PARTS}
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def evaluate(scores: dict[str, np.ndarray]) -> dict[str, float]:
+    y = np.r_[np.zeros(len(scores["in"])), np.ones(len(scores["ood"]))]
+    s = np.r_[scores["in"], scores["ood"]]
+    out = {"auroc": float(roc_auc_score(y, s)), "fpr_at_95_tpr": fpr_at_tpr(y, s)}
+    if "cal" in scores:
+        cal = ConformalCalibrator(TARGET_FPR).fit(scores["cal"])
+        out["fpr_in"] = float(cal.is_novel(scores["in"]).mean())
+        out["tpr_ood"] = float(cal.is_novel(scores["ood"]).mean())
+    return out
+
+
+def pyod_baselines(case, n_fit: int = 10000) -> dict[str, dict[str, np.ndarray]]:
+    from pyod.models.ecod import ECOD
+    from pyod.models.hbos import HBOS
+    from pyod.models.iforest import IForest
+    from pyod.models.knn import KNN
+
+    rng = np.random.default_rng(1)
+    fit_rows = rng.choice(len(case["fit"]["mu"]), size=min(n_fit, len(case["fit"]["mu"])), replace=False)
+    out = {}
+    for space in ("pixels", "latents"):
+        get = pixels if space == "pixels" else (lambda p: p["mu"].astype(np.float64))
+        X_fit = get(case["fit"])[fit_rows]
+        for name, det in (("KNN", KNN(n_neighbors=5, n_jobs=1, algorithm="brute")), ("IForest", IForest(random_state=0)),
+                          ("HBOS", HBOS()), ("ECOD", ECOD())):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                det.fit(X_fit)
+                out[f"PyOD {name} on {space}"] = {p: det.decision_function(get(case[p])) for p in ("cal", "in", "ood")}
+    return out
+
+
+def methods(stats) -> dict[str, dict[str, np.ndarray]]:
+    two = ("posterior_knn", "recon_error")
+    m = {
+        "previous default: l1(posterior_knn+, recon_error±)": l1_combo(stats, list(two), one_sided={"posterior_knn"}),
+        "fisher(posterior_knn+, recon_error+, pixel_hbos±)": fisher_combo(
+            stats, ["posterior_knn", "recon_error", "pixel_hbos"], one_sided={"posterior_knn", "recon_error"}),
+        "raw ELBO (one-sided)": {p: stats["neg_elbo"][p] for p in PARTS},
+    }
+    for name in stats:
+        m[f"{name}, two-sided"] = l1_combo(stats, [name], one_sided=set())
+        m[f"{name}, one-sided high"] = {p: stats[name][p] for p in PARTS}
+    sets = {
+        "A": ["posterior_knn", "recon_error", "neg_elbo"],
+        "B": ["posterior_knn", "recon_error", "pixel_hbos"],
+        "C": ["posterior_knn", "recon_error", "neg_elbo", "pixel_hbos"],
+        "D": ["posterior_knn", "recon_error", "neg_elbo", "pixel_hbos", "feature_knn"],
+        "E": ["posterior_knn", "recon_error", "neg_elbo", "pixel_hbos", "feature_knn", "pixel_knn"],
+        "F": ["posterior_knn", "recon_error", "elbo_minus_complexity", "pixel_hbos", "feature_knn"],
+        "G": ["feature_knn", "pixel_knn", "pixel_hbos", "neg_elbo"],
+    }
+    for tag, names in sets.items():
+        m[f"l1 {tag} {'+'.join(names)}"] = l1_combo(stats, names)
+        m[f"maxtail {tag}"] = max_tail_combo(stats, names)
+        m[f"fisher {tag}"] = fisher_combo(stats, names)
+        m[f"gmm {tag}"] = gmm_combo(stats, names)
+    return m
+
+
+def analyse(args) -> None:
+    report = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "target_fpr": TARGET_FPR, "cases": {}}
+    for case in args.cases:
+        path = args.out / "cache" / f"{case}.npz"
+        if not path.exists():
+            print(f"{case}: not cached yet", flush=True)
+            continue
+        t0 = time.perf_counter()
+        data = load_case(path)
+        stats = statistics(data)
+        results = {}
+        side = int(round(np.sqrt(data["fit"]["pixels"].shape[1] / (3 if "utkface" in case else 1))))
+        shape = (side, side, 3 if "utkface" in case else 1)
+        for name, sc in {"debias novelty (shipped default)": shipped(data, shape), **methods(stats),
+                         **pyod_baselines(data)}.items():
+            results[name] = evaluate(sc)
+        report["cases"][case] = {"n": {p: int(len(data[p]["mu"])) for p in PARTS}, "results": results}
+        print(f"{case}: {time.perf_counter() - t0:.0f} s", flush=True)
+    out = args.out / "analysis.json"
+    out.write_text(json.dumps(report, indent=1))
+    print(f"wrote {out}")
