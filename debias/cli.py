@@ -549,6 +549,10 @@ def serve(
     ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
     engine: Annotated[str, typer.Option(help="local (uvicorn) or ray (Ray Serve; pip install debias[ray]).")] = "local",
+    workers: Annotated[
+        int, typer.Option(min=1, help="local: processes behind the port, each with its own model copy; metrics and "
+                          "drift are per worker.")
+    ] = 1,
     replicas: Annotated[int, typer.Option(min=1, help="Ray: copies of the model behind Serve's proxy.")] = 1,
     gpus_per_replica: Annotated[float, typer.Option(min=0.0, help="Ray: GPUs per replica (fractions share one).")] = 0.0,
     address: Annotated[Optional[str], typer.Option(help="Ray: cluster address (default: start a local Ray).")] = None,
@@ -560,6 +564,8 @@ def serve(
         raise DebiasError(f"--target-fpr must be between 0 and 1 (exclusive), got {target_fpr}")
     if engine not in ("local", "ray"):
         raise DebiasError(f"--engine must be local or ray, got {engine!r}")
+    if workers > 1 and engine != "local":
+        raise DebiasError("--workers is an option of --engine local (Ray scales with --replicas)")
     if engine == "ray":
         from pipelines.ray_serve import run_ray_serve
 
@@ -569,7 +575,8 @@ def serve(
             fit_where=fit_where or None, target_fpr=target_fpr, audit_dir=audit,
         )
     run_serve(
-        host, port, log_level, model_dir=model, device=device, max_batch_size=max_batch_size,
+        host, port, log_level, workers=workers, model_dir=model, device=device, precision=precision,
+        max_batch_size=max_batch_size,
         max_wait_ms=max_wait_ms, fit_data=fit_data, fit_where=fit_where or None, target_fpr=target_fpr,
         audit_dir=audit,
     )

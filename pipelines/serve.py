@@ -1,7 +1,14 @@
-"""`debias serve`: the novelty service (service/) under uvicorn, one process, one model-owner thread."""
+"""`debias serve`: the novelty service (service/) under uvicorn: one process with one model-owner thread, or with
+``workers`` > 1 that many processes behind one port, each owning a copy of the model.
+
+Several workers share the port through uvicorn's supervisor (the kernel spreads connections over them). Each builds
+its app from ``DEBIAS_*`` variables, which this module sets from the options; the novelty detector is fitted once
+here first, so that the workers load ``novelty.pt`` instead of each fitting it. ``/metrics`` and the drift window
+are per worker: a scrape or a drift reading reaches one of them (docs/benchmarks.md, issue 17)."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -14,7 +21,7 @@ from debias.errors import DebiasError
 from debias.training import load_model
 
 
-def run_serve(host: str, port: int, log_level: str = "info", **overrides: Any) -> None:
+def run_serve(host: str, port: int, log_level: str = "info", workers: int = 1, **overrides: Any) -> None:
     """Check the model loads (a one-line error now beats a failed /readyz later), then serve until interrupted.
 
     ``overrides`` are :class:`service.settings.Settings` fields; those not given come from ``DEBIAS_*`` variables.
@@ -32,7 +39,18 @@ def run_serve(host: str, port: int, log_level: str = "info", **overrides: Any) -
         where = ".".join(str(p) for p in first["loc"]) or "settings"
         raise DebiasError(f"invalid setting {where}: {first['msg']}") from None
     check_serve_inputs(settings)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, workers=1, access_log=False)
+    if workers == 1:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, workers=1, access_log=False)
+        return
+    if settings.fit_data is None:
+        from debias.detector import open_detector
+
+        open_detector(settings.model_dir, progress=log_level in ("info", "debug", "trace"))  # fitted once, here
+    for name, value in overrides.items():  # the workers read their settings from the environment
+        if value is not None:
+            os.environ[f"DEBIAS_{name.upper()}"] = json.dumps(value) if isinstance(value, list) else str(value)
+    uvicorn.run("service.app:create_app", factory=True, host=host, port=port, log_level=log_level, workers=workers,
+                access_log=False)
 
 
 def check_serve_inputs(settings: Any) -> None:

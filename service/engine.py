@@ -18,7 +18,7 @@ import torch
 
 from debias.calibration import drift_report
 from debias.detector import NoveltyDetector, NoveltyResults, open_detector
-from debias.device import resolve_device
+from debias.device import resolve_device, set_precision
 from debias.gpu_decode import decode_jpegs_on_device, gpu_jpeg_available, is_jpeg
 from debias.intake import UploadError, decode_upload, probe_upload
 from service.batcher import MicroBatcher
@@ -89,6 +89,7 @@ class ScoringEngine:
             self.state = "loading"
             if s.torch_threads is not None:
                 torch.set_num_threads(s.torch_threads)
+            set_precision(s.precision)  # per process: each --workers process sets it from its settings
             device = resolve_device(s.device)
             det = open_detector(
                 s.model_dir, device=device, fit_data=s.fit_data, fit_where=s.fit_where or None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -12,6 +14,10 @@ class ServiceMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # `debias serve --workers N`: every process keeps its own metrics and drift window; this names the process
+        # that answered a scrape, so that a scraper can tell the workers apart (or sum them).
+        Gauge("debias_worker", "The worker process these metrics belong to.", ["process_id"], registry=r).labels(
+            str(os.getpid())).set(1)
         self.requests = Counter(
             "debias_http_requests", "HTTP requests by route and status.", ["method", "route", "status"], registry=r
         )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -27,6 +27,9 @@ class Settings(BaseSettings):
         default=None, description="Folder written by 'debias audit', browsed at /audit (DEBIAS_AUDIT_DIR)."
     )
     device: str = Field(default="auto", description="auto, cpu or cuda.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto", description="Forward passes in bfloat16 (auto: on CUDA and on CPUs with AMX/AVX-512-BF16)."
+    )
     torch_threads: int | None = Field(
         default=None, ge=1, description="torch intra-op threads of the model owner (default: torch's own choice)."
     )

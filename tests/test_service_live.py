@@ -295,3 +295,48 @@ def test_slow_bodies_get_408_and_are_closed(server):
     assert 3 < took < 8, took
     good = [("files", ("ok.png", encode(shapes_images(1)[0]), "image/png"))]
     assert httpx.post(f"{base}/v1/score", files=good, headers={"X-API-Key": KEY}).status_code == 200
+
+
+def test_workers_serve_one_port_from_several_processes(run, tmp_path):
+    """Issue 17: `debias serve --workers 2` answers on one port from two model-owning processes, each with the same
+    per-image results as scoring alone; SIGTERM stops them all."""
+    port = free_port()
+    log = tmp_path / "workers.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "debias", "serve", "--model", str(run), "--port", str(port), "--device", "cpu",
+             "--workers", "2", "--log-level", "warning"],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        pids: set[str] = set()
+        deadline = time.monotonic() + 120
+        images = shapes_images(4)
+        det = open_detector(run, progress=False)
+        alone = det.score_batch(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)
+        while time.monotonic() < deadline and len(pids) < 2 and proc.poll() is None:
+            try:
+                # a new connection each time: the kernel hands connections to the workers in turn
+                r = httpx.get(f"{base}/metrics", timeout=5)
+                if r.status_code == 200:
+                    pids |= set(re.findall(r'debias_worker\{process_id="(\d+)"\}', r.text))
+                    files = [("files", (f"{i}.png", encode(img, "PNG"), "image/png")) for i, img in enumerate(images)]
+                    scored = httpx.post(f"{base}/v1/score", files=files, timeout=30)
+                    if scored.status_code == 503:  # this worker is still loading its model
+                        time.sleep(0.2)
+                        continue
+                    assert scored.status_code == 200, scored.text
+                    res = scored.json()["results"]
+                    np.testing.assert_allclose([x["novelty"] for x in res], alone.novelty, rtol=1e-4, atol=1e-6)
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert len(pids) == 2, log.read_text()[-2000:]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            pytest.fail("workers ignored SIGTERM")
