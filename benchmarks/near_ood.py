@@ -1,7 +1,8 @@
 """Near- and far-out-of-distribution benchmark of the novelty score (issue 16), every method on the same models.
 
     python benchmarks/near_ood.py cache   --out bench-out/nearood [--cases fmnist-0,...] [--threads 1]
-    python benchmarks/near_ood.py analyse --out bench-out/nearood [--methods shipped,...]
+    python benchmarks/near_ood.py analyse --out bench-out/nearood [--cases fmnist-0,...]
+    python benchmarks/near_ood.py table   --out bench-out/nearood
 
 ``cache`` trains one small VAE per case and stores, per image of the case's four parts, everything the methods
 read: the posterior (mu, log sigma^2), the reconstruction error, the ELBO terms, the encoder's features, the pixels
@@ -169,9 +170,15 @@ def main() -> None:
     a = sub.add_parser("analyse")
     a.add_argument("--out", type=Path, default=Path("bench-out/nearood"))
     a.add_argument("--cases", type=lambda s: s.split(","), default=DEFAULT_CASES)
+    t = sub.add_parser("table", help="print the Markdown summary of analysis.json")
+    t.add_argument("--out", type=Path, default=Path("bench-out/nearood"))
     args = ap.parse_args()
     if args.cmd == "cache":
         cache(args)
+    elif args.cmd == "table":
+        from near_ood_methods import summarise  # noqa: E402
+
+        print(summarise(json.loads((args.out / "analysis.json").read_text())))
     else:
         from near_ood_methods import analyse  # noqa: E402  (kept apart: methods change, the cache does not)
         analyse(args)

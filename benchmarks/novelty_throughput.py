@@ -58,6 +58,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--compare-previous", action="store_true",
+                    help="Also time the previous default scorer (l1 of posterior_knn + recon_error, no pixel density) "
+                         "fitted on the same data, alternating with the shipped one (issue 16).")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -119,6 +122,25 @@ def main() -> None:
             f"JPEG bytes, CPU decode (1 thread), batches of {bs}": n / timed(from_jpeg_cpu, args.repeats),
         },
     }
+    if args.compare_previous:
+        from debias.detector import fit_detector
+        from debias.novelty import NoveltyScorer
+
+        fitted = det.card["fitted_on"]
+        fit_data = load_images(fitted["source"], where=fitted.get("where", []), image_size=det.image_size,
+                               channels=det.channels, progress=False)
+        previous = fit_detector(det.model, fit_data, scorer=NoveltyScorer(
+            statistics=("posterior_knn", "recon_error"), combine="l1", one_sided=("posterior_knn",)), progress=False)
+        pairs = {"shipped": [], "previous": []}
+        for _ in range(args.repeats):  # alternating, so that load from other jobs hits both alike
+            for name, d in (("shipped", det), ("previous", previous)):
+                t0 = time.perf_counter()
+                for s in range(0, n, bs):
+                    d.score_batch(x[s : s + bs].to(device))
+                pairs[name].append(n / (time.perf_counter() - t0))
+        res["side_by_side_images_per_s"] = {k: statistics.median(v) for k, v in pairs.items()}
+        res["side_by_side_ratio_shipped_over_previous"] = statistics.median(
+            a / b for a, b in zip(pairs["shipped"], pairs["previous"]))
     if gpu_jpeg_available(device):
         res["images_per_s"][f"JPEG bytes, GPU decode, batches of {bs}"] = n / timed(from_jpeg_gpu, args.repeats)
     print(res["command"])
@@ -127,6 +149,9 @@ def main() -> None:
           f"latent {res['latent_dim']}, {n} images")
     for k, v in res["images_per_s"].items():
         print(f"  {k:52s} {v:10.0f} images/s")
+    if "side_by_side_images_per_s" in res:
+        print(f"  side by side, tensors: {res['side_by_side_images_per_s']} images/s, shipped / previous "
+              f"{res['side_by_side_ratio_shipped_over_previous']:.2f}x (median of {args.repeats} pairs)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(res, indent=2) + "\n")

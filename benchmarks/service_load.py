@@ -59,8 +59,19 @@ def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 300) -> None:
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds of ``pid`` and of its live descendants (the --workers processes)."""
+    stats = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(proc.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+    tree, total = {pid}, 0.0
+    for _ in range(4):  # parent -> supervisor children -> their children
+        tree |= {p for p, (ppid, _) in stats.items() if ppid in tree}
+    return sum(stats[p][1] for p in tree if p in stats)
 
 
 def load_jpegs(source: str, where: list[str], n: int, size: int = 28) -> list[bytes]:
@@ -101,7 +112,7 @@ async def drive(base: str, jpegs: list[bytes], clients: int, requests: int) -> t
         return time.perf_counter() - t0, latencies
 
 
-def run_mode(args: argparse.Namespace, mode: str, jpegs: list[bytes]) -> dict:
+def run_mode(args: argparse.Namespace, mode: str, jpegs: list[bytes], workers: int = 1) -> dict:
     import httpx
 
     port = free_port()
@@ -109,10 +120,12 @@ def run_mode(args: argparse.Namespace, mode: str, jpegs: list[bytes]) -> dict:
     env = {**os.environ, "DEBIAS_TORCH_THREADS": str(args.server_threads), "DEBIAS_MAX_QUEUE_IMAGES": "100000"}
     env.pop("DEBIAS_API_KEY", None)
     cmd = [sys.executable, "-m", "debias", "serve", "--model", str(args.model), "--port", str(port), "--device",
-           args.device, "--log-level", "warning", *MODES[mode]]
+           args.device, "--log-level", "warning", "--workers", str(workers), *MODES[mode]]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_ready(base, proc)
+        if workers > 1:  # /readyz answered by one worker: warm up until every request succeeds
+            time.sleep(5.0)
         asyncio.run(drive(base, jpegs, args.clients, min(256, args.requests)))  # warm-up
         before = httpx.get(f"{base}/metrics").text
         cpu0 = cpu_seconds(proc.pid)
@@ -126,8 +139,11 @@ def run_mode(args: argparse.Namespace, mode: str, jpegs: list[bytes]) -> dict:
         batches = metric(after, "debias_model_batch_size_count") - metric(before, "debias_model_batch_size_count")
         imgs = metric(after, "debias_model_batch_size_sum") - metric(before, "debias_model_batch_size_sum")
         lat_ms = sorted(1000 * v for v in lat)
+        if workers > 1:  # each scrape reaches one worker: its counters are not the server's
+            batches = 0
         return {
             "mode": mode,
+            "workers": workers,
             "server_args": MODES[mode],
             "requests": args.requests,
             "clients": args.clients,
@@ -156,14 +172,15 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--modes", default="on,off")
+    ap.add_argument("--workers", default="1", help="Comma-separated `debias serve --workers` values to run in turn.")
     ap.add_argument("--server-threads", type=int, default=1, help="torch threads of the server's model owner.")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     jpegs = load_jpegs(args.data, args.where, 512, args.send_size)
-    results = [run_mode(args, m, jpegs) for m in args.modes.split(",")]
+    results = [run_mode(args, m, jpegs, int(w)) for w in args.workers.split(",") for m in args.modes.split(",")]
     out = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "results": results}
-    by = {r["mode"]: r for r in results}
+    by = {r["mode"]: r for r in results if r["workers"] == results[0]["workers"]}
     if "on" in by and "off" in by:
         out["throughput_ratio_on_over_off"] = round(by["on"]["images_per_s"] / by["off"]["images_per_s"], 2)
         out["cpu_per_image_ratio_off_over_on"] = round(
@@ -171,7 +188,7 @@ def main() -> None:
         )
     print(out["command"])
     for r in results:
-        print(f"  batching {r['mode']:3s}: {r['images_per_s']:8.1f} images/s  p50 {r['p50_ms']:7.1f} ms  "
+        print(f"  workers {r['workers']}, batching {r['mode']:3s}: {r['images_per_s']:8.1f} images/s  p50 {r['p50_ms']:7.1f} ms  "
               f"p99 {r['p99_ms']:7.1f} ms  mean batch {r['mean_batch_size']}  server CPU "
               f"{r['server_cpu_ms_per_image']} ms/image  ({r['requests']} requests, {r['clients']} clients)")
     if "throughput_ratio_on_over_off" in out:
