@@ -144,10 +144,7 @@ class NoveltyDetector:
         self, data: ImageSet, *, top_k: int = 5, batch_size: int = 256, progress: bool = True
     ) -> NoveltyResults:
         enc = encode_images(self.model, data, batch_size=batch_size, progress=progress)
-        pixel = None
-        if self.pixel_density is not None:
-            pixel = np.concatenate([self.pixel_density.score_samples(data.batch(slice(a, a + batch_size)))
-                                    for a in range(0, len(data), batch_size)])
+        pixel = _pixel_scores(self.pixel_density, data, batch_size) if self.pixel_density is not None else None
         return self.score_encoded(enc, pixel, top_k=top_k)
 
     # -- persistence -----------------------------------------------------------------------------------------------
@@ -206,8 +203,7 @@ def fit_detector(
         pixel_density = PixelDensity()
         for a in range(0, len(fit_rows), batch_size):
             pixel_density.partial_fit(data.batch(np.sort(fit_rows[a : a + batch_size])))
-        pixel = np.concatenate([pixel_density.score_samples(data.batch(slice(a, a + batch_size)))
-                                for a in range(0, n, batch_size)])
+        pixel = _pixel_scores(pixel_density, data, batch_size)
     X = feature_matrix(enc, pixel)
     scorer.fit(X[fit_rows])
     calibrator = ConformalCalibrator(target_fpr=target_fpr).fit(scorer.novelty(X[cal_rows]))
@@ -315,6 +311,12 @@ def _load(path: Path, model: ConvVAE, sha: str) -> NoveltyDetector | None:
             or not isinstance(pixel_density, (PixelDensity, type(None)))):
         raise DebiasError(f"cannot load {path}: unexpected contents; delete it (or pass --refit) to fit again")
     return NoveltyDetector(model, scorer, calibrator, dict(blob["card"]), pixel_density)
+
+
+def _pixel_scores(density: PixelDensity, data: ImageSet, batch_size: int) -> np.ndarray:
+    """:meth:`PixelDensity.score_samples` of every image of ``data``, a batch at a time (bounded memory)."""
+    return np.concatenate([density.score_samples(data.batch(slice(a, a + batch_size)))
+                           for a in range(0, len(data), batch_size)])
 
 
 def _finite_or_none(x: float) -> float | None:

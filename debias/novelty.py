@@ -153,6 +153,8 @@ class PixelDensity(BaseEstimator):
         x = X if isinstance(X, torch.Tensor) else torch.as_tensor(np.asarray(X))
         if x.ndim < 2 or len(x) == 0:
             raise ValueError(f"expected a non-empty batch of images (n, C, H, W), got shape {tuple(x.shape)}")
+        if not x.is_floating_point():  # uint8 0..255 would all land in the last bin without a word
+            raise ValueError(f"expected float pixel values in [0, 1] (ImageSet.batch), got {x.dtype}")
         x = x.detach().to("cpu", torch.float32).reshape(len(x), -1)
         if fitted and x.shape[1] != self.n_features_in_:
             raise ValueError(f"expected images of {self.n_features_in_} values, got {x.shape[1]}")

@@ -236,6 +236,8 @@ def test_pixel_density_by_hand():
     assert clone(dens).get_params() == dens.get_params() and not hasattr(clone(dens), "log_prob_")
     with pytest.raises(ValueError, match="values"):
         dens.score_samples(np.zeros((1, 3)))
+    with pytest.raises(ValueError, match="float pixel values"):
+        dens.score_samples(np.zeros((1, 1, 1, 2), dtype=np.uint8))
     with pytest.raises(RuntimeError, match="not fitted"):
         PixelDensity().score_samples(imgs)
 
