@@ -28,7 +28,10 @@ class ImageScore(BaseModel):
 
     filename: str
     error: FileProblem | None = Field(default=None, description="Set when this file could not be scored.")
-    novelty: float | None = Field(default=None, description="Combined typicality distance; higher = more novel.")
+    novelty: float | None = Field(
+        default=None,
+        description="Fisher combination of the statistics' tail p-values (-2 sum log p); higher = more novel.",
+    )
     p_value: float | None = Field(
         default=None, description="Conformal p-value against the calibration images: (1 + #{cal >= s}) / (n + 1)."
     )
