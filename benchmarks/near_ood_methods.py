@@ -149,40 +149,35 @@ def l1_combo(stats, names, one_sided=ONE_SIDED) -> dict[str, np.ndarray]:
     return out
 
 
+def neg_log_tails(stats, name: str, one_sided) -> dict[str, np.ndarray]:
+    """Per part, -log of the statistic's empirical tail p-value among the fit part (+1 smoothed): the upper tail if
+    one-sided, twice the smaller tail otherwise (as NoveltyScorer's fisher)."""
+    ref = np.sort(stats[name]["fit"])
+    m = len(ref)
+    out = {}
+    for p in PARTS:
+        v = stats[name][p]
+        above = m - np.searchsorted(ref, v, side="left")
+        if name in one_sided:
+            pv = (1.0 + above) / (m + 1.0)
+        else:
+            below = np.searchsorted(ref, v, side="right")
+            pv = np.minimum(1.0, 2 * (1.0 + np.minimum(below, above)) / (m + 1.0))
+        out[p] = -np.log(pv)
+    return out
+
+
 def max_tail_combo(stats, names, one_sided=ONE_SIDED) -> dict[str, np.ndarray]:
     """-log of the smallest per-statistic empirical tail p-value (two-sided unless one-sided): a rank combination
     that lets the one statistic that sees the image decide, instead of averaging it away."""
-    out = {p: np.full_like(stats[names[0]][p], -np.inf) for p in PARTS}
-    for n in names:
-        ref = np.sort(stats[n]["fit"])
-        m = len(ref)
-        for p in PARTS:
-            v = stats[n][p]
-            above = m - np.searchsorted(ref, v, side="left")
-            if n in one_sided:
-                pv = (1.0 + above) / (m + 1.0)
-            else:
-                below = np.searchsorted(ref, v, side="right")
-                pv = np.minimum(1.0, 2 * (1.0 + np.minimum(below, above)) / (m + 1.0))
-            out[p] = np.maximum(out[p], -np.log(pv))
-    return out
+    tails = [neg_log_tails(stats, n, one_sided) for n in names]
+    return {p: np.max([t[p] for t in tails], axis=0) for p in PARTS}
 
 
 def fisher_combo(stats, names, one_sided=ONE_SIDED) -> dict[str, np.ndarray]:
-    out = {p: np.zeros_like(stats[names[0]][p]) for p in PARTS}
-    for n in names:
-        ref = np.sort(stats[n]["fit"])
-        m = len(ref)
-        for p in PARTS:
-            v = stats[n][p]
-            above = m - np.searchsorted(ref, v, side="left")
-            if n in one_sided:
-                pv = (1.0 + above) / (m + 1.0)
-            else:
-                below = np.searchsorted(ref, v, side="right")
-                pv = np.minimum(1.0, 2 * (1.0 + np.minimum(below, above)) / (m + 1.0))
-            out[p] += -np.log(pv)
-    return out
+    """Fisher's method over the statistics' tails: sum of -log p (the ranking of -2 sum log p)."""
+    tails = [neg_log_tails(stats, n, one_sided) for n in names]
+    return {p: np.sum([t[p] for t in tails], axis=0) for p in PARTS}
 
 
 def gmm_combo(stats, names, n_components: int = 8) -> dict[str, np.ndarray]:

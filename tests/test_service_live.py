@@ -30,6 +30,17 @@ LIMITS = {"DEBIAS_MAX_PIXELS": str(BIG_SIDE * BIG_SIDE), "DEBIAS_MAX_DECODE_PIXE
           "DEBIAS_DECODE_WAIT_S": "0.05", "DEBIAS_BODY_IDLE_TIMEOUT_S": "2", "DEBIAS_BODY_TIMEOUT_S": "4"}
 
 
+def stop(proc: subprocess.Popen, what: str, timeout: float = 20) -> None:
+    """SIGTERM, then fail the test (after a kill) if the server does not exit within ``timeout`` seconds."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"{what} ignored SIGTERM")
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -72,13 +83,7 @@ def server(run, tmp_path_factory):
                 continue
             pytest.fail(f"server did not become ready:\n{log.read_text()[-3000:]}")
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                pytest.fail("server ignored SIGTERM")
+            stop(proc, "server")
         return
     pytest.fail("no free port after 3 attempts")
 
@@ -333,10 +338,4 @@ def test_workers_serve_one_port_from_several_processes(run, tmp_path):
                 time.sleep(0.2)
         assert len(pids) == 2, log.read_text()[-2000:]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            pytest.fail("workers ignored SIGTERM")
+        stop(proc, "workers", timeout=30)
