@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from debias.calibration import ConformalCalibrator  # noqa: E402
-from debias.novelty import NoveltyScorer, PixelDensity  # noqa: E402
+from debias.novelty import NoveltyScorer, PixelDensity, tail_log_p  # noqa: E402
 
 TARGET_FPR = 0.05
 PARTS = ("fit", "cal", "in", "ood")
@@ -153,18 +153,7 @@ def neg_log_tails(stats, name: str, one_sided) -> dict[str, np.ndarray]:
     """Per part, -log of the statistic's empirical tail p-value among the fit part (+1 smoothed): the upper tail if
     one-sided, twice the smaller tail otherwise (as NoveltyScorer's fisher)."""
     ref = np.sort(stats[name]["fit"])
-    m = len(ref)
-    out = {}
-    for p in PARTS:
-        v = stats[name][p]
-        above = m - np.searchsorted(ref, v, side="left")
-        if name in one_sided:
-            pv = (1.0 + above) / (m + 1.0)
-        else:
-            below = np.searchsorted(ref, v, side="right")
-            pv = np.minimum(1.0, 2 * (1.0 + np.minimum(below, above)) / (m + 1.0))
-        out[p] = -np.log(pv)
-    return out
+    return {p: -tail_log_p(ref, stats[name][p], name in one_sided) for p in PARTS}
 
 
 def max_tail_combo(stats, names, one_sided=ONE_SIDED) -> dict[str, np.ndarray]:

@@ -68,7 +68,7 @@ def cpu_seconds(pid: int) -> float:
             except OSError:
                 continue
             stats[int(proc.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
-    tree, total = {pid}, 0.0
+    tree = {pid}
     for _ in range(4):  # parent -> supervisor children -> their children
         tree |= {p for p, (ppid, _) in stats.items() if ppid in tree}
     return sum(stats[p][1] for p in tree if p in stats)

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -93,3 +94,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # a torn, foreign or tampered file: say so in one line
         raise DebiasError(f"cannot load checkpoint {path}: {str(exc).splitlines()[0]}") from exc
+
+
+#: Training options that may change between a run and its resume: how long it runs and where, not what it learns.
+RESUMABLE_CHANGES = ("epochs", "device", "max_steps", "max_minutes")
+
+
+def resume_identity(config: Any) -> dict[str, Any]:
+    """A training config dataclass as a checkpoint stores it for the resume check: every field but
+    :data:`RESUMABLE_CHANGES`, tuples as lists (what a checkpoint gives back)."""
+    d = {k: v for k, v in asdict(config).items() if k not in RESUMABLE_CHANGES}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}

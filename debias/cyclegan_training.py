@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from debias import __version__
 from debias import distributed as dist
-from debias.checkpoint import load_checkpoint, save_checkpoint, write_json
+from debias.checkpoint import load_checkpoint, resume_identity, save_checkpoint, write_json
 from debias.data import ImageSet
 from debias.device import autocast
 from debias.errors import DebiasError
@@ -262,7 +262,7 @@ def train_cyclegan(
                     "pool_b": pool_b.state_dict(),
                     "epoch": epoch + 1,
                     "model_config": model_config.to_dict(),
-                    "train_config": _comparable(config),
+                    "train_config": resume_identity(config),
                     "data": asdict(data_desc),
                     "history": history,
                     "version": __version__,
@@ -274,8 +274,7 @@ def train_cyclegan(
             if progress:
                 print(epoch_line(row))
             if stopped:
-                print(f"stopped by {stopped} after {clock.steps} steps ({clock.elapsed / 60:.1f} min), in epoch "
-                      f"{epoch + 1} at {int(total)} of its pairs; --resume with more --epochs continues")
+                print(clock.stopped_line(stopped, epoch + 1, int(total), "pairs"))
         dist.barrier(ctx)
         if stopped:
             break
@@ -310,14 +309,6 @@ def _save_samples(g_ab: ResnetGenerator, g_ba: ResnetGenerator, a: torch.Tensor,
     save_image_grid(to_uint8(rows), path, columns=len(a))
 
 
-def _comparable(config: CycleGANTrainConfig) -> dict[str, Any]:
-    d = asdict(config)
-    for budget in ("epochs", "device", "max_steps", "max_minutes"):
-        d.pop(budget)
-    d["betas"] = list(d["betas"])
-    return d
-
-
 def _check_resumable(
     ckpt: dict[str, Any], out: Path, data_desc: DataDescription, model_config: CycleGANConfig, config: CycleGANTrainConfig
 ) -> None:
@@ -325,7 +316,7 @@ def _check_resumable(
         raise DebiasError(f"cannot resume {out}: it was trained on other data or other domains")
     if ckpt["model_config"] != model_config.to_dict():
         raise DebiasError(f"cannot resume {out}: the model options differ from the checkpoint's")
-    if ckpt["train_config"] != _comparable(config):
+    if ckpt["train_config"] != resume_identity(config):
         raise DebiasError(f"cannot resume {out}: the training options (other than --epochs) differ from the checkpoint's")
 
 

@@ -38,7 +38,7 @@ from PIL import Image
 
 from debias import __version__
 from debias import distributed as dist
-from debias.checkpoint import load_checkpoint, save_checkpoint, write_json
+from debias.checkpoint import load_checkpoint, resume_identity, save_checkpoint, write_json
 from debias.data import ImageSet
 from debias.device import autocast
 from debias.diffaugment import DiffAugmentConfig, diff_augment
@@ -258,7 +258,7 @@ def train_gan(
                     "epoch": epoch + 1,
                     "step": step,
                     "model_config": model_config.to_dict(),
-                    "train_config": _comparable(config),
+                    "train_config": resume_identity(config),
                     "data": asdict(data_desc),
                     "weights": digest,
                     "history": history,
@@ -273,8 +273,7 @@ def train_gan(
             if progress:
                 print(epoch_line(row))
             if stopped:
-                print(f"stopped by {stopped} after {clock.steps} steps ({clock.elapsed / 60:.1f} min), in epoch "
-                      f"{epoch + 1} at {int(total)} of its images; --resume with more --epochs continues")
+                print(clock.stopped_line(stopped, epoch + 1, int(total), "images"))
         dist.barrier(ctx)
         if stopped:
             break
@@ -303,15 +302,6 @@ def _to(y: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
     return y.to(device) if y is not None else None
 
 
-def _comparable(config: GANTrainConfig) -> dict[str, Any]:
-    """The training options a resume must keep (all but the number of epochs and the device)."""
-    d = asdict(config)
-    for budget in ("epochs", "device", "max_steps", "max_minutes"):
-        d.pop(budget)
-    d["betas"] = list(d["betas"])
-    return d
-
-
 def _check_resumable(
     ckpt: dict[str, Any],
     out: Path,
@@ -324,7 +314,7 @@ def _check_resumable(
         raise DebiasError(f"cannot resume {out}: it was trained on other data")
     if ckpt["model_config"] != model_config.to_dict():
         raise DebiasError(f"cannot resume {out}: the model options differ from the checkpoint's")
-    if ckpt["train_config"] != _comparable(config):
+    if ckpt["train_config"] != resume_identity(config):
         raise DebiasError(f"cannot resume {out}: the training options (other than --epochs) differ from the checkpoint's")
     if ckpt["weights"] != digest:
         raise DebiasError(f"cannot resume {out}: the sampling weights differ from the checkpoint's")

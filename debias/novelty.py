@@ -102,6 +102,17 @@ def pixel_column(X: np.ndarray) -> np.ndarray | None:
     return X[:, -1] if X.shape[1] % 2 == 0 else None
 
 
+def tail_log_p(reference_sorted: np.ndarray, values: np.ndarray, one_sided: bool) -> np.ndarray:
+    """log of each value's empirical tail p-value among sorted reference values, +1 smoothed so no p is 0: the upper
+    tail (1 + #{ref >= s}) / (n + 1) when one-sided, else twice the smaller tail, at most 1."""
+    n = len(reference_sorted)
+    above = n - np.searchsorted(reference_sorted, values, side="left")  # #{ref >= s}
+    if one_sided:
+        return np.log((1.0 + above) / (n + 1.0))
+    below = np.searchsorted(reference_sorted, values, side="right")  # #{ref <= s}
+    return np.log(np.minimum(1.0, 2.0 * (1.0 + np.minimum(below, above)) / (n + 1.0)))
+
+
 class PixelDensity(BaseEstimator):
     """Per-pixel histograms of the training images' values, scikit-learn style (HBOS on pixels, Goldstein & Dengel
     2012): the score of an image is the mean over pixel positions (and channels) of log P_j(bin of x_j), with
@@ -373,18 +384,8 @@ class NoveltyScorer(OutlierMixin, BaseEstimator):
     def _log_tails(self, S: np.ndarray) -> np.ndarray:
         """(n, k) log of each statistic's empirical tail p-value among the fitted rows, +1 smoothed so no p is 0:
         the upper tail for ``one_sided`` statistics, twice the smaller tail (at most 1) for the others."""
-        n = self.stat_sorted_.shape[1]
-        logp = np.empty_like(S)
-        for j, name in enumerate(self.statistics):
-            col = self.stat_sorted_[j]
-            below = np.searchsorted(col, S[:, j], side="right")  # #{train <= s}
-            above = n - np.searchsorted(col, S[:, j], side="left")  # #{train >= s}
-            if name in self.one_sided:
-                p = (1.0 + above) / (n + 1.0)
-            else:
-                p = np.minimum(1.0, 2.0 * (1.0 + np.minimum(below, above)) / (n + 1.0))
-            logp[:, j] = np.log(p)
-        return logp
+        return np.column_stack([tail_log_p(self.stat_sorted_[j], S[:, j], name in self.one_sided)
+                                for j, name in enumerate(self.statistics)])
 
     def _explain(self, S: np.ndarray) -> tuple[list[str], list[dict[str, float]]]:
         """Per row: the statistic that drove the score (its largest term; ``posterior_knn`` = the latent distance to

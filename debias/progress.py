@@ -104,6 +104,11 @@ class TrainingClock:
     def exhausted(self) -> bool:
         return self.stop_reason is not None
 
+    def stopped_line(self, reason: str, epoch: int, done: int, unit: str) -> str:
+        """What a loop prints when ``reason`` ended it in (1-based) ``epoch`` after ``done`` of its ``unit``."""
+        return (f"stopped by {reason} after {self.steps} steps ({self.elapsed / 60:.1f} min), in epoch {epoch} at "
+                f"{done} of its {unit}; --resume with more --epochs continues")
+
     def tick(self) -> None:
         self.steps += 1
         if self.eta_line is None and self.steps >= self.eta_after_steps and self.elapsed >= self.eta_after_s:
