@@ -1,4 +1,4 @@
-"""Issue 15: does the audit find the rare groups? Every rarity estimator of debias.rarity side by side with PyOD's
+"""Issue 15: does the audit find the rare groups? Every rarity estimator of debias.density.rarity side by side with PyOD's
 detectors on the same latents (and kNN on pixels), on data where the rare group is known.
 
     .venv/bin/python benchmarks/audit_rarity.py --out bench-out/audit15 [--datasets shapes,spurious,fmnist,utkface]
@@ -35,10 +35,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from debias.data import load_images  # noqa: E402
-from debias.rarity import RARITY_ESTIMATORS, audit_features, build_rarity_estimator, fitted_rarity, rarity_weights  # noqa: E402
-from debias.scoring import encode_images  # noqa: E402
-from debias.training import DataDescription, TrainConfig, load_model, train_vae  # noqa: E402
-from pipelines.train import vae_config  # noqa: E402
+from debias.density.encoding import encode_images  # noqa: E402
+from debias.density.rarity import (  # noqa: E402
+    RARITY_ESTIMATORS,
+    audit_features,
+    build_rarity_estimator,
+    fitted_rarity,
+    rarity_weights,
+)
+from debias.training.vae import (  # noqa: E402
+    DataDescription,
+    TrainConfig,
+    load_model,
+    train_vae,
+    vae_config,  # noqa: E402
+)
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 UTK = ROOT.parent / "shared" / "data" / "utkface" / "manifest.csv"

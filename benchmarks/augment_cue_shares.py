@@ -20,7 +20,6 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageFilter
 
-
 ON_VALUE = {"tint": "warm", "patch": "patch", "blur": "blur"}  # the cue column's value that the detector finds
 
 

@@ -1,6 +1,6 @@
 """Training time per epoch of the two augmentation models (GAN and CycleGAN) on the CPU, side by side in one run.
 
-The real training loops run (debias.gan_training.train_gan, debias.cyclegan_training.train_cyclegan, with their
+The real training loops run (debias.training.gan.train_gan, debias.training.cyclegan.train_cyclegan, with their
 checkpoints, sample grids and the `debias augment` defaults), interleaved epoch by epoch: GAN epoch 1, CycleGAN epoch
 1, GAN epoch 2, ... (each further epoch is a resume with one more epoch), so that load from other processes hits both
 alike. The seconds are the loops' own per-epoch timings (loss.csv: the epoch's steps, without checkpoint and grid).
@@ -22,12 +22,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from debias.cyclegan_training import CycleGANTrainConfig, train_cyclegan
 from debias.data import load_images
-from debias.gan_training import GANTrainConfig, train_gan
 from debias.models.cyclegan import CycleGANConfig
 from debias.models.dcgan import DCGANConfig
-from debias.training import DataDescription
+from debias.training.cyclegan import CycleGANTrainConfig, train_cyclegan
+from debias.training.gan import GANTrainConfig, train_gan
+from debias.training.vae import DataDescription
 
 
 def main() -> None:

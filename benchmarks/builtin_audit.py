@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 from debias.data import load_images
-from debias.scoring import encode_images, kl_per_dim
-from debias.training import TrainConfig, load_model
-from pipelines.train import TrainJob, run_train
+from debias.density.encoding import encode_images, kl_per_dim
+from debias.pipelines.train import TrainJob, run_train
+from debias.training.vae import TrainConfig, load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from density_settings import SETTINGS, score_settings  # noqa: E402

@@ -25,12 +25,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from debias.classifier_training import ImageTensor, load_classifier, predict_proba
 from debias.data import load_images
-from debias.density import KNNDensity, LatentHistogramDensity
-from debias.reweighting import ClassRarity, encode_features
-from debias.training import encode_labels
-from pipelines.train_classifier import validation_split
+from debias.data.splits import validation_split
+from debias.data.tensors import ImageTensor
+from debias.density.estimators import KNNDensity, LatentHistogramDensity
+from debias.training.classifier import load_classifier, predict_proba
+from debias.training.sampling import ClassRarity, encode_features
+from debias.training.vae import encode_labels
 
 
 def shares(w: np.ndarray, groups: np.ndarray) -> dict[str, float]:
@@ -77,8 +78,8 @@ def main() -> None:
     w = ClassRarity(lambda: KNNDensity(20, None), target_ess=0.25).fit(logits, yf).weights_
     rows["kNN in first-model log-probabilities, ESS 0.25"] = shares(w, groups)
     if args.vae:
-        from debias.scoring import encode_images
-        from debias.training import load_model
+        from debias.density.encoding import encode_images
+        from debias.training.vae import load_model
 
         vae, _ = load_model(args.vae)
         mu = encode_images(vae, data, progress=False).mu[fit]

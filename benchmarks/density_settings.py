@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from debias.density import LatentHistogramDensity
+from debias.density.estimators import LatentHistogramDensity
 
 SETTINGS: dict[str, dict] = {
     "max (lab), bins 10, alpha 1e-3": dict(combine="max", bins=10, alpha=0.001, whiten=False),

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -41,9 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from debias.data import ImageSet, load_images  # noqa: E402
-from debias.detector import DEFAULT_CALIBRATION_FRACTION  # noqa: E402
+from debias.density.detector import DEFAULT_CALIBRATION_FRACTION  # noqa: E402
 from debias.models import VAEConfig  # noqa: E402
-from debias.training import DataDescription, TrainConfig, load_model, train_vae  # noqa: E402
+from debias.training.vae import DataDescription, TrainConfig, load_model, train_vae  # noqa: E402
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
 MNIST = str(ROOT.parent / "shared" / "data" / "mnist")
@@ -164,7 +163,7 @@ def cache(args: argparse.Namespace) -> None:
 def fpr_unseen(args: argparse.Namespace) -> None:
     """Realised FPR of the shipped detector of ``fmnist-all`` on the Fashion-MNIST test images, fitted and calibrated
     on the model's own 20,000 training images, then on 20,000 training images it never saw."""
-    from debias.detector import fit_detector
+    from debias.density.detector import fit_detector
 
     torch.set_num_threads(args.threads)
     model, _ = load_model(args.out / "models" / "fmnist-all", "cpu")

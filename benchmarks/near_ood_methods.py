@@ -20,8 +20,8 @@ from sklearn.metrics import roc_auc_score, roc_curve
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from debias.calibration import ConformalCalibrator  # noqa: E402
-from debias.novelty import NoveltyScorer, PixelDensity, tail_log_p  # noqa: E402
+from debias.density.calibration import ConformalCalibrator  # noqa: E402
+from debias.density.novelty import NoveltyScorer, PixelDensity, tail_log_p  # noqa: E402
 
 TARGET_FPR = 0.05
 PARTS = ("fit", "cal", "in", "ood")

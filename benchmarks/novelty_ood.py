@@ -39,11 +39,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from debias.data import ImageSet, load_images  # noqa: E402
-from debias.detector import DEFAULT_CALIBRATION_FRACTION, open_detector
-from debias.scoring import encode_images  # noqa: E402
-from debias.device import resolve_device  # noqa: E402
-from debias.novelty import DEFAULT_STATISTICS, STATISTICS, NoveltyScorer, feature_matrix  # noqa: E402
-from debias.training import load_model  # noqa: E402
+from debias.density.detector import DEFAULT_CALIBRATION_FRACTION, open_detector
+from debias.density.encoding import encode_images  # noqa: E402
+from debias.density.novelty import (  # noqa: E402
+    DEFAULT_STATISTICS,
+    STATISTICS,
+    NoveltyScorer,
+    feature_matrix,
+)
+from debias.runtime.device import resolve_device  # noqa: E402
+from debias.training.vae import load_model  # noqa: E402
 
 
 def fpr_at_tpr(y: np.ndarray, s: np.ndarray, tpr: float = 0.95) -> float:

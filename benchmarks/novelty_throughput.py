@@ -5,7 +5,7 @@
 - tensors: images already in memory as float tensors, scored in batches of --batch-size (encode, statistics,
   p-values, top dimensions), and one image at a time for comparison;
 - JPEG bytes: the same images as in-memory JPEGs (quality 90), checked and decoded on the CPU (Pillow, one
-  thread, as `debias.intake.decode_upload` does for the service) and then scored in batches;
+  thread, as `debias.data.intake.decode_upload` does for the service) and then scored in batches;
 - on CUDA (--device cuda): the same with bf16 autocast, and JPEGs decoded on the GPU (nvJPEG) where torchvision can.
 
 Each figure is the median of --repeats timed runs after one warm-up run.
@@ -30,10 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from debias.data import load_images  # noqa: E402
-from debias.detector import open_detector  # noqa: E402
-from debias.device import resolve_device  # noqa: E402
-from debias.gpu_decode import decode_jpegs_on_device, gpu_jpeg_available  # noqa: E402
-from debias.intake import decode_upload  # noqa: E402
+from debias.data.gpu_decode import decode_jpegs_on_device, gpu_jpeg_available  # noqa: E402
+from debias.data.intake import decode_upload  # noqa: E402
+from debias.density.detector import open_detector  # noqa: E402
+from debias.runtime.device import resolve_device  # noqa: E402
 
 
 def timed(fn, repeats: int) -> float:
@@ -123,8 +123,8 @@ def main() -> None:
         },
     }
     if args.compare_previous:
-        from debias.detector import fit_detector
-        from debias.novelty import NoveltyScorer
+        from debias.density.detector import fit_detector
+        from debias.density.novelty import NoveltyScorer
 
         fitted = det.card["fitted_on"]
         fit_data = load_images(fitted["source"], where=fitted.get("where", []), image_size=det.image_size,

@@ -13,7 +13,7 @@ posterior-mean feature space, a reference set (one random half of the held-out s
 - uniform noise images: nothing in common.
 
 FID, KID (100 subsets, subset size min(1000, n)), improved precision/recall (k = 3, equal set sizes) come from
-debias.generation_metrics, as `debias quality` computes them; CAS (a classifier trained on the compared set's
+debias.evaluation.generation_metrics, as `debias quality` computes them; CAS (a classifier trained on the compared set's
 `colour` labels, tested on the reference half) is given where the compared set has labels. Prints a Markdown table
 and the seconds each step took.
 """
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from debias.data import ImageSet, load_images  # noqa: E402
-from debias.generation_metrics import (  # noqa: E402
+from debias.evaluation.generation_metrics import (  # noqa: E402
     CasConfig,
     PrecomputedFeatures,
     classification_accuracy_score,
@@ -71,8 +71,8 @@ def main() -> None:
     if run is None:
         run = args.work / "vae"
         if not (run / "model.pt").exists():
-            from debias.training import TrainConfig
-            from pipelines.train import TrainJob, run_train
+            from debias.pipelines.train import TrainJob, run_train
+            from debias.training.vae import TrainConfig
 
             t0 = time.perf_counter()
             run_train(TrainJob(data=source, where=["split=train"], out=run, image_size=32, latent_dim=16,

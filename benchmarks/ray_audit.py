@@ -35,10 +35,10 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["DEBIAS_CACHE_DIR"] = str(work / "cache")
     import ray
 
-    from debias.training import TrainConfig
-    from pipelines.audit import AuditJob, run_audit
-    from pipelines.ray_audit import RayAuditOptions, run_ray_audit
-    from pipelines.train import TrainJob, run_train
+    from debias.pipelines.audit import AuditJob, run_audit
+    from debias.pipelines.ray_audit import RayAuditOptions, run_ray_audit
+    from debias.pipelines.train import TrainJob, run_train
+    from debias.training.vae import TrainConfig
 
     if FASHION.exists():
         source, where, size = str(FASHION), ["split=test"], 28

@@ -20,11 +20,12 @@ import time
 import numpy as np
 import torch
 
-from debias.classifier_training import ImageTensor, classifier_loss
 from debias.data import load_images
-from debias.density import LatentHistogramDensity
+from debias.data.tensors import ImageTensor
+from debias.density.estimators import LatentHistogramDensity
 from debias.models import ConvVAE, VAEConfig
-from debias.reweighting import encode_latents
+from debias.training.classifier import classifier_loss
+from debias.training.sampling import encode_latents
 
 
 def main() -> None:

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from debias.classifier_training import ImageTensor, load_classifier
 from debias.data import load_images
-from debias.density import LatentHistogramDensity
-from debias.reweighting import encode_latents
+from debias.data.tensors import ImageTensor
+from debias.density.estimators import LatentHistogramDensity
+from debias.training.classifier import load_classifier
+from debias.training.sampling import encode_latents
 
 
 def main() -> None:

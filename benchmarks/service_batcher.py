@@ -23,9 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.service_load import load_jpegs  # noqa: E402
-from service.engine import ScoringEngine  # noqa: E402
-from service.metrics import ServiceMetrics  # noqa: E402
-from service.settings import Settings  # noqa: E402
+from debias.service.engine import ScoringEngine  # noqa: E402
+from debias.service.prometheus_metrics import ServiceMetrics  # noqa: E402
+from debias.service.settings import Settings  # noqa: E402
 
 MODES = {"on": {"max_batch_size": 64, "max_wait_ms": 2.0}, "off": {"max_batch_size": 1, "max_wait_ms": 0.0}}
 

@@ -24,11 +24,10 @@ from pathlib import Path
 import torch
 
 from debias.data import load_images
-from debias.density import LatentHistogramDensity
-from debias.device import resolve_device
+from debias.density.encoding import encode_images
+from debias.density.estimators import LatentHistogramDensity
 from debias.models import ConvVAE, VAEConfig, vae_loss
-from debias.device import autocast
-from debias.scoring import encode_images
+from debias.runtime.device import autocast, resolve_device
 
 MANIFEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "utkface" / "manifest.csv"
 

@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 
 from debias.data import load_images
-from debias.scoring import encode_images, kl_per_dim
-from debias.training import load_model
+from debias.density.encoding import encode_images, kl_per_dim
+from debias.training.vae import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from density_settings import SETTINGS, score_settings  # noqa: E402

@@ -1,4 +1,4 @@
-from debias.cli import main
+from debias.pipelines.cli import main
 
 if __name__ == "__main__":
     main()

@@ -3,13 +3,13 @@
 Outputs in the audit folder:
     scores.parquet, scores.csv  one row per sample: all source columns + rarity, weight, recon_error, rarity_rank
     summary.json                counts, skipped files, effective sample size, density settings, per-group statistics
-    report.html                 self-contained report (see debias.report)
+    report.html                 self-contained report (see debias.reports.audit)
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,88 +17,36 @@ import numpy as np
 import pandas as pd
 import torch
 
-from debias.checkpoint import atomic_write_table, write_json
 from debias.data import load_images
-from debias.density import LatentHistogramDensity, effective_sample_size
-from debias.device import resolve_device
-from debias.errors import DebiasError
-from debias.models import ConvVAE
-from debias.rarity import (
+from debias.density.encoding import (
+    Encoded,
+    encode_images,
+    group_stats,
+    kl_per_dim,
+    rarity_table,
+)
+from debias.density.estimators import LatentHistogramDensity, effective_sample_size
+from debias.density.rarity import (
     DEFAULT_ESTIMATOR,
     RARITY_ESTIMATORS,
-    LatentAndReconstructionRarity,
-    audit_features,
-    build_rarity_estimator,
-    fitted_rarity,
-    rarity_weights,
+    DensityOptions,
+    fit_audit_rarity,
     tempered_weights,
 )
-from debias.report import AuditReport, GroupFinding, RowsFinding, Thumb, png_data_uri, write_report
-from debias.scoring import Encoded, encode_images, group_stats, kl_per_dim, rarity_table
-from debias.training import load_model
-from pipelines.audit_browser import write_browser_assets
-
-
-@dataclass
-class DensityOptions:
-    """The LatentHistogramDensity parameters an audit exposes (defaults = the estimator's)."""
-
-    bins: int = 10
-    alpha: float = 0.001
-    combine: str = "product"
-    temperature: float | str = "auto"
-    target_ess: float = 0.5
-    dims: str = "all"
-    whiten: bool = True
-
-    def check(self) -> None:
-        """One-line errors for the options the estimator would reject with a traceback."""
-        if self.combine not in ("product", "max"):
-            raise DebiasError(f"--combine must be product or max, got {self.combine!r}")
-        if self.dims not in ("all", "active"):
-            raise DebiasError(f"--dims must be all or active, got {self.dims!r}")
-
-    def build(self) -> LatentHistogramDensity:
-        return LatentHistogramDensity(**asdict(self))
-
-
-@dataclass
-class AuditRarity:
-    """What the audit's rarity stage produced for the rows: rarity (higher = rarer), sampling weights (sum to 1), the
-    temperature that set them, the fitted histogram density (always: the report's and browser's histograms and the
-    per-dimension tails come from it) and, for ``knn-recon``, each row's two standardised terms."""
-
-    estimator: str
-    rarity: np.ndarray
-    weights: np.ndarray
-    temperature: float
-    histogram: LatentHistogramDensity
-    components: dict[str, np.ndarray] | None = None
-
-
-def fit_audit_rarity(
-    mu: np.ndarray, recon_error: np.ndarray, estimator: str = DEFAULT_ESTIMATOR,
-    density: DensityOptions | None = None, n_neighbors: int = 5,
-) -> AuditRarity:
-    """The audit's rarity stage, shared by `debias audit` (both engines) and `debias augment --model`: fit the
-    chosen estimator on the rows' latents (and reconstruction errors) and turn its rarity into sampling weights,
-    tempered to ``density.target_ess`` (or at the fixed ``density.temperature``)."""
-    density = density or DensityOptions()
-    histogram = (replace(density, combine="max") if estimator == "histogram-max" else density).build().fit(mu)
-    if estimator in ("histogram", "histogram-max"):
-        return AuditRarity(estimator, -histogram.score_samples(mu), histogram.sampling_weights(mu),
-                           float(histogram.temperature_), histogram)
-    X = audit_features(mu, recon_error)
-    options = {"n_neighbors": n_neighbors} if estimator in ("knn", "knn-recon") else {}
-    est = build_rarity_estimator(estimator, **options)
-    rarity = fitted_rarity(est, X)
-    if density.temperature == "auto":
-        weights, t = rarity_weights(rarity, density.target_ess)
-    else:
-        t = float(density.temperature)
-        weights = tempered_weights(rarity, t)
-    components = est.components(X, fitted=True) if isinstance(est, LatentAndReconstructionRarity) else None
-    return AuditRarity(estimator, rarity, weights, t, histogram, components)
+from debias.errors import DebiasError
+from debias.models import ConvVAE
+from debias.pipelines.audit_browser import write_browser_assets
+from debias.reports.audit import (
+    AuditReport,
+    GroupFinding,
+    RowsFinding,
+    Thumb,
+    png_data_uri,
+    write_report,
+)
+from debias.runtime.checkpoint import atomic_write_table, write_json
+from debias.runtime.device import resolve_device
+from debias.training.vae import load_model
 
 
 @dataclass
@@ -108,7 +56,7 @@ class AuditJob:
     out: Path
     where: list[str] = field(default_factory=list)
     group_by: list[str] = field(default_factory=list)
-    estimator: str = DEFAULT_ESTIMATOR  # debias.rarity.RARITY_ESTIMATORS
+    estimator: str = DEFAULT_ESTIMATOR  # debias.density.rarity.RARITY_ESTIMATORS
     n_neighbors: int = 5  # knn, knn-recon
     density: DensityOptions = field(default_factory=DensityOptions)
     device: str = "auto"

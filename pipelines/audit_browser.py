@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from debias.checkpoint import write_json
-from debias.density import LatentHistogramDensity
+from debias.density.estimators import LatentHistogramDensity
+from debias.runtime.checkpoint import write_json
 
 BROWSER_FORMAT = 1
 #: Thumbnails per end of the rarity ranking; a few hundred small PNGs at most, so no sprite is needed.

@@ -9,7 +9,7 @@ Outputs in the output folder DIR:
                       synthetic ones (which take the single-valued --where filters, e.g. split=train), every path
                       absolute, so one `--data DIR/combined.csv` trains on both
     checkpoint.pt, generator.pt / generators.pt, config.json, loss.csv, samples/   the training run (see
-                      debias.gan_training and debias.cyclegan_training)
+                      debias.training.gan and debias.training.cyclegan)
 """
 
 from __future__ import annotations
@@ -24,19 +24,23 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from debias import distributed as dist
 from debias.data import ImageSet, load_images
 from debias.data.sources import MANIFEST_SUFFIXES, parse_where
-from debias.device import autocast, resolve_device
-from debias.diffaugment import DiffAugmentConfig
 from debias.errors import DebiasError
-from debias.reweighting import read_scores
-from debias.gan_training import GANTrainConfig, load_generator, to_uint8, train_gan
-from debias.cyclegan_training import CycleGANTrainConfig, load_generators, train_cyclegan
 from debias.models.cyclegan import CycleGANConfig, default_n_blocks
 from debias.models.dcgan import DCGANConfig
-from debias.progress import progress_bar
-from debias.training import DataDescription, encode_labels
+from debias.runtime import distributed as dist
+from debias.runtime.device import autocast, resolve_device
+from debias.runtime.progress import progress_bar
+from debias.training.cyclegan import (
+    CycleGANTrainConfig,
+    load_generators,
+    train_cyclegan,
+)
+from debias.training.diffaugment import DiffAugmentConfig
+from debias.training.gan import GANTrainConfig, load_generator, to_uint8, train_gan
+from debias.training.sampling import read_scores
+from debias.training.vae import DataDescription, encode_labels
 
 METHODS = ("gan", "cyclegan")
 AUDIT_DOMAINS = ("common", "rare")  # --from/--to values that split the data by rarity instead of by a column
@@ -131,7 +135,7 @@ def _run_augment(job: AugmentJob) -> AugmentResult:
 def _measure_quality(job: AugmentJob) -> Path:
     """FID/KID, precision/recall and CAS of the new images against the real images they stand for: the target domain
     for CycleGAN (when it is a value of --domain-column), the trained-on rows for the GAN."""
-    from pipelines.synthetic_quality import QualityJob, run_quality
+    from debias.pipelines.synthetic_quality import QualityJob, run_quality
 
     cg = job.cyclegan
     real_where = list(job.where)
@@ -206,9 +210,9 @@ def rarity_columns(job: AugmentJob, data: ImageSet) -> pd.DataFrame | None:
 
 
 def _vae_scores(job: AugmentJob, data: ImageSet) -> pd.DataFrame:
-    from debias.scoring import encode_images
-    from debias.training import load_model
-    from pipelines.audit import fit_audit_rarity
+    from debias.density.encoding import encode_images
+    from debias.density.rarity import fit_audit_rarity
+    from debias.training.vae import load_model
 
     assert job.model is not None
     model, _ = load_model(job.model, resolve_device(job.device))

@@ -20,9 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from debias.checkpoint import atomic_write_text, write_json
 from debias.errors import DebiasError
-from pipelines.train_classifier import METHODS, ORACLE, ClassifierJob, job_signature, run_train_classifier
+from debias.pipelines.train_classifier import (
+    METHODS,
+    ORACLE,
+    ClassifierJob,
+    job_signature,
+    run_train_classifier,
+)
+from debias.runtime.checkpoint import atomic_write_text, write_json
 
 BASELINE = "none"
 ORACLE_LABEL = "oracle (reads groups; reference)"

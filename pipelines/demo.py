@@ -12,9 +12,9 @@ from pathlib import Path
 from rich.console import Console
 from sklearn.metrics import roc_auc_score
 
-from debias.training import TrainConfig
-from pipelines.audit import AuditJob, AuditResult, group_table, run_audit
-from pipelines.train import TrainJob, run_train
+from debias.pipelines.audit import AuditJob, AuditResult, group_table, run_audit
+from debias.pipelines.train import TrainJob, run_train
+from debias.training.vae import TrainConfig
 
 DEMO_IMAGE_SIZE = 32
 DEMO_LATENT_DIM = 16

@@ -31,14 +31,20 @@ import torch
 from debias.data.cache import load_row
 from debias.data.imageset import SourceRows, list_rows
 from debias.data.sources import Source
-from debias.device import resolve_device
+from debias.density.encoding import Encoded, encode_batch
 from debias.errors import DebiasError
 from debias.models import ConvVAE, VAEConfig
-from debias.progress import progress_bar
-from debias.scoring import Encoded, encode_batch
-from debias.training import load_model
-from pipelines.audit import AuditJob, AuditResult, EncodedRows, check_group_by, write_audit
-from pipelines.ray_cluster import connect, import_ray
+from debias.pipelines.audit import (
+    AuditJob,
+    AuditResult,
+    EncodedRows,
+    check_group_by,
+    write_audit,
+)
+from debias.pipelines.ray_cluster import connect, import_ray
+from debias.runtime.device import resolve_device
+from debias.runtime.progress import progress_bar
+from debias.training.vae import load_model
 
 
 @dataclass

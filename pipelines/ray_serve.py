@@ -9,8 +9,8 @@ import time
 from typing import Any
 
 from debias.errors import DebiasError
-from pipelines.ray_cluster import connect
-from pipelines.serve import check_serve_inputs
+from debias.pipelines.ray_cluster import connect
+from debias.pipelines.serve import check_serve_inputs
 
 
 def run_ray_serve(
@@ -25,7 +25,7 @@ def run_ray_serve(
 ) -> None:
     """``overrides`` are :class:`service.settings.Settings` fields; those not given come from ``DEBIAS_*`` variables
     (read here, on the driver, and shipped to every replica)."""
-    from service.settings import Settings
+    from debias.service.settings import Settings
 
     if replicas < 1:
         raise DebiasError(f"--replicas must be at least 1, got {replicas}")
@@ -37,7 +37,7 @@ def run_ray_serve(
     try:
         from ray import serve
 
-        from service.ray_serve import build
+        from debias.service.ray_serve import build
 
         try:
             serve.start(http_options={"host": host, "port": port})

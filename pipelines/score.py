@@ -22,13 +22,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from debias.calibration import drift_report
-from debias.checkpoint import atomic_write_table, write_json
 from debias.data import load_images
-from debias.detector import open_detector
-from debias.scoring import encode_batch
-from debias.device import resolve_device
-from debias.explain import heatmap_png
+from debias.density.calibration import drift_report
+from debias.density.detector import open_detector
+from debias.density.encoding import encode_batch
+from debias.density.heatmaps import heatmap_png
+from debias.runtime.checkpoint import atomic_write_table, write_json
+from debias.runtime.device import resolve_device
 
 
 @dataclass

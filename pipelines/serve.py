@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from debias.errors import DebiasError
-from debias.training import load_model
+from debias.training.vae import load_model
 
 
 def run_serve(host: str, port: int, log_level: str = "info", workers: int = 1, **overrides: Any) -> None:
@@ -29,8 +29,8 @@ def run_serve(host: str, port: int, log_level: str = "info", workers: int = 1, *
     import uvicorn
     from pydantic import ValidationError
 
-    from service.app import create_app
-    from service.settings import Settings
+    from debias.service.app import create_app
+    from debias.service.settings import Settings
 
     try:
         settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
@@ -43,13 +43,13 @@ def run_serve(host: str, port: int, log_level: str = "info", workers: int = 1, *
         uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, workers=1, access_log=False)
         return
     if settings.fit_data is None:
-        from debias.detector import open_detector
+        from debias.density.detector import open_detector
 
         open_detector(settings.model_dir, progress=log_level in ("info", "debug", "trace"))  # fitted once, here
     for name, value in overrides.items():  # the workers read their settings from the environment
         if value is not None:
             os.environ[f"DEBIAS_{name.upper()}"] = json.dumps(value) if isinstance(value, list) else str(value)
-    uvicorn.run("service.app:create_app", factory=True, host=host, port=port, log_level=log_level, workers=workers,
+    uvicorn.run("debias.service.app:create_app", factory=True, host=host, port=port, log_level=log_level, workers=workers,
                 access_log=False)
 
 

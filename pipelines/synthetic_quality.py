@@ -3,7 +3,7 @@
 Inputs: the real images (a SOURCE and filters), the augment output folder (DIR/manifest.csv with ``path`` relative
 to DIR, the label and group columns, ``method`` gan|cyclegan and, for CycleGAN rows, ``source_path``), and a VAE run
 from ``debias train`` on the same real data, whose posterior means are the feature space (see
-:mod:`debias.generation_metrics` for why).
+:mod:`debias.evaluation.generation_metrics` for why).
 
 For every method in the manifest and every group present in both sets (plus "all"): FID, KID (mean ± std over
 random subsets, subset size shrunk to fit small groups), improved precision and recall (k-NN manifolds). With
@@ -25,10 +25,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from debias.checkpoint import write_json
 from debias.data import ImageDecodeError, ImageSet, decode_image, load_images
 from debias.errors import DebiasError
-from debias.generation_metrics import (
+from debias.evaluation.generation_metrics import (
     KID_DEFAULT_SUBSET_SIZE,
     KID_DEFAULT_SUBSETS,
     CasConfig,
@@ -41,7 +40,8 @@ from debias.generation_metrics import (
     load_feature_extractor,
     precision_recall,
 )
-from debias.quality_report import GroupImages, QualityPage, write_quality_html
+from debias.reports.quality import GroupImages, QualityPage, write_quality_html
+from debias.runtime.checkpoint import write_json
 
 MANIFEST = "manifest.csv"
 ALL = "all"

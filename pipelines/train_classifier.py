@@ -4,10 +4,10 @@ Methods (``--reweight``):
     cluster-errors  the default. A first model is trained plainly for ``stage1_epochs``; each class's rows are
                clustered in its feature space, and a fresh model is trained on draws ∝ the first model's error rate
                on a row's cluster ÷ the cluster's size (inverse cluster density), half of each class's draws kept as in
-               the data (:class:`debias.reweighting.ClusterErrorWeights`). The epoch is chosen by validation accuracy
+               the data (:class:`debias.training.sampling.ClusterErrorWeights`). The epoch is chosen by validation accuracy
                weighted by the same weights. Label-free: no group column is read.
     rarity     inverse kNN density within each class in the same first model's feature space, tempered to
-               ``rarity_ess`` (:class:`debias.reweighting.ClassRarity`): sampling by rarity alone, no error signal.
+               ``rarity_ess`` (:class:`debias.training.sampling.ClassRarity`): sampling by rarity alone, no error signal.
     none       ERM: every training row once per epoch.
     dbvae      DB-VAE, Amini et al. (AIES 2019) Algorithm 1: the classifier is the DB-VAE's own head, trained jointly
                with the VAE (Eq. 5); each epoch re-encodes the training rows, refits the latent histograms and draws
@@ -40,20 +40,27 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from debias.checkpoint import atomic_write_table, write_json
-from debias.classifier_report import weight_shares, write_report
-from debias.classifier_training import (
+from debias.data import load_images
+from debias.data.splits import validation_split
+from debias.density.estimators import KNNDensity
+from debias.density.rarity import DensityOptions
+from debias.errors import DebiasError
+from debias.evaluation.classifier_metrics import CROSS, classification_metrics
+from debias.reports.classifier import weight_shares, write_report
+from debias.runtime.checkpoint import atomic_write_table, write_json
+from debias.runtime.distributed import (
+    DistContext,
+    barrier,
+    broadcast_object,
+    distributed_job,
+)
+from debias.training.classifier import (
     ClassifierTrainConfig,
     ImageTensor,
     predict_proba,
     train_classifier,
 )
-from debias.data import load_images
-from debias.distributed import DistContext, barrier, broadcast_object, distributed_job
-from debias.errors import DebiasError
-from debias.metrics import CROSS, classification_metrics
-from debias.density import KNNDensity
-from debias.reweighting import (
+from debias.training.sampling import (
     ClassRarity,
     ClusterErrorWeights,
     DBVAEAdaptive,
@@ -64,9 +71,7 @@ from debias.reweighting import (
     jtt_upweight_auto,
     jtt_weights,
 )
-from debias.training import encode_labels
-from pipelines.audit import DensityOptions
-from pipelines.train import vae_config
+from debias.training.vae import encode_labels, vae_config
 
 METHODS = ("cluster-errors", "rarity", "none", "dbvae", "two-stage", "jtt")
 DEFAULT_METHOD = "cluster-errors"
@@ -153,20 +158,6 @@ def apply_subsample(table: pd.DataFrame, rows: np.ndarray, specs: list[str], see
         drop = rng.permutation(match)[int(round(len(match) * fraction)) :]
         rows = np.setdiff1d(rows, drop)
     return rows
-
-
-def validation_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Positions (fit, validation): a seeded ``fraction`` of every label class, at least one row left to fit."""
-    if fraction <= 0:
-        return np.arange(len(y)), np.zeros(0, dtype=np.int64)
-    rng = np.random.default_rng([seed, 0x5A1])
-    val = []
-    for k in np.unique(y):
-        rows = np.flatnonzero(y == k)
-        take = min(int(round(len(rows) * fraction)), len(rows) - 1)
-        val.append(rng.permutation(rows)[:take])
-    v = np.sort(np.concatenate(val)).astype(np.int64)
-    return np.setdiff1d(np.arange(len(y)), v), v
 
 
 def label_values(column: pd.Series, classes: list[str]) -> list[Any]:

@@ -11,19 +11,19 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from debias import __version__
-from service.audit_data import AuditStore
-from service.engine import ScoringEngine, Submit
-from service.errors import install_error_handlers
-from service.metrics import ServiceMetrics
-from service.middleware import (
+from debias.service.audit_data import AuditStore
+from debias.service.engine import ScoringEngine, Submit
+from debias.service.errors import install_error_handlers
+from debias.service.middleware import (
     ApiKeyGateMiddleware,
     BodyLimitsMiddleware,
     RequestMetricsMiddleware,
     SecurityHeadersMiddleware,
 )
-from service.routes import ops, v1
-from service.settings import Settings
-from service.web import audit_api, pages, static_files
+from debias.service.prometheus_metrics import ServiceMetrics
+from debias.service.routes import ops, v1
+from debias.service.settings import Settings
+from debias.service.web import audit_api, pages, static_files
 
 
 def create_app(settings: Settings | None = None, submit: Submit | None = None) -> FastAPI:

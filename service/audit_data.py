@@ -17,7 +17,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from service.errors import ApiError
+from debias.service.errors import ApiError
 
 Subset = Literal["rarest", "typical", "all"]
 #: With an audit written before browser.json existed: how many rows count as "rarest" / "most typical".

@@ -11,9 +11,9 @@ from typing import Annotated
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader
 
-from service.engine import ScoringEngine
-from service.errors import ApiError
-from service.settings import Settings
+from debias.service.engine import ScoringEngine
+from debias.service.errors import ApiError
+from debias.service.settings import Settings
 
 _api_key_header = APIKeyHeader(
     name="X-API-Key", auto_error=False, description="Required on /v1/* when the server has DEBIAS_API_KEY set."

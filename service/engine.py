@@ -16,15 +16,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from debias.calibration import drift_report
-from debias.detector import NoveltyDetector, NoveltyResults, open_detector
-from debias.device import resolve_device, set_precision
-from debias.gpu_decode import decode_jpegs_on_device, gpu_jpeg_available, is_jpeg
-from debias.intake import UploadError, decode_upload, probe_upload
-from service.batcher import MicroBatcher
-from service.decode_budget import DecodeBusy, DecodePool, PixelBudget
-from service.metrics import ServiceMetrics
-from service.settings import Settings
+from debias.data.gpu_decode import decode_jpegs_on_device, gpu_jpeg_available, is_jpeg
+from debias.data.intake import UploadError, decode_upload, probe_upload
+from debias.density.calibration import drift_report
+from debias.density.detector import FittedDetector, NoveltyResults, open_detector
+from debias.runtime.device import resolve_device, set_precision
+from debias.service.batcher import MicroBatcher
+from debias.service.decode_budget import DecodeBusy, DecodePool, PixelBudget
+from debias.service.prometheus_metrics import ServiceMetrics
+from debias.service.settings import Settings
 
 log = logging.getLogger("debias.service")
 
@@ -59,7 +59,7 @@ class ScoringEngine:
         self._submit = submit
         self.state = "starting"  # starting -> loading -> ready | failed
         self.error: str | None = None
-        self.detector: NoveltyDetector | None = None
+        self.detector: FittedDetector | None = None
         self.batcher: MicroBatcher | None = None
         self.gpu_jpeg = False
         self.recent: deque[float] = deque(maxlen=settings.drift_window)

@@ -10,7 +10,7 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.metrics import ServiceMetrics
+from debias.service.prometheus_metrics import ServiceMetrics
 
 
 class RequestMetricsMiddleware:

@@ -19,9 +19,9 @@ from typing import Any
 from fastapi import FastAPI
 from ray import serve
 
-from service.app import create_app
-from service.engine import ScoringEngine
-from service.settings import Settings
+from debias.service.app import create_app
+from debias.service.engine import ScoringEngine
+from debias.service.settings import Settings
 
 
 def _images_in(payloads: list[Any]) -> int:

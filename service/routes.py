@@ -10,17 +10,19 @@ from fastapi import APIRouter, Depends, File, Query, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile as StarletteUploadFile  # what the form holds (FastAPI's subclasses it)
+from starlette.datastructures import (
+    UploadFile as StarletteUploadFile,  # what the form holds (FastAPI's subclasses it)
+)
 
-from debias.detector import NoveltyResults
-from debias.explain import heatmap_png
-from debias.intake import UploadError
-from service.batcher import QueueFull
-from service.deps import EngineDep, ReadyEngineDep, SettingsDep, require_api_key
-from service.decode_budget import DecodeBusy
-from service.engine import BadUploads, ScoringEngine
-from service.errors import ApiError, ErrorBody, FileError
-from service.schemas import (
+from debias.data.intake import UploadError
+from debias.density.detector import NoveltyResults
+from debias.density.heatmaps import heatmap_png
+from debias.service.batcher import QueueFull
+from debias.service.decode_budget import DecodeBusy
+from debias.service.deps import EngineDep, ReadyEngineDep, SettingsDep, require_api_key
+from debias.service.engine import BadUploads, ScoringEngine
+from debias.service.errors import ApiError, ErrorBody, FileError
+from debias.service.schemas import (
     Drift,
     FileProblem,
     Health,

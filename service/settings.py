@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from debias.intake import DEFAULT_FORMATS
+from debias.data.intake import DEFAULT_FORMATS
 
 
 class Settings(BaseSettings):

@@ -18,9 +18,9 @@ from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from service.audit_data import AuditData, AuditStore, RowQuery
-from service.deps import require_api_key
-from service.errors import ApiError, ErrorBody
+from debias.service.audit_data import AuditData, AuditStore, RowQuery
+from debias.service.deps import require_api_key
+from debias.service.errors import ApiError, ErrorBody
 
 STATIC_DIR = Path(__file__).parent / "static"
 

@@ -21,8 +21,8 @@ TINY_SIZE = 32
 @lru_cache(maxsize=1)
 def _trained_template() -> Path:
     """Train once per process (1-2 s on 2 cores): 32 px, latent 6, width 8, 2 epochs."""
-    from debias.training import TrainConfig
-    from pipelines.train import TrainJob, run_train
+    from debias.pipelines.train import TrainJob, run_train
+    from debias.training.vae import TrainConfig
 
     root = Path(tempfile.mkdtemp(prefix="debias-novelty-tests-"))
     old = os.environ.get("DEBIAS_CACHE_DIR")

@@ -14,13 +14,19 @@ import pytest
 import torch
 from PIL import Image
 
-import debias.cyclegan_training as cyclegan_training
-import debias.gan_training as gan_training
-from debias.checkpoint import load_checkpoint
+import debias.training.cyclegan as cyclegan_training
+import debias.training.gan as gan_training
 from debias.data import load_images
 from debias.errors import DebiasError
-from debias.gan_training import epoch_rows
-from pipelines.augment import AugmentJob, CycleGANOptions, GANOptions, label_mix, run_augment
+from debias.pipelines.augment import (
+    AugmentJob,
+    CycleGANOptions,
+    GANOptions,
+    label_mix,
+    run_augment,
+)
+from debias.runtime.checkpoint import load_checkpoint
+from debias.training.gan import epoch_rows
 
 SHAPES = "builtin:shapes?n=200&rare=0.1"
 SPURIOUS = "builtin:spurious?n=200"
@@ -47,7 +53,7 @@ def cyclegan_job(out: Path, **kw) -> AugmentJob:
 def tiny_vae_run(run: Path) -> Path:
     """A one-epoch VAE on SHAPES: enough for rarity weights and quality features."""
     from debias.models import VAEConfig
-    from debias.training import DataDescription, TrainConfig, train_vae
+    from debias.training.vae import DataDescription, TrainConfig, train_vae
 
     data = load_images(SHAPES, image_size=SIZE, progress=False)
     desc = DataDescription(source=SHAPES, where=[], fingerprint=data.fingerprint, n_images=len(data), n_skipped=0)
@@ -257,7 +263,7 @@ def test_a_step_budget_ends_the_run_saved_and_resumable(tmp_path, capsys, make_j
 
 
 def test_training_clock_prints_a_whole_run_eta_and_keeps_the_budget(capsys):
-    from debias.progress import TrainingClock
+    from debias.runtime.progress import TrainingClock
 
     clock = TrainingClock("GAN", steps_per_epoch=100, epochs_left=20, max_minutes=0.5, eta_after_steps=2,
                           eta_after_s=0.0)
@@ -301,7 +307,7 @@ def test_cyclegan_common_to_rare_from_audit_scores(tmp_path):
 
 def test_rarity_from_a_vae_run(tmp_path):
     """--model RUN_DIR: the weights are computed by encoding the rows with the VAE (as an audit would)."""
-    from pipelines.augment import rarity_columns
+    from debias.pipelines.augment import rarity_columns
 
     run = tiny_vae_run(tmp_path / "vae")
     # The GAN reads the data at another size than the VAE: the rows are matched on path.

@@ -8,7 +8,7 @@ def test_atomic_writes_respect_the_umask(tmp_path):
     import os
     import stat
 
-    from debias.checkpoint import atomic_write_text, save_checkpoint, write_json
+    from debias.runtime.checkpoint import atomic_write_text, save_checkpoint, write_json
 
     old = os.umask(0o022)
     try:
@@ -38,7 +38,7 @@ def test_leftovers_of_killed_writers_are_removed_on_the_next_write(tmp_path):
     leaves the temporary files of live processes alone."""
     import os
 
-    from debias.checkpoint import save_checkpoint
+    from debias.runtime.checkpoint import save_checkpoint
 
     dead, live = _dead_pid(), 1  # pid 1 always exists
     stale = tmp_path / f".checkpoint.pt.{dead}.abcd.tmp"

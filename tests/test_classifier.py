@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from debias.checkpoint import load_checkpoint
-from debias.classifier_training import ClassifierTrainConfig, load_classifier
 from debias.data import BUILTIN_DATASETS
 from debias.errors import DebiasError
-from pipelines.train_classifier import ClassifierJob, run_train_classifier
+from debias.pipelines.train_classifier import ClassifierJob, run_train_classifier
+from debias.runtime.checkpoint import load_checkpoint
+from debias.training.classifier import ClassifierTrainConfig, load_classifier
 
 SPURIOUS = "builtin:spurious?n=400"
 
@@ -171,8 +171,8 @@ def test_dbvae_loss_weights_the_vae_term():
     """L = CE + w * (recon + beta * KL): w = 1 is vae_loss itself, w = 0 the classifier's cross-entropy alone."""
     import torch.nn.functional as F
 
-    from debias.classifier_training import dbvae_loss
     from debias.models import ConvVAE, VAEConfig, vae_loss
+    from debias.training.classifier import dbvae_loss
 
     torch.manual_seed(0)
     model = ConvVAE(VAEConfig(image_size=32, latent_dim=4, width=4, n_classes=3, classes=["a", "b", "c"])).eval()
@@ -189,7 +189,7 @@ def test_dbvae_loss_weights_the_vae_term():
 def test_first_model_methods_run_end_to_end_with_weighted_selection(tmp_path, method):
     """The default method and the density-only one on a tiny set: a first model, weights that favour the off-colour
     rows, the epoch chosen by the weighted validation accuracy, and the report with what the debiaser did."""
-    from debias.classifier_training import selection_accuracy
+    from debias.training.classifier import selection_accuracy
 
     res = run_train_classifier(tiny_job(tmp_path / method, method, train=ClassifierTrainConfig(
         epochs=2, batch_size=64, seed=1, device="cpu")))

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from debias.checkpoint import load_checkpoint
+from debias.runtime.checkpoint import load_checkpoint
 
 TINY = "builtin:shapes?n=240"
 TRAIN_ARGS = ["--image-size", "32", "--latent-dim", "6", "--width", "8", "--batch-size", "64", "-q"]
@@ -234,8 +234,8 @@ def test_precision_option(tmp_path):
     a bf16 run trains and its loss stays within 5 % of fp32's."""
     import torch
 
-    from debias.device import cpu_has_bf16, effective_precision, set_precision
     from debias.errors import DebiasError
+    from debias.runtime.device import cpu_has_bf16, effective_precision, set_precision
 
     has_bf16 = cpu_has_bf16() or torch.cuda.is_available()
     try:

@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from debias.classifier_training import ClassifierTrainConfig
 from debias.errors import DebiasError
-from pipelines.compare import CompareJob, run_compare, run_dir
-from pipelines.train_classifier import ClassifierJob
+from debias.pipelines.compare import CompareJob, run_compare, run_dir
+from debias.pipelines.train_classifier import ClassifierJob
+from debias.training.classifier import ClassifierTrainConfig
 
 SPURIOUS = "builtin:spurious?n=400"
 TINY = ["--image-size", "32", "--latent-dim", "6", "--width", "8", "--batch-size", "64", "--device", "cpu"]
@@ -59,7 +59,7 @@ def test_compare_tables_summarise_the_runs(tmp_path):
 
 
 def test_compare_reports_the_oracle_reference_and_the_gap_each_method_closes(tmp_path):
-    from pipelines.compare import ORACLE_LABEL
+    from debias.pipelines.compare import ORACLE_LABEL
 
     out = tmp_path / "cmp"
     job = CompareJob(base=replace(base_job(out), stage1_epochs=1, rarity_dims=8), out=out,
@@ -81,7 +81,7 @@ def test_compare_reports_the_oracle_reference_and_the_gap_each_method_closes(tmp
 
 
 def test_gap_closed_hand_computed():
-    from pipelines.compare import gap_closed
+    from debias.pipelines.compare import gap_closed
 
     def run(seed, worst):
         return {"seed": seed, "worst_group_accuracy": worst}
@@ -94,7 +94,7 @@ def test_gap_closed_hand_computed():
 
 def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     """Run the command line in this process (as `debias ARGS`): exit code, stdout, stderr."""
-    from debias.cli import main
+    from debias.pipelines.cli import main
 
     monkeypatch.setattr(sys, "argv", ["debias", *args])
     monkeypatch.setenv("COLUMNS", "120")
@@ -139,7 +139,7 @@ def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys, args, fragment):
 
 def test_cli_dbvae_density_options_reach_the_run(tmp_path, monkeypatch, capsys):
     """The density options of the command line are the ones the DB-VAE run used and stored with its classifier."""
-    from debias.classifier_training import load_classifier
+    from debias.training.classifier import load_classifier
 
     out = tmp_path / "run"
     code, _, stderr = cli(
@@ -154,7 +154,7 @@ def test_cli_dbvae_density_options_reach_the_run(tmp_path, monkeypatch, capsys):
 
 
 def test_cli_default_method_is_cluster_errors_and_its_options_reach_the_run(tmp_path, monkeypatch, capsys):
-    from debias.classifier_training import load_classifier
+    from debias.training.classifier import load_classifier
 
     out = tmp_path / "run"
     code, stdout, stderr = cli(

@@ -19,14 +19,15 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from debias.checkpoint import load_checkpoint
-from debias.classifier_training import ClassifierTrainConfig, load_classifier
 from debias.data import BUILTIN_DATASETS
-from debias.distributed import DistContext, per_rank_batch, shard
+from debias.data.splits import validation_split
 from debias.errors import DebiasError
-from debias.training import TrainConfig, encode_labels, load_model
-from pipelines.train import TrainJob, run_train
-from pipelines.train_classifier import ClassifierJob, run_train_classifier, validation_split
+from debias.pipelines.train import TrainJob, run_train
+from debias.pipelines.train_classifier import ClassifierJob, run_train_classifier
+from debias.runtime.checkpoint import load_checkpoint
+from debias.runtime.distributed import DistContext, per_rank_batch, shard
+from debias.training.classifier import ClassifierTrainConfig, load_classifier
+from debias.training.vae import TrainConfig, encode_labels, load_model
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"

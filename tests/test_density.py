@@ -3,8 +3,10 @@
 import numpy as np
 import pytest
 from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+from sklearn.base import clone
 
-from debias.density import LatentHistogramDensity, effective_sample_size
+from debias.density.estimators import LatentHistogramDensity, effective_sample_size
 
 
 def test_one_dim_hand_computed():
@@ -126,8 +128,9 @@ def test_sklearn_conventions():
     d = LatentHistogramDensity(**params)
     assert {k: getattr(d, k) for k in params} == params
     assert not [k for k in vars(d) if k.endswith("_")]
-    with pytest.raises(RuntimeError):
+    with pytest.raises(NotFittedError):
         d.score_samples(np.zeros((2, 2)))
+    assert clone(d).get_params() == d.get_params()  # a real BaseEstimator
     Z = np.random.default_rng(5).normal(size=(400, 4))
     assert d.fit(Z) is d
     np.testing.assert_allclose(d.decision_function(Z), d.score_samples(Z) - d.offset_)
@@ -164,7 +167,7 @@ def test_knn_density_matches_hand_computed_distances():
     from sklearn.base import clone
     from sklearn.exceptions import NotFittedError
 
-    from debias.density import KNNDensity
+    from debias.density.estimators import KNNDensity
 
     X = np.array([[0.0], [1.0], [2.0], [3.0], [10.0]])
     est = KNNDensity(n_neighbors=1, n_components=None)
@@ -183,7 +186,7 @@ def test_knn_density_matches_hand_computed_distances():
 def test_knn_density_sees_a_rare_combination_that_marginals_miss():
     """Two common clusters, (0,0) and (1,1), and a rare (0,1) combination: every coordinate value is common, so the
     product of per-dimension histograms cannot single it out; the kNN density can."""
-    from debias.density import KNNDensity, LatentHistogramDensity
+    from debias.density.estimators import KNNDensity, LatentHistogramDensity
 
     rng = np.random.default_rng(0)
     common = np.repeat([[0.0, 0.0], [1.0, 1.0]], 200, axis=0)
@@ -197,7 +200,7 @@ def test_knn_density_sees_a_rare_combination_that_marginals_miss():
 
 
 def test_temperature_for_ess_meets_its_target():
-    from debias.density import effective_sample_size, temperature_for_ess
+    from debias.density.estimators import effective_sample_size, temperature_for_ess
 
     rarity = np.random.default_rng(1).normal(size=500) * 3
     for target in (0.2, 0.5, 0.9):
@@ -210,7 +213,7 @@ def test_temperature_for_ess_meets_its_target():
 
 
 def test_knn_density_is_minus_d_log_of_the_kth_neighbour_distance():
-    from debias.density import KNNDensity
+    from debias.density.estimators import KNNDensity
 
     Z = np.array([[0.0], [1.0], [3.0], [6.0], [16.0]])
     est = KNNDensity(n_neighbors=1, n_components=None).fit(Z)
@@ -220,7 +223,11 @@ def test_knn_density_is_minus_d_log_of_the_kth_neighbour_distance():
 
 
 def test_latent_and_reconstruction_rarity_adds_two_robust_z_scores():
-    from debias.rarity import LatentAndReconstructionRarity, audit_features, fitted_rarity
+    from debias.density.rarity import (
+        LatentAndReconstructionRarity,
+        audit_features,
+        fitted_rarity,
+    )
 
     mu = np.array([[0.0], [1.0], [3.0], [6.0], [16.0]])
     recon = np.exp(np.array([0.0, 1.0, 2.0, 3.0, 4.0]))
@@ -244,7 +251,11 @@ def test_latent_and_reconstruction_rarity_adds_two_robust_z_scores():
 def test_gaussian_mixture_with_one_component_is_the_gaussian_log_density():
     from scipy.stats import multivariate_normal
 
-    from debias.rarity import audit_features, build_rarity_estimator, fitted_rarity
+    from debias.density.rarity import (
+        audit_features,
+        build_rarity_estimator,
+        fitted_rarity,
+    )
 
     rng = np.random.default_rng(0)
     mu = rng.normal(size=(400, 2)) @ np.array([[1.0, 0.5], [0.0, 0.8]])
@@ -255,7 +266,7 @@ def test_gaussian_mixture_with_one_component_is_the_gaussian_log_density():
 
 
 def test_rarity_weights_are_tempered_exponentials_at_the_target_ess():
-    from debias.rarity import rarity_weights
+    from debias.density.rarity import rarity_weights
 
     rarity = np.array([0.0, 0.0, 0.0, 1.0, 3.0])
     w, t = rarity_weights(rarity, 0.6)
@@ -265,7 +276,12 @@ def test_rarity_weights_are_tempered_exponentials_at_the_target_ess():
 
 
 def test_every_rarity_estimator_ranks_a_planted_outlier_first():
-    from debias.rarity import RARITY_ESTIMATORS, audit_features, build_rarity_estimator, fitted_rarity
+    from debias.density.rarity import (
+        RARITY_ESTIMATORS,
+        audit_features,
+        build_rarity_estimator,
+        fitted_rarity,
+    )
 
     rng = np.random.default_rng(1)
     mu = rng.normal(size=(300, 4))

@@ -17,15 +17,22 @@ from sklearn.base import clone
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
-from debias.calibration import ConformalCalibrator, drift_report
-from debias.cli import app as cli_app
 from debias.data import ImageSet, load_images
-from debias.detector import NOVELTY_FILE, fit_detector, open_detector
+from debias.density.calibration import ConformalCalibrator, drift_report
+from debias.density.detector import NOVELTY_FILE, fit_detector, open_detector
+from debias.density.encoding import encode_batch, encode_images
+from debias.density.heatmaps import heatmap_png
+from debias.density.novelty import (
+    STATISTICS,
+    NoveltyScorer,
+    PixelDensity,
+    feature_matrix,
+    pixel_column,
+    split_features,
+)
 from debias.errors import DebiasError
-from debias.explain import heatmap_png
-from debias.novelty import STATISTICS, NoveltyScorer, PixelDensity, feature_matrix, pixel_column, split_features
-from debias.scoring import encode_batch, encode_images
-from debias.training import load_model
+from debias.pipelines.cli import app as cli_app
+from debias.training.vae import load_model
 from tests.novelty_support import TINY_SOURCE, noise_images, tiny_run
 
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 from debias.data import load_images
 from debias.data.builtin import BUILTIN_DATASETS
-from debias.generation_metrics import (
+from debias.evaluation.generation_metrics import (
     CasConfig,
     PrecomputedFeatures,
     classification_accuracy_score,
@@ -27,7 +27,7 @@ from debias.generation_metrics import (
     load_feature_extractor,
     precision_recall,
 )
-from pipelines.synthetic_quality import QualityJob, run_quality
+from debias.pipelines.synthetic_quality import QualityJob, run_quality
 from tests.novelty_support import TINY_SIZE, noise_images, tiny_run
 
 REAL = "builtin:shapes?n=300"  # what the tiny run was trained on
@@ -127,7 +127,7 @@ def test_precision_recall_on_known_configurations(features, shapes):
 
 
 def test_precision_recall_chunks_agree(monkeypatch):
-    import debias.generation_metrics as gm
+    import debias.evaluation.generation_metrics as gm
 
     g = torch.Generator().manual_seed(0)
     real, fake = torch.randn(300, 5, generator=g), torch.randn(200, 5, generator=g) * 1.3 + 0.2

@@ -18,9 +18,9 @@ pytest.importorskip("ray.data")
 serve = pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 
-from debias.detector import open_detector  # noqa: E402
-from pipelines.audit import AuditJob, run_audit  # noqa: E402
-from pipelines.ray_audit import RayAuditOptions, run_ray_audit  # noqa: E402
+from debias.density.detector import open_detector  # noqa: E402
+from debias.pipelines.audit import AuditJob, run_audit  # noqa: E402
+from debias.pipelines.ray_audit import RayAuditOptions, run_ray_audit  # noqa: E402
 from tests.novelty_support import encode, noise_images, shapes_images, tiny_run  # noqa: E402
 
 
@@ -106,8 +106,8 @@ def _batch_sizes(metrics_text: str) -> tuple[float, float]:
 
 
 def test_ray_serve_scores_like_the_library_and_batches_a_burst(local_ray, run):
-    from service.ray_serve import build
-    from service.settings import Settings
+    from debias.service.ray_serve import build
+    from debias.service.settings import Settings
 
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -12,7 +12,12 @@ import pytest
 from matplotlib.figure import Figure
 from PIL import Image
 
-from debias.report import AuditReport, figure_to_data_uri, image_grid, write_report
+from debias.reports.audit import (
+    AuditReport,
+    figure_to_data_uri,
+    image_grid,
+    write_report,
+)
 
 SPECIAL = "<b>x</b>"
 ESCAPED = "&lt;b&gt;x&lt;/b&gt;"
@@ -176,7 +181,7 @@ def test_the_report_opens_with_the_finding(tmp_path) -> None:
     """Issue 15: the first section names the under-represented groups with their weight ratio and example thumbnails
     (captioned with group and path), then the rarest rows and the latent factor that sets them apart; the run's
     internals come last. Everything from the data is escaped."""
-    from debias.report import GroupFinding, RowsFinding, Thumb, png_data_uri
+    from debias.reports.audit import GroupFinding, RowsFinding, Thumb, png_data_uri
 
     img = png_data_uri(np.zeros((8, 8, 3), np.uint8))
     report = _make_report(3)
@@ -202,7 +207,7 @@ def test_the_report_opens_with_the_finding(tmp_path) -> None:
 
 
 def test_report_without_groups_says_no_group_and_still_shows_the_rarest_rows(tmp_path) -> None:
-    from debias.report import RowsFinding, Thumb, png_data_uri
+    from debias.reports.audit import RowsFinding, Thumb, png_data_uri
 
     img = png_data_uri(np.zeros((8, 8, 3), np.uint8))
     report = _make_report(3)

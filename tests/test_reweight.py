@@ -5,11 +5,17 @@ import pandas as pd
 import pytest
 import torch
 
-from debias.density import LatentHistogramDensity
+from debias.data.splits import validation_split
+from debias.density.estimators import LatentHistogramDensity
 from debias.errors import DebiasError
-from debias.metrics import auroc, classification_metrics
+from debias.evaluation.classifier_metrics import auroc, classification_metrics
 from debias.models import ConvVAE, VAEConfig
-from debias.reweighting import (
+from debias.pipelines.train_classifier import (
+    apply_subsample,
+    label_values,
+    parse_subsample,
+)
+from debias.training.sampling import (
     DBVAEAdaptive,
     Fixed,
     Uniform,
@@ -18,7 +24,6 @@ from debias.reweighting import (
     jtt_upweight_auto,
     jtt_weights,
 )
-from pipelines.train_classifier import apply_subsample, label_values, parse_subsample, validation_split
 
 
 def test_group_metrics_hand_computed():
@@ -144,8 +149,8 @@ def test_label_values_keep_the_columns_own_types():
 
 # -- issue 12: rarity in a first model's features, its hybrid with the errors, label-free selection ----------------
 def test_class_rarity_upweights_the_rare_mode_of_each_class_and_keeps_class_shares():
-    from debias.density import KNNDensity, effective_sample_size
-    from debias.reweighting import ClassRarity
+    from debias.density.estimators import KNNDensity, effective_sample_size
+    from debias.training.sampling import ClassRarity
 
     rng = np.random.default_rng(0)
     # class 0: 190 rows near (0, 0) and 10 near (5, 5); class 1: 95 near (5, 5) and 5 near (0, 0)
@@ -167,7 +172,7 @@ def test_class_rarity_upweights_the_rare_mode_of_each_class_and_keeps_class_shar
 
 
 def test_selection_accuracy_weights_each_class_by_the_methods_weights():
-    from debias.classifier_training import selection_accuracy
+    from debias.training.classifier import selection_accuracy
 
     probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.6, 0.4]])
     y = np.array([0, 0, 0, 1, 1])  # correct: yes, yes, no, yes, no
@@ -178,7 +183,7 @@ def test_selection_accuracy_weights_each_class_by_the_methods_weights():
 
 
 def test_group_balanced_weights_draw_every_group_equally():
-    from pipelines.train_classifier import group_balanced_weights
+    from debias.pipelines.train_classifier import group_balanced_weights
 
     t = pd.DataFrame({"a": ["x", "x", "x", "y"], "b": [1, 1, 2, 2]})
     w = group_balanced_weights(t, ["a", "b"])
@@ -191,7 +196,7 @@ def test_cluster_error_weights_hand_computed():
     """One class, two clear clusters: 90 rows the first model got right, 10 it always got wrong. Half the draws go as
     in the data (1/100 per row), half to the clusters by error rate (all of it to the small one): the small cluster
     gets 10 * (0.5/10 + 0.5/100) = 55 % of the draws. Validation rows take their nearest cluster's weight."""
-    from debias.reweighting import ClusterErrorWeights
+    from debias.training.sampling import ClusterErrorWeights
 
     rng = np.random.default_rng(0)
     X = np.vstack([rng.normal(0, 0.1, (90, 3)), rng.normal(5, 0.1, (10, 3))])

@@ -14,10 +14,16 @@ import pytest
 import torch
 from PIL import Image
 
-from debias.detector import open_detector
-from service.app import create_app
-from service.settings import Settings
-from tests.novelty_support import bad_uploads, encode, noise_images, shapes_images, tiny_run
+from debias.density.detector import open_detector
+from debias.service.app import create_app
+from debias.service.settings import Settings
+from tests.novelty_support import (
+    bad_uploads,
+    encode,
+    noise_images,
+    shapes_images,
+    tiny_run,
+)
 from tests.schema_fuzz import fuzz_operations
 
 with warnings.catch_warnings():
@@ -191,7 +197,7 @@ def test_api_key(run, monkeypatch):
 
 
 def test_not_ready_until_loaded(run, monkeypatch):
-    from service import engine as engine_module
+    from debias.service import engine as engine_module
 
     gate = threading.Event()
     real = engine_module.open_detector
@@ -245,7 +251,7 @@ def test_non_ascii_api_key_is_refused_at_start_up(tmp_path, monkeypatch, capsys)
 
     from pydantic import ValidationError
 
-    from debias.cli import main
+    from debias.pipelines.cli import main
 
     with pytest.raises(ValidationError, match="printable ASCII"):
         Settings(model_dir=tmp_path, api_key="clé-secrète")
@@ -260,7 +266,7 @@ def test_non_ascii_api_key_is_refused_at_start_up(tmp_path, monkeypatch, capsys)
 
 def test_security_headers_on_pages_api_and_errors(client):
     """Every answer says nosniff and forbids framing; the pages (and the API) carry the CSP, the Swagger page not."""
-    from service.middleware import PAGE_CSP
+    from debias.service.middleware import PAGE_CSP
 
     for path in ("/", "/static/score.js", "/v1/model", "/healthz"):
         r = client.get(path)
@@ -289,7 +295,7 @@ def test_pixel_budget_waits_in_order_and_gives_up_after_the_wait():
     time gets DecodeBusy and leaves the queue, and a request larger than the budget takes the whole budget."""
     import asyncio
 
-    from service.decode_budget import DecodeBusy, PixelBudget
+    from debias.service.decode_budget import DecodeBusy, PixelBudget
 
     async def scenario() -> list[str]:
         budget = PixelBudget(100)

@@ -19,8 +19,14 @@ import numpy as np
 import pytest
 import torch
 
-from debias.detector import open_detector
-from tests.novelty_support import bad_uploads, encode, noise_images, shapes_images, tiny_run
+from debias.density.detector import open_detector
+from tests.novelty_support import (
+    bad_uploads,
+    encode,
+    noise_images,
+    shapes_images,
+    tiny_run,
+)
 
 KEY = "live-test-key"
 # Small limits so that the decode budget and the body timeouts can be seen within seconds: one 1024 x 1024 image may

@@ -30,11 +30,17 @@ import pytest
 import torch
 from PIL import Image
 
-from debias.detector import open_detector
-from pipelines.audit import AuditJob, run_audit
-from service.app import create_app
-from service.settings import Settings
-from tests.novelty_support import TINY_SOURCE, encode, noise_images, shapes_images, tiny_run
+from debias.density.detector import open_detector
+from debias.pipelines.audit import AuditJob, run_audit
+from debias.service.app import create_app
+from debias.service.settings import Settings
+from tests.novelty_support import (
+    TINY_SOURCE,
+    encode,
+    noise_images,
+    shapes_images,
+    tiny_run,
+)
 from tests.schema_fuzz import fuzz_operations
 
 with warnings.catch_warnings():

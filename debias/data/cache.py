@@ -292,7 +292,13 @@ def _decode_all(
     bar = None
     if progress:
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
 
         console = Console(stderr=True)
         if console.is_terminal or console.is_jupyter:  # a live bar only where it can redraw

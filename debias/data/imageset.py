@@ -13,7 +13,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from debias.data.cache import build_store, cache_root, load_store, make_fingerprint, report_skipped
+from debias.data.cache import (
+    build_store,
+    cache_root,
+    load_store,
+    make_fingerprint,
+    report_skipped,
+)
 from debias.data.sources import Source, apply_where, normalised_where, resolve_source
 from debias.errors import DataError
 

@@ -20,7 +20,13 @@ from PIL import Image
 
 from debias.data.builtin import PREFIX as BUILTIN_PREFIX
 from debias.data.builtin import BuiltinDataset, canonical_builtin, parse_builtin
-from debias.data.decode import IMAGE_EXTENSIONS, ImageDecodeError, decode_image, is_greyscale_mode, probe_mode
+from debias.data.decode import (
+    IMAGE_EXTENSIONS,
+    ImageDecodeError,
+    decode_image,
+    is_greyscale_mode,
+    probe_mode,
+)
 from debias.data.idx import IdxPair, find_idx_pairs, read_idx, read_idx_header
 from debias.errors import DataError
 

@@ -36,7 +36,7 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
 
 
 def _apply_precision(value: str) -> str:
-    from debias.device import set_precision
+    from debias.runtime.device import set_precision
 
     set_precision(value)  # for the whole process: every forward pass of this command
     return value
@@ -76,8 +76,8 @@ def train(
     quiet: QuietOpt = False,
 ) -> None:
     """Train a beta-VAE (or a DB-VAE when --label is given) on a data source."""
-    from debias.training import TrainConfig
-    from pipelines.train import TrainJob, run_train
+    from debias.pipelines.train import TrainJob, run_train
+    from debias.training.vae import TrainConfig
 
     job = TrainJob(
         data=data,
@@ -95,7 +95,7 @@ def train(
         progress=not quiet,
     )
     path = run_train(job)
-    from debias.distributed import is_main_process
+    from debias.runtime.distributed import is_main_process
 
     if is_main_process():  # under torchrun: once, from rank 0
         typer.echo(f"model written to {path}")
@@ -145,7 +145,8 @@ def audit(
     quiet: QuietOpt = False,
 ) -> None:
     """Score every sample for rarity and write scores, a summary and an HTML report."""
-    from pipelines.audit import AuditJob, DensityOptions, run_audit
+    from debias.density.rarity import DensityOptions
+    from debias.pipelines.audit import AuditJob, run_audit
 
     job = AuditJob(
         model=model,
@@ -171,7 +172,7 @@ def audit(
     )
     job.density.check()
     if engine == "ray":
-        from pipelines.ray_audit import RayAuditOptions, run_ray_audit
+        from debias.pipelines.ray_audit import RayAuditOptions, run_ray_audit
 
         result = run_ray_audit(job, RayAuditOptions(address=address, actors=actors, gpus_per_actor=gpus_per_actor))
     elif engine == "local":
@@ -182,7 +183,7 @@ def audit(
     if s["groups"]:
         from rich.console import Console
 
-        from pipelines.audit import group_table
+        from debias.pipelines.audit import group_table
 
         for name, groups in s["groups"].items():
             Console().print(group_table(name, groups))
@@ -192,7 +193,7 @@ def audit(
         f"density: {s['untempered_effective_sample_fraction']:.1%}); outputs in {result.out}"
     )
     if open_browser:
-        from pipelines.serve import serve_audit
+        from debias.pipelines.serve import serve_audit
 
         serve_audit(model, result.out, device=device)
 
@@ -207,7 +208,7 @@ def demo(
     quiet: QuietOpt = False,
 ) -> None:
     """Train and audit on the built-in shapes dataset and show that its rare group was found."""
-    from pipelines.demo import run_demo
+    from debias.pipelines.demo import run_demo
 
     run_demo(out=out, epochs=epochs, n=n, device=device, progress=not quiet)
 
@@ -289,9 +290,9 @@ def _jtt_upweight(value: str) -> float | str:
 
 def _classifier_job(out: Path, method: str, seed: int, opts: dict) -> object:
     """A ClassifierJob from the options train-classifier and compare share."""
-    from debias.classifier_training import ClassifierTrainConfig
-    from pipelines.audit import DensityOptions
-    from pipelines.train_classifier import ClassifierJob
+    from debias.density.rarity import DensityOptions
+    from debias.pipelines.train_classifier import ClassifierJob
+    from debias.training.classifier import ClassifierTrainConfig
 
     groups = opts["eval_groups"]
     return ClassifierJob(
@@ -398,11 +399,11 @@ def train_classifier(
     quiet: QuietOpt = False,
 ) -> None:
     """Train a classifier with ERM, DB-VAE adaptive resampling, audit weights or JTT; report accuracy per group."""
-    from pipelines.train_classifier import run_train_classifier
+    from debias.pipelines.train_classifier import run_train_classifier
 
     opts = dict(locals())
     result = run_train_classifier(_classifier_job(out, reweight, seed, opts))
-    from debias.distributed import is_main_process
+    from debias.runtime.distributed import is_main_process
 
     if is_main_process():  # under torchrun: once, from rank 0
         typer.echo(f"outputs in {result.out}")
@@ -462,7 +463,7 @@ def compare(
     quiet: QuietOpt = False,
 ) -> None:
     """Run several methods x seeds with identical options and write a side-by-side table and per-group charts."""
-    from pipelines.compare import CompareJob, run_compare
+    from debias.pipelines.compare import CompareJob, run_compare
 
     opts = dict(locals())
     try:
@@ -513,7 +514,7 @@ def score(
     quiet: QuietOpt = False,
 ) -> None:
     """Score every image for novelty against the model's training data: p-values, is_novel, unusual dimensions."""
-    from pipelines.score import ScoreJob, run_score
+    from debias.pipelines.score import ScoreJob, run_score
 
     if target_fpr is not None and not 0 < target_fpr < 1:
         raise DebiasError(f"--target-fpr must be between 0 and 1 (exclusive), got {target_fpr}")
@@ -558,7 +559,7 @@ def serve(
     address: Annotated[Optional[str], typer.Option(help="Ray: cluster address (default: start a local Ray).")] = None,
 ) -> None:
     """Serve novelty scoring over HTTP (POST /v1/score); API key from DEBIAS_API_KEY, limits from DEBIAS_* ."""
-    from pipelines.serve import run_serve
+    from debias.pipelines.serve import run_serve
 
     if target_fpr is not None and not 0 < target_fpr < 1:
         raise DebiasError(f"--target-fpr must be between 0 and 1 (exclusive), got {target_fpr}")
@@ -567,7 +568,7 @@ def serve(
     if workers > 1 and engine != "local":
         raise DebiasError("--workers is an option of --engine local (Ray scales with --replicas)")
     if engine == "ray":
-        from pipelines.ray_serve import run_ray_serve
+        from debias.pipelines.ray_serve import run_ray_serve
 
         return run_ray_serve(
             host, port, replicas=replicas, gpus_per_replica=gpus_per_replica, address=address, model_dir=model,
@@ -611,8 +612,8 @@ def quality(
     quiet: QuietOpt = False,
 ) -> None:
     """Quality of generated images against real ones: FID, KID, precision/recall per group, CAS; an HTML page."""
-    from debias.generation_metrics import CasConfig
-    from pipelines.synthetic_quality import QualityJob, format_table, run_quality
+    from debias.evaluation.generation_metrics import CasConfig
+    from debias.pipelines.synthetic_quality import QualityJob, format_table, run_quality
 
     job = QualityJob(
         real=real, synthetic=synthetic, features=features, out=out, real_where=real_where or [], group_by=group_by,
@@ -697,7 +698,12 @@ def augment(
     quiet: QuietOpt = False,
 ) -> None:
     """Add synthetic rare samples: a rarity-weighted (conditional) GAN, or CycleGAN translation from common to rare."""
-    from pipelines.augment import AugmentJob, CycleGANOptions, GANOptions, run_augment
+    from debias.pipelines.augment import (
+        AugmentJob,
+        CycleGANOptions,
+        GANOptions,
+        run_augment,
+    )
 
     if method not in ("gan", "cyclegan"):
         raise DebiasError(f"--method must be gan or cyclegan, got {method!r}")

@@ -37,16 +37,21 @@ import torch.nn.functional as F
 from PIL import Image
 
 from debias import __version__
-from debias import distributed as dist
-from debias.checkpoint import load_checkpoint, resume_identity, save_checkpoint, write_json
 from debias.data import ImageSet
-from debias.device import autocast
-from debias.diffaugment import DiffAugmentConfig, diff_augment
 from debias.errors import DebiasError
 from debias.models.dcgan import DCGANConfig, Discriminator, Generator
-from debias.progress import TrainingClock, epoch_line, progress_bar
-from debias.reweighting import draw_epoch
-from debias.training import DataDescription
+from debias.runtime import distributed as dist
+from debias.runtime.checkpoint import (
+    load_checkpoint,
+    resume_identity,
+    save_checkpoint,
+    write_json,
+)
+from debias.runtime.device import autocast
+from debias.runtime.progress import TrainingClock, epoch_line, progress_bar
+from debias.training.diffaugment import DiffAugmentConfig, diff_augment
+from debias.training.sampling import draw_epoch
+from debias.training.vae import DataDescription
 
 CHECKPOINT = "checkpoint.pt"
 GENERATOR = "generator.pt"

@@ -18,10 +18,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from debias.density import LatentHistogramDensity, effective_sample_size
-from debias.device import autocast
+from debias.density.estimators import LatentHistogramDensity, effective_sample_size
 from debias.errors import DebiasError
 from debias.models import ConvVAE
+from debias.runtime.device import autocast
 
 BatchFn = Callable[[np.ndarray], torch.Tensor]  # row indices -> float (B, C, H, W) in [0, 1]
 
@@ -222,7 +222,7 @@ class ClassRarity:
     over all classes it looks typical (issue 12, cause 2). The label is the training label; no group column is read.
 
     ``density``: a factory of an estimator with ``fit``, ``score_fitted`` (the fitted rows, leave-one-out) and
-    ``score_samples`` (new rows), e.g. :class:`debias.density.KNNDensity`.
+    ``score_samples`` (new rows), e.g. :class:`debias.density.estimators.KNNDensity`.
     """
 
     def __init__(self, density: Callable[[], Any], target_ess: float = 0.25) -> None:
@@ -232,7 +232,7 @@ class ClassRarity:
         self.target_ess = target_ess
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> "ClassRarity":
-        from debias.density import temperature_for_ess
+        from debias.density.estimators import temperature_for_ess
 
         y = np.asarray(y)
         self.classes_ = np.unique(y)

@@ -6,7 +6,7 @@ and its linear head (:class:`debias.models.ConvVAE` with ``n_classes`` > 0). Wha
 - the objective: ``"ce"`` trains the head's class logits with cross-entropy (the decoder is carried along unused, so
   every method's checkpoint loads the same way); ``"dbvae"`` is the DB-VAE's joint loss, Eq. 5 of Amini et al.
   (:func:`debias.models.vae_loss`), and the classifier is the DB-VAE's own head;
-- the sampling scheme (:mod:`debias.reweighting`), asked once at the start of every epoch.
+- the sampling scheme (:mod:`debias.training.sampling`), asked once at the start of every epoch.
 
 Model selection uses only the validation rows the caller carved out of the training rows: the epoch with the highest
 validation accuracy is kept (``select="best"``), or the last one.
@@ -17,7 +17,7 @@ RUN_DIR layout:
     classifier.pt   the selected model: weights, model config, label classes and values, history
     history.csv     one row per epoch: loss, train/validation accuracy, effective sample size, timings
 
-Under ``torchrun --nproc-per-node N`` the loop runs data-parallel (DDP, :mod:`debias.distributed`). The epoch's
+Under ``torchrun --nproc-per-node N`` the loop runs data-parallel (DDP, :mod:`debias.runtime.distributed`). The epoch's
 sampling weights (for DB-VAE: re-encoding the training rows and refitting the histograms) are computed by rank 0
 alone and broadcast, so every rank draws the very same global epoch (the draw is seeded alike everywhere) and trains
 on its slice of it; recomputing them on every rank would cost the same wall time but leave the ranks' draws agreeing
@@ -39,10 +39,16 @@ import torch
 import torch.nn.functional as F
 
 from debias import __version__
-from debias.checkpoint import atomic_write_table, load_checkpoint, save_checkpoint
-from debias.data import ImageSet
-from debias.device import autocast
-from debias.distributed import (
+from debias.data.tensors import ImageTensor
+from debias.errors import DebiasError
+from debias.models import ConvVAE, VAEConfig, vae_loss
+from debias.runtime.checkpoint import (
+    atomic_write_table,
+    load_checkpoint,
+    save_checkpoint,
+)
+from debias.runtime.device import autocast
+from debias.runtime.distributed import (
     DistContext,
     ModelWithLoss,
     all_reduce_sum,
@@ -55,15 +61,12 @@ from debias.distributed import (
     shard,
     wrap,
 )
-from debias.errors import DebiasError
-from debias.models import ConvVAE, VAEConfig, vae_loss
-from debias.progress import epoch_line, progress_bar
-from debias.reweighting import Scheme, draw_epoch
+from debias.runtime.progress import epoch_line, progress_bar
+from debias.training.sampling import Scheme, draw_epoch
 
 CHECKPOINT = "checkpoint.pt"
 CLASSIFIER = "classifier.pt"
 OBJECTIVES = ("ce", "dbvae", "gce")
-_IN_MEMORY_LIMIT = 4 << 30  # bytes of uint8 pixels held in RAM; larger sets are read from the memmap per batch
 
 
 @dataclass
@@ -82,36 +85,6 @@ class ClassifierTrainConfig:
             raise DebiasError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.select not in ("best", "last"):
             raise DebiasError(f"select must be best or last, got {self.select!r}")
-
-
-class ImageTensor:
-    """Some rows of an ImageSet, indexable by position. Held in memory as one uint8 (N, H, W, C) tensor when that
-    fits (a quarter of the float size; gathering a batch is then one indexing op instead of memmap reads)."""
-
-    def __init__(self, data: ImageSet, rows: np.ndarray | None = None) -> None:
-        self.rows = np.arange(len(data)) if rows is None else np.asarray(rows, dtype=np.int64)
-        self._data = data
-        self._u8: torch.Tensor | None = None
-        if len(self.rows) * data.image_size**2 * data.channels <= _IN_MEMORY_LIMIT:
-            self._u8 = torch.from_numpy(np.ascontiguousarray(data.images[self.rows]))
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def pixels(self) -> np.ndarray:
-        """uint8 (N, H, W, C) of all rows (a view when they are held in memory)."""
-        if self._u8 is not None:
-            return self._u8.numpy()
-        return np.asarray(self._data.images[self.rows])
-
-    def batch(self, idx: np.ndarray) -> torch.Tensor:
-        """float32 (B, C, H, W) in [0, 1] for positions ``idx``, in channels_last memory format (NHWC underneath,
-        as the cache stores the pixels, so no copy is needed to get there)."""
-        if self._u8 is not None:
-            x = self._u8[torch.as_tensor(idx, dtype=torch.long)].permute(0, 3, 1, 2)
-        else:
-            x = torch.from_numpy(np.ascontiguousarray(self._data.images[self.rows[np.asarray(idx)]])).permute(0, 3, 1, 2)
-        return x.float().div_(255.0)
 
 
 @dataclass

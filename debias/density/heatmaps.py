@@ -20,7 +20,9 @@ _MIN_PANEL = 128  # small models work at 28-64 px: upscale (nearest) so a person
 
 @lru_cache(maxsize=1)
 def _inferno_lut() -> np.ndarray:
-    from matplotlib import colormaps  # lazy: matplotlib is only needed when a heatmap is asked for
+    from matplotlib import (
+        colormaps,  # lazy: matplotlib is only needed when a heatmap is asked for
+    )
 
     return (colormaps["inferno"](np.linspace(0.0, 1.0, 256))[:, :3] * 255).round().astype(np.uint8)
 

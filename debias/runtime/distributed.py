@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from debias.device import resolve_device
 from debias.errors import DebiasError
+from debias.runtime.device import resolve_device
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,14 @@ RUN_DIR layout:
     loss.csv       one row per epoch: loss parts, images/s
     loss.png       the loss curve
 
-Under ``torchrun --nproc-per-node N`` the loop runs data-parallel (DDP, see :mod:`debias.distributed`): every rank
+Under ``torchrun --nproc-per-node N`` the loop runs data-parallel (DDP, see :mod:`debias.runtime.distributed`): every rank
 draws the same epoch order and trains on its slice, ``batch_size`` stays the global batch, and rank 0 alone writes
 the files above and shows progress.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,10 +26,12 @@ import pandas as pd
 import torch
 
 from debias import __version__
-from debias.checkpoint import load_checkpoint, save_checkpoint, write_json
 from debias.data import ImageSet
-from debias.device import autocast, effective_precision
-from debias.distributed import (
+from debias.errors import DebiasError
+from debias.models import ConvVAE, VAEConfig, vae_loss
+from debias.runtime.checkpoint import load_checkpoint, save_checkpoint, write_json
+from debias.runtime.device import autocast, effective_precision
+from debias.runtime.distributed import (
     DistContext,
     ModelWithLoss,
     all_reduce_sum,
@@ -40,9 +43,7 @@ from debias.distributed import (
     shard,
     wrap,
 )
-from debias.errors import DebiasError
-from debias.models import ConvVAE, VAEConfig, vae_loss
-from debias.progress import epoch_line, progress_bar
+from debias.runtime.progress import epoch_line, progress_bar
 
 CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
@@ -263,3 +264,64 @@ def model_from_checkpoint(meta: Any, path: Path) -> ConvVAE:
         first = str(exc).strip().splitlines()
         raise DebiasError(f"{bad}: its weights do not fit its model_config ({first[1].strip() if len(first) > 1 else first[0] if first else type(exc).__name__})") from None
     return model
+
+
+def vae_config(**options: object) -> VAEConfig:
+    """A VAEConfig from user options; an out-of-range option is a one-line user error, not a traceback."""
+    try:
+        return VAEConfig(**options)
+    except ValueError as exc:
+        raise DebiasError(str(exc)) from exc
+
+
+def fit_vae_on(
+    data: ImageSet,
+    out: Path,
+    config: TrainConfig,
+    *,
+    latent_dim: int = 32,
+    beta: float = 1.0,
+    width: int = 32,
+    label: str | None = None,
+    vae_class: str | None = None,
+    source: str | None = None,
+    where: list[str] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    ctx: DistContext | None = None,
+) -> Path:
+    """Pick the model for ``data`` (a beta-VAE, or a DB-VAE with a class head when ``label`` names a column) and
+    train it into ``out``: what `debias train` and :func:`debias.train_vae` both run. Rows without a label are
+    reported and left out. Returns the path of model.pt."""
+    show = progress and (ctx is None or ctx.is_main)
+    labels, classes, vae_class_index, n_unlabelled = None, [], None, 0
+    if label is not None:
+        if label not in data.table.columns:
+            raise DebiasError(f"--label {label!r} is not a column of the data (columns: {', '.join(data.table.columns)})")
+        has_label = data.table[label].notna().to_numpy()
+        n_unlabelled = int((~has_label).sum())
+        if n_unlabelled:
+            if not has_label.any():
+                raise DebiasError(f"--label {label!r} has no value in any of the {len(data)} rows")
+            if ctx is None or ctx.is_main:  # reported like unreadable images, also with --quiet
+                print(f"{n_unlabelled} rows without a {label!r} value left out", file=sys.stderr)
+            data = data.subset(np.flatnonzero(has_label))
+        labels, classes = encode_labels(data.table[label])
+        if len(classes) < 2:
+            raise DebiasError(f"--label {label!r} has a single value ({classes[0]}); a classifier needs two or more")
+        if vae_class is not None:
+            if vae_class not in classes:
+                raise DebiasError(f"--vae-class {vae_class!r} is not a value of {label!r} ({', '.join(classes)})")
+            vae_class_index = classes.index(vae_class)
+    elif vae_class is not None:
+        raise DebiasError("--vae-class needs --label")
+    model_config = vae_config(
+        image_size=data.image_size, channels=data.channels, latent_dim=latent_dim, beta=beta, width=width,
+        n_classes=len(classes), classes=classes, vae_class=vae_class_index,
+    )
+    desc = DataDescription(
+        source=source or data.source, where=list(where or []), fingerprint=data.fingerprint, n_images=len(data),
+        n_skipped=len(data.skipped), label=label, n_unlabelled=n_unlabelled,
+    )
+    return train_vae(data, model_config, config, out, data_desc=desc, labels=labels, resume=resume,
+                     progress=show if ctx is None else progress, ctx=ctx)

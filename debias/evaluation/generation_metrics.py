@@ -43,14 +43,19 @@ import pandas as pd
 import torch
 from torch import nn
 
-from debias.classifier_training import ClassifierTrainConfig, ImageTensor, predict_proba, train_classifier
 from debias.data import ImageSet
-from debias.device import resolve_device
-from debias.distributed import DistContext
+from debias.data.tensors import ImageTensor
 from debias.models import ConvVAE, VAEConfig
-from debias.progress import progress_bar
-from debias.reweighting import Uniform
-from debias.training import encode_labels, load_model
+from debias.runtime.device import resolve_device
+from debias.runtime.distributed import DistContext
+from debias.runtime.progress import progress_bar
+from debias.training.classifier import (
+    ClassifierTrainConfig,
+    predict_proba,
+    train_classifier,
+)
+from debias.training.sampling import Uniform
+from debias.training.vae import encode_labels, load_model
 
 __all__ = [
     "VAEFeatures",

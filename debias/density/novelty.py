@@ -41,7 +41,7 @@ empirical tails, -2 sum log p; bottoms out at 1/(n+1) per statistic).
 The estimator follows scikit-learn: ``__init__`` stores parameters, ``fit`` returns self, fitted attributes end in
 ``_``, ``score_samples`` is higher for more normal images, ``decision_function`` is ``score_samples - offset_``.
 Its input is a plain feature matrix, ``feature_matrix(encoded)`` = [mu | logvar | recon_error], so it needs no
-model and can be tested on synthetic arrays. Calibrated p-values live in :mod:`debias.calibration`.
+model and can be tested on synthetic arrays. Calibrated p-values live in :mod:`debias.density.calibration`.
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ import torch
 from sklearn.base import BaseEstimator, OutlierMixin
 from sklearn.covariance import LedoitWolf
 
-from debias.density import LatentHistogramDensity
-from debias.scoring import Encoded
+from debias.density.encoding import Encoded
+from debias.density.estimators import LatentHistogramDensity
 
 #: Per-image statistics. Each is a transformed quantity whose training distribution is roughly bell-shaped (logs of
 #: positive, heavy-tailed quantities), so that a mean and a standard deviation describe it.
@@ -187,11 +187,11 @@ class NoveltyScorer(OutlierMixin, BaseEstimator):
     n_neighbors : k of ``posterior_knn``.
     max_reference : at most this many fitted posteriors are kept as ``posterior_knn`` neighbours (a seeded random
         subset beyond that), which bounds the memory and the per-image cost of a search.
-    bins, alpha : of the :class:`~debias.density.LatentHistogramDensity` behind ``latent_density``, ``rarity`` and
+    bins, alpha : of the :class:`~debias.density.estimators.LatentHistogramDensity` behind ``latent_density``, ``rarity`` and
         the per-dimension explanations (the audit's defaults; histograms per latent dimension, without the audit's
         default whitening, so that ``top_dims`` names latent dimensions).
     contamination : fraction of the fitted rows that ``decision_function`` puts below 0 (sets ``offset_``). Only a
-        convenience: calibrated decisions come from :class:`debias.calibration.ConformalCalibrator`.
+        convenience: calibrated decisions come from :class:`debias.density.calibration.ConformalCalibrator`.
 
     Fitted attributes
     -----------------
@@ -331,7 +331,7 @@ class NoveltyScorer(OutlierMixin, BaseEstimator):
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
         """``score_samples - offset_``: negative for rows less typical than the ``contamination`` quantile of the
-        fitted rows. For calibrated decisions use conformal p-values (:mod:`debias.calibration`) instead."""
+        fitted rows. For calibrated decisions use conformal p-values (:mod:`debias.density.calibration`) instead."""
         return self.score_samples(X) - self.offset_
 
     def predict(self, X: np.ndarray) -> np.ndarray:

@@ -10,9 +10,9 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from debias.data import ImageSet
-from debias.device import autocast
 from debias.models import ConvVAE
-from debias.progress import progress_bar
+from debias.runtime.device import autocast
+from debias.runtime.progress import progress_bar
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The self-contained HTML page of ``debias quality``: metrics per group, a bar chart, generated images next to real
 ones, and CycleGAN source -> translated pairs.
 
-Same rules as the audit report (:mod:`debias.report`, whose stylesheet, content-security policy and image helpers
+Same rules as the audit report (:mod:`debias.reports.audit`, whose stylesheet, content-security policy and image helpers
 it reuses): every image and plot is an inline data URI, nothing is fetched, and all text from the data is escaped.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from debias.report import (
+from debias.reports.audit import (
     PAGE_CSP,
     PAGE_CSS,
     escape_html,

@@ -4,9 +4,9 @@ An audit asks which rows of a dataset are rare. Each estimator here turns a mode
 means ``mu`` and the reconstruction errors) into a rarity per row, higher = rarer:
 
 - ``histogram``: the paper's product of per-dimension histograms (DB-VAE, Amini et al. 2019, Eq. 3-4), over whitened
-  latents: :class:`debias.density.LatentHistogramDensity`. It sees the marginals only.
+  latents: :class:`debias.density.estimators.LatentHistogramDensity`. It sees the marginals only.
 - ``histogram-max``: the public lab's max rule over the same histograms.
-- ``knn``: k-nearest-neighbour density of the latents (:class:`debias.density.KNNDensity`): sees joint structure, so
+- ``knn``: k-nearest-neighbour density of the latents (:class:`debias.density.estimators.KNNDensity`): sees joint structure, so
   a rare *combination* of common values is rare.
 - ``gmm``: a Gaussian mixture over the latents (scikit-learn's ``GaussianMixture``), cross-fitted in two halves.
 - ``knn-recon``: :class:`LatentAndReconstructionRarity`, the kNN latent rarity plus the reconstruction error, each
@@ -22,12 +22,19 @@ Sampling weights are ``exp(T * rarity)`` normalised, with T chosen for a target 
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, replace
+
 import numpy as np
 from sklearn.base import BaseEstimator, OutlierMixin, clone
 from sklearn.mixture import GaussianMixture
 from sklearn.utils.validation import check_is_fitted
 
-from debias.density import KNNDensity, LatentHistogramDensity, temperature_for_ess
+from debias.density.estimators import (
+    KNNDensity,
+    LatentHistogramDensity,
+    temperature_for_ess,
+)
+from debias.errors import DebiasError
 
 RARITY_ESTIMATORS = ("knn-recon", "knn", "histogram", "histogram-max", "gmm", "recon")
 DEFAULT_ESTIMATOR = "knn-recon"
@@ -53,7 +60,7 @@ class LatentAndReconstructionRarity(OutlierMixin, BaseEstimator):
     """Rarity = z(kNN rarity of the latents) + z(log reconstruction error), each a robust z-score on the fitted rows.
 
     Input: :func:`audit_features` rows, [mu | recon_error]. The kNN part is ``d log r_k`` (minus the log density of
-    :class:`~debias.density.KNNDensity` up to a constant); the reconstruction part is the log mean squared error.
+    :class:`~debias.density.estimators.KNNDensity` up to a constant); the reconstruction part is the log mean squared error.
     ``recon_weight`` scales the second term (0 = the kNN rarity alone). Both terms are one number per row on a common
     scale, so neither dominates because of its units. k = 5 (as PyOD's KNN): on the audit benchmark every dataset
     but one ranked its rare group at least as well with k = 5 as with 10, 20, 50 or 100 (docs/benchmarks.md).
@@ -166,6 +173,15 @@ def fitted_rarity(estimator: BaseEstimator, X: np.ndarray) -> np.ndarray:
     return -estimator.fit(latents).score_samples(latents)
 
 
+def rarity_of_new_rows(estimator: BaseEstimator, mu: np.ndarray, recon_error: np.ndarray) -> np.ndarray:
+    """Rarity (higher = rarer) of rows the fitted ``estimator`` has not seen, from their latents and reconstruction
+    errors: the same inputs :func:`fitted_rarity` gave it."""
+    X = audit_features(mu, recon_error)
+    if isinstance(estimator, (LatentAndReconstructionRarity, _ReconstructionOnly)):
+        return -estimator.score_samples(X)
+    return -estimator.score_samples(X[:, :-1])
+
+
 def tempered_weights(rarity: np.ndarray, temperature: float) -> np.ndarray:
     """Sampling probabilities ∝ exp(T * rarity), summing to 1 (T = 1 on a negative log density: inverse density)."""
     r = np.asarray(rarity, dtype=np.float64)
@@ -175,6 +191,69 @@ def tempered_weights(rarity: np.ndarray, temperature: float) -> np.ndarray:
 
 def rarity_weights(rarity: np.ndarray, target_ess: float = 0.5) -> tuple[np.ndarray, float]:
     """:func:`tempered_weights` with T chosen so that their effective sample size is ``target_ess`` of the rows
-    (:func:`debias.density.temperature_for_ess`); returns (weights, T)."""
+    (:func:`debias.density.estimators.temperature_for_ess`); returns (weights, T)."""
     t = temperature_for_ess(np.asarray(rarity, dtype=np.float64), target_ess)
     return tempered_weights(rarity, t), t
+
+
+@dataclass
+class DensityOptions:
+    """The LatentHistogramDensity parameters an audit exposes (defaults = the estimator's)."""
+
+    bins: int = 10
+    alpha: float = 0.001
+    combine: str = "product"
+    temperature: float | str = "auto"
+    target_ess: float = 0.5
+    dims: str = "all"
+    whiten: bool = True
+
+    def check(self) -> None:
+        """One-line errors for the options the estimator would reject with a traceback."""
+        if self.combine not in ("product", "max"):
+            raise DebiasError(f"--combine must be product or max, got {self.combine!r}")
+        if self.dims not in ("all", "active"):
+            raise DebiasError(f"--dims must be all or active, got {self.dims!r}")
+
+    def build(self) -> LatentHistogramDensity:
+        return LatentHistogramDensity(**asdict(self))
+
+
+@dataclass
+class AuditRarity:
+    """What the audit's rarity stage produced for the rows: rarity (higher = rarer), sampling weights (sum to 1), the
+    temperature that set them, the fitted histogram density (always: the report's and browser's histograms and the
+    per-dimension tails come from it) and, for ``knn-recon``, each row's two standardised terms."""
+
+    estimator: str
+    rarity: np.ndarray
+    weights: np.ndarray
+    temperature: float
+    histogram: LatentHistogramDensity
+    components: dict[str, np.ndarray] | None = None
+    fitted: BaseEstimator | None = None  # the fitted estimator, to score new rows (rarity_of_new_rows)
+
+
+def fit_audit_rarity(
+    mu: np.ndarray, recon_error: np.ndarray, estimator: str = DEFAULT_ESTIMATOR,
+    density: DensityOptions | None = None, n_neighbors: int = 5,
+) -> AuditRarity:
+    """The audit's rarity stage, shared by `debias audit` (both engines) and `debias augment --model`: fit the
+    chosen estimator on the rows' latents (and reconstruction errors) and turn its rarity into sampling weights,
+    tempered to ``density.target_ess`` (or at the fixed ``density.temperature``)."""
+    density = density or DensityOptions()
+    histogram = (replace(density, combine="max") if estimator == "histogram-max" else density).build().fit(mu)
+    if estimator in ("histogram", "histogram-max"):
+        return AuditRarity(estimator, -histogram.score_samples(mu), histogram.sampling_weights(mu),
+                           float(histogram.temperature_), histogram, fitted=histogram)
+    X = audit_features(mu, recon_error)
+    options = {"n_neighbors": n_neighbors} if estimator in ("knn", "knn-recon") else {}
+    est = build_rarity_estimator(estimator, **options)
+    rarity = fitted_rarity(est, X)
+    if density.temperature == "auto":
+        weights, t = rarity_weights(rarity, density.target_ess)
+    else:
+        t = float(density.temperature)
+        weights = tempered_weights(rarity, t)
+    components = est.components(X, fitted=True) if isinstance(est, LatentAndReconstructionRarity) else None
+    return AuditRarity(estimator, rarity, weights, t, histogram, components, fitted=est)

@@ -26,15 +26,20 @@ import numpy as np
 import torch
 
 from debias import __version__
-from debias.calibration import ConformalCalibrator
-from debias.checkpoint import load_checkpoint, save_checkpoint
 from debias.data import ImageSet, load_images
-from debias.density import LatentHistogramDensity
+from debias.density.calibration import ConformalCalibrator
+from debias.density.encoding import Encoded, encode_batch, encode_images
+from debias.density.estimators import LatentHistogramDensity
+from debias.density.novelty import (
+    PIXEL_STATISTICS,
+    NoveltyScorer,
+    PixelDensity,
+    feature_matrix,
+)
 from debias.errors import DebiasError
 from debias.models import ConvVAE
-from debias.novelty import PIXEL_STATISTICS, NoveltyScorer, PixelDensity, feature_matrix
-from debias.scoring import Encoded, encode_batch, encode_images
-from debias.training import MODEL, load_model
+from debias.runtime.checkpoint import load_checkpoint, save_checkpoint
+from debias.training.vae import MODEL, load_model
 
 NOVELTY_FILE = "novelty.pt"
 # 3: + pixel_density, fisher (issue 16); 2: posterior_knn + recon_error, l1; 1: mahalanobis of five statistics.
@@ -77,7 +82,7 @@ class NoveltyResults:
 
 
 # -- the detector ------------------------------------------------------------------------------------------------
-class NoveltyDetector:
+class FittedDetector:
     """Model + fitted :class:`NoveltyScorer` + :class:`ConformalCalibrator`, and a card describing them; with a
     :class:`PixelDensity` when the scorer reads the pixel column (the default statistics do)."""
 
@@ -107,11 +112,11 @@ class NoveltyDetector:
     def channels(self) -> int:
         return self.model.config.channels
 
-    def with_target_fpr(self, target_fpr: float) -> "NoveltyDetector":
+    def with_target_fpr(self, target_fpr: float) -> "FittedDetector":
         """The same detector deciding at another false-positive rate (recomputed from the stored scores)."""
         cal = ConformalCalibrator(target_fpr=target_fpr).fit(self.calibrator.scores_)
         card = {**self.card, "target_fpr": cal.target_fpr, "threshold": _finite_or_none(cal.threshold_)}
-        return NoveltyDetector(self.model, self.scorer, cal, card, self.pixel_density)
+        return FittedDetector(self.model, self.scorer, cal, card, self.pixel_density)
 
     def pixel_scores(self, x: torch.Tensor) -> np.ndarray | None:
         """The pixel column of the feature matrix for (B, C, S, S) images in [0, 1], or None without one."""
@@ -182,7 +187,7 @@ def fit_detector(
     seed: int = 0,
     batch_size: int = 256,
     progress: bool = True,
-) -> NoveltyDetector:
+) -> FittedDetector:
     """Encode ``data``, fit the scorer on a random ``1 - calibration_fraction`` of it and calibrate on the rest."""
     n = len(data)
     n_cal = int(round(n * calibration_fraction))
@@ -239,7 +244,7 @@ def fit_detector(
         "fitted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "fit_seconds": round(time.perf_counter() - t0, 2),
     }
-    return NoveltyDetector(model, scorer, calibrator, card, pixel_density)
+    return FittedDetector(model, scorer, calibrator, card, pixel_density)
 
 
 def open_detector(
@@ -252,7 +257,7 @@ def open_detector(
     target_fpr: float | None = None,
     batch_size: int = 256,
     progress: bool = True,
-) -> NoveltyDetector:
+) -> FittedDetector:
     """The detector of a run: ``RUN_DIR/novelty.pt`` when it matches ``model.pt``, else fitted now (on ``fit_data``,
     default the model's training data) and saved there. ``target_fpr`` overrides the stored one for this use only."""
     run = Path(run_dir)
@@ -260,7 +265,7 @@ def open_detector(
     model_path = run / MODEL if run.is_dir() else run
     sha = file_sha256(model_path)
     path = model_path.parent / NOVELTY_FILE
-    det: NoveltyDetector | None = None
+    det: FittedDetector | None = None
     if path.exists() and not refit and fit_data is None:
         det = _load(path, model, sha)
     if det is None:
@@ -296,7 +301,7 @@ def _fit_source(
     return load_images(fit_data, where=fit_where or [], image_size=cfg.image_size, channels=cfg.channels, progress=progress)
 
 
-def _load(path: Path, model: ConvVAE, sha: str) -> NoveltyDetector | None:
+def _load(path: Path, model: ConvVAE, sha: str) -> FittedDetector | None:
     """The stored detector, or None when it belongs to another model file or an older format (then refit)."""
     blob = load_checkpoint(path)
     if blob.get("format") != FORMAT_VERSION or blob.get("model_sha256") != sha:
@@ -310,7 +315,7 @@ def _load(path: Path, model: ConvVAE, sha: str) -> NoveltyDetector | None:
     if (not isinstance(scorer, NoveltyScorer) or not isinstance(calibrator, ConformalCalibrator)
             or not isinstance(pixel_density, (PixelDensity, type(None)))):
         raise DebiasError(f"cannot load {path}: unexpected contents; delete it (or pass --refit) to fit again")
-    return NoveltyDetector(model, scorer, calibrator, dict(blob["card"]), pixel_density)
+    return FittedDetector(model, scorer, calibrator, dict(blob["card"]), pixel_density)
 
 
 def _pixel_scores(density: PixelDensity, data: ImageSet, batch_size: int) -> np.ndarray:
@@ -364,3 +369,24 @@ def _unpack(value: Any) -> Any:
     if isinstance(value, list):
         return [_unpack(v) for v in value]
     return value
+
+
+def save_detector_folder(det: FittedDetector, folder: Path) -> Path:
+    """``folder/model.pt`` (the detector's model, loadable by `debias score` and the service) and
+    ``folder/novelty.pt`` (the fitted score and calibration, bound to that model by its hash). Returns the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model_path = folder / MODEL
+    save_checkpoint(
+        {
+            "model": det.model.state_dict(),
+            "model_config": det.model.config.to_dict(),
+            "data": det.card.get("trained_on", {}),
+            "history": [],
+            "version": __version__,
+        },
+        model_path,
+    )
+    sha = file_sha256(model_path)
+    det.card["model_sha256"] = sha[:16]
+    det.save(folder / NOVELTY_FILE, sha)
+    return folder

@@ -21,7 +21,8 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy.special import logsumexp
-from sklearn.base import BaseEstimator
+from sklearn.base import BaseEstimator, OutlierMixin
+from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
 
 _COMBINE = ("product", "max")
@@ -34,7 +35,7 @@ def effective_sample_size(weights: np.ndarray) -> float:
     return float(total * total / np.square(w).sum()) if total > 0 else 0.0
 
 
-class LatentHistogramDensity:
+class LatentHistogramDensity(OutlierMixin, BaseEstimator):
     """Histogram density over latent dimensions, scikit-learn style.
 
     Parameters
@@ -204,7 +205,7 @@ class LatentHistogramDensity:
 
     def _transform_bins(self, Z: np.ndarray) -> np.ndarray:
         if not hasattr(self, "edges_"):
-            raise RuntimeError("LatentHistogramDensity is not fitted yet; call fit(Z) first")
+            raise NotFittedError("LatentHistogramDensity is not fitted yet; call fit(Z) first")
         Z = self._check_array(Z)
         if Z.shape[1] != self.n_features_in_:
             raise ValueError(f"expected {self.n_features_in_} latent dimensions, got {Z.shape[1]}")

@@ -30,15 +30,20 @@ import torch
 import torch.nn.functional as F
 
 from debias import __version__
-from debias import distributed as dist
-from debias.checkpoint import load_checkpoint, resume_identity, save_checkpoint, write_json
 from debias.data import ImageSet
-from debias.device import autocast
 from debias.errors import DebiasError
-from debias.gan_training import save_image_grid, to_uint8
 from debias.models.cyclegan import CycleGANConfig, PatchDiscriminator, ResnetGenerator
-from debias.progress import TrainingClock, epoch_line, progress_bar
-from debias.training import DataDescription
+from debias.runtime import distributed as dist
+from debias.runtime.checkpoint import (
+    load_checkpoint,
+    resume_identity,
+    save_checkpoint,
+    write_json,
+)
+from debias.runtime.device import autocast
+from debias.runtime.progress import TrainingClock, epoch_line, progress_bar
+from debias.training.gan import save_image_grid, to_uint8
+from debias.training.vae import DataDescription
 
 CHECKPOINT = "checkpoint.pt"
 GENERATORS = "generators.pt"

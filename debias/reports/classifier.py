@@ -18,13 +18,13 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from debias.checkpoint import atomic_write_text
-from debias.metrics import CROSS, group_key
-from debias.report import PAGE_CSP, PAGE_CSS, figure_to_data_uri, png_data_uri
+from debias.evaluation.classifier_metrics import CROSS, group_key
+from debias.reports.audit import PAGE_CSP, PAGE_CSS, figure_to_data_uri, png_data_uri
+from debias.runtime.checkpoint import atomic_write_text
 
 TOP_K = 32
 _ENV = jinja2.Environment(
-    loader=jinja2.PackageLoader("debias", "templates"),
+    loader=jinja2.PackageLoader("debias.reports", "templates"),
     autoescape=jinja2.select_autoescape(["html"]),
     undefined=jinja2.StrictUndefined,
 )

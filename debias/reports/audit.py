@@ -97,7 +97,7 @@ class RowsFinding:
 
 
 _FINDING = jinja2.Environment(
-    loader=jinja2.PackageLoader("debias", "templates"),
+    loader=jinja2.PackageLoader("debias.reports", "templates"),
     autoescape=jinja2.select_autoescape(["html"]),
     undefined=jinja2.StrictUndefined,
 ).get_template("audit_finding.html")

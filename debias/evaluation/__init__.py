@@ -1,0 +1,1 @@
+"""Evaluation metrics: a classifier's accuracy per group, and the quality of generated images."""

@@ -1,0 +1,2 @@
+"""Self-contained HTML pages (Jinja2 templates, autoescaped): the audit report, the classifier report and the
+synthetic-data quality page."""

@@ -1,0 +1,128 @@
+"""The Python API (`import debias`): the README's example end to end, one input convention for every scoring method,
+scikit-learn behaviour (clone, NotFittedError, sign convention), bring-your-own embeddings, and examples/."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+
+import debias
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE = "builtin:shapes?n=400&rare=0.05"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("api") / "run"
+    imgs = debias.load_images(SOURCE, image_size=32)
+    vae = debias.train_vae(imgs, out=out, epochs=2, latent_dim=8, width=8, progress=False)
+    return imgs, vae, out
+
+
+def test_the_readme_example_runs_as_written(trained, tmp_path: Path) -> None:
+    imgs, vae, out = trained
+    assert isinstance(imgs.images, np.ndarray) and imgs.images.dtype == np.uint8 and imgs.images.shape[1:] == (32, 32, 3)
+    assert debias.load_vae(out).config.latent_dim == 8
+
+    audit = debias.RarityAudit(vae).fit(imgs)
+    assert {"path", "rarity", "weight", "recon_error"} <= set(audit.scores_.columns)
+    assert len(audit.scores_) == len(imgs) and audit.scores_["weight"].sum() == pytest.approx(1.0)
+    # the planted rare group gets more than its share of the weight
+    rare = audit.scores_["rare"].to_numpy() == 1
+    assert audit.scores_["weight"][rare].mean() > audit.scores_["weight"][~rare].mean()
+    w = audit.sampling_weights(imgs.subset(np.arange(50)))
+    assert w.shape == (50,) and w.sum() == pytest.approx(1.0)
+
+    det = debias.NoveltyDetector(vae, target_fpr=0.05).fit(imgs)
+    x = imgs.subset(np.arange(40))
+    s = det.score_samples(x)
+    np.testing.assert_allclose(det.decision_function(x), s - det.offset_)
+    pred = det.predict(x)
+    assert set(np.unique(pred)) <= {-1, 1}
+    np.testing.assert_array_equal(pred == -1, det.decision_function(x) < 0)
+    p = det.p_values(x)
+    assert ((p > 0) & (p <= 1)).all()
+    # sign convention: an image turned into noise is less normal than the training images
+    noise = np.random.default_rng(0).integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
+    assert np.median(det.score_samples(noise)) < np.median(s)
+
+    det.save(tmp_path / "det")
+    again = debias.NoveltyDetector.load(tmp_path / "det")
+    np.testing.assert_allclose(again.score_samples(x), s, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(again.predict(x), pred)
+
+
+def test_every_input_kind_gives_the_same_scores(trained, tmp_path: Path) -> None:
+    imgs, vae, _ = trained
+    audit = debias.RarityAudit(vae).fit(imgs)
+    u8 = np.array(imgs.images[:12])
+    paths = []
+    for i, arr in enumerate(u8):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(arr).save(paths[-1])
+    ref = audit.score_samples(imgs.subset(np.arange(12)))
+    as_float = torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 255.0
+    for x in (u8, as_float, [Image.fromarray(a) for a in u8], paths, [str(p) for p in paths]):
+        np.testing.assert_allclose(audit.score_samples(x), ref, rtol=1e-5, atol=1e-5)
+    # another size is brought to the model's size, as the CLI's decoder would: no caller resizes by hand
+    big = np.stack([np.asarray(Image.fromarray(a).resize((64, 64), Image.Resampling.NEAREST)) for a in u8])
+    assert audit.score_samples(big).shape == (12,)
+    grey = u8.mean(-1).astype(np.uint8)  # (N, H, W): made RGB for an RGB model
+    assert np.isfinite(audit.score_samples(grey)).all()
+    with pytest.raises(debias.DebiasError, match="float array"):
+        audit.score_samples(as_float * 255)
+    with pytest.raises(debias.DebiasError, match="cannot read images"):
+        audit.score_samples(42)
+
+
+def test_estimators_follow_scikit_learn(trained) -> None:
+    imgs, vae, _ = trained
+    for est in (debias.RarityAudit(vae, target_ess=0.3), debias.NoveltyDetector(vae, target_fpr=0.1),
+                debias.LatentHistogramDensity(bins=8)):
+        copy = clone(est)  # the model is deep-copied, like any non-estimator parameter
+        params = {k: v for k, v in est.get_params().items() if k != "vae"}
+        assert {k: v for k, v in copy.get_params().items() if k != "vae"} == params
+        assert not hasattr(copy, "offset_") and not hasattr(copy, "scores_")
+    with pytest.raises(NotFittedError):
+        debias.RarityAudit(vae).score_samples(imgs)
+    with pytest.raises(NotFittedError):
+        debias.NoveltyDetector(vae).predict(imgs)
+    with pytest.raises(NotFittedError):
+        debias.LatentHistogramDensity().score_samples(np.zeros((3, 2)))
+
+
+def test_bring_your_own_embeddings(trained) -> None:
+    """Embeddings from a randomly initialised torchvision network (nothing downloaded), keyed by row."""
+    import torchvision
+
+    imgs, _, _ = trained
+    net = torchvision.models.resnet18(weights=None, num_classes=32).eval()
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        emb = net(imgs.batch(np.arange(len(imgs)))).numpy()
+    audit = debias.RarityAudit().fit(embeddings=emb)
+    assert len(audit.scores_) == len(imgs) and audit.scores_["weight"].sum() == pytest.approx(1.0)
+    np.testing.assert_allclose(audit.sampling_weights(embeddings=emb[:10]).sum(), 1.0)
+    with pytest.raises(debias.DebiasError, match="reconstruction"):
+        debias.RarityAudit(estimator="knn-recon").fit(embeddings=emb)
+    with pytest.raises(debias.DebiasError, match="embeddings"):
+        audit.score_samples(imgs)
+
+
+def test_the_example_script_runs(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "audit_and_score.py"), "--data", "builtin:shapes?n=300&rare=0.05",
+         "--epochs", "1", "--width", "8", "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "rarest training images" in out.stdout and "called novel" in out.stdout
