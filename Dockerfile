@@ -28,14 +28,14 @@ RUN python -m venv "$VIRTUAL_ENV" \
     && pip install -c /build/constraints.txt \
         $(python -c "import tomllib; print(' '.join(tomllib.load(open('/build/pyproject.toml', 'rb'))['project']['dependencies']))")
 
-COPY README.md /build/
+COPY README.md LICENSE /build/
 COPY debias /build/debias
 COPY pipelines /build/pipelines
 COPY service /build/service
 RUN pip install -c /build/constraints.txt --no-deps /build \
     && pip check \
     && rm -rf /build \
-    && python -c "import pathlib, service.app; assert (pathlib.Path(service.app.__file__).parent / 'static' / 'index.html').is_file()"
+    && python -c "import pathlib, debias.service.app as app; assert (pathlib.Path(app.__file__).parent / 'static' / 'index.html').is_file()"
 
 # An unprivileged user; the model is read from /model (mount it read-only), decoded images go to /cache.
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin debias \

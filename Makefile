@@ -1,22 +1,30 @@
-# Two entry points for a fresh machine: `make demo` and `make test`. Both build the virtual
-# environment first (pinned by constraints.txt), so nothing has to be installed by hand.
+# Two entry points for a fresh machine: `make demo` and `make test`. Both build the virtual environment first
+# (pinned by constraints.txt), so nothing has to be installed by hand. The demo installs only what the package needs
+# to run; the test tools (pytest, Ray, Playwright, schemathesis, PyOD) are added by `make test` only.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test install clean
+.PHONY: demo test install install-dev clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
-	$(PYTHON) -m venv $(VENV)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip uninstall -y -q debias 2>/dev/null || true  # the distribution's old name, from older checkouts
+	$(PY) -m pip install -q -c constraints.txt -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
 install: $(VENV)/.installed
 
+install-dev: $(VENV)/.installed-dev
+
 demo: $(VENV)/.installed
 	$(VENV)/bin/debias demo --out runs/demo
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q
 
 clean:

@@ -31,7 +31,13 @@ from sklearn.utils.validation import check_is_fitted
 from debias.data import ImageSet
 from debias.data import load_images as _load_images
 from debias.data.inputs import ImagesLike, as_image_set, where_list
-from debias.density.detector import DEFAULT_CALIBRATION_FRACTION, DEFAULT_TARGET_FPR, fit_detector
+from debias.density.detector import (
+    DEFAULT_CALIBRATION_FRACTION,
+    DEFAULT_TARGET_FPR,
+    EmbeddingDetector,
+    fit_detector,
+    fit_embedding_detector,
+)
 from debias.density.encoding import Encoded, encode_images
 from debias.density.rarity import (
     DEFAULT_ESTIMATOR,
@@ -222,6 +228,9 @@ class NoveltyDetector(OutlierMixin, BaseEstimator):
     threshold on the rest, so that about ``target_fpr`` of new in-distribution images are called novel.
     ``score_samples`` is higher = more normal; ``decision_function`` = ``score_samples - offset_`` (< 0 = novel);
     ``predict`` gives +1 typical / -1 novel; ``p_values`` the conformal p-values (small = novel).
+
+    ``fit(embeddings=E)`` needs no model: the score is then the kNN distance among the embeddings (one-sided), with
+    the same split and calibration; score new rows with ``embeddings=`` too.
     """
 
     def __init__(
@@ -239,47 +248,61 @@ class NoveltyDetector(OutlierMixin, BaseEstimator):
         self.seed = seed
         self.batch_size = batch_size
 
-    def fit(self, X: ImagesLike, y: Any = None) -> "NoveltyDetector":
-        if self.vae is None:
-            raise DebiasError("NoveltyDetector needs a trained vae")
-        cfg = self.vae.config
-        data = as_image_set(X, cfg.image_size, cfg.channels)
-        self.detector_ = fit_detector(self.vae, data, calibration_fraction=self.calibration_fraction,
-                                      target_fpr=self.target_fpr, seed=self.seed, batch_size=self.batch_size,
-                                      progress=False)
+    def fit(self, X: ImagesLike | None = None, y: Any = None, *, embeddings: np.ndarray | None = None) -> "NoveltyDetector":
+        if (X is None) == (embeddings is None):
+            raise DebiasError("pass either images X or embeddings=, not both and not neither")
+        if embeddings is not None:
+            self.detector_ = fit_embedding_detector(_embeddings(embeddings), target_fpr=self.target_fpr,
+                                                    calibration_fraction=self.calibration_fraction, seed=self.seed)
+        else:
+            if self.vae is None:
+                raise DebiasError("NoveltyDetector needs a trained vae to encode images (or fit(embeddings=...))")
+            cfg = self.vae.config
+            data = as_image_set(X, cfg.image_size, cfg.channels)
+            self.detector_ = fit_detector(self.vae, data, calibration_fraction=self.calibration_fraction,
+                                          target_fpr=self.target_fpr, seed=self.seed, batch_size=self.batch_size,
+                                          progress=False)
         self.offset_ = -float(self.detector_.calibrator.threshold_)
         return self
 
-    def _results(self, X: ImagesLike) -> Any:
+    def _results(self, X: ImagesLike | None, embeddings: np.ndarray | None = None) -> Any:
         check_is_fitted(self, "detector_")
+        if isinstance(self.detector_, EmbeddingDetector):
+            if embeddings is None:
+                raise DebiasError("this detector was fitted on embeddings: pass embeddings=")
+            return self.detector_.score(_embeddings(embeddings))
+        if embeddings is not None:
+            raise DebiasError("this detector was fitted on images: score images, not embeddings")
         cfg = self.detector_.model.config
         return self.detector_.score_dataset(as_image_set(X, cfg.image_size, cfg.channels), progress=False,
                                             batch_size=self.batch_size)
 
-    def score_samples(self, X: ImagesLike) -> np.ndarray:
+    def score_samples(self, X: ImagesLike | None = None, *, embeddings: np.ndarray | None = None) -> np.ndarray:
         """Higher = more normal: minus the novelty score."""
-        return -np.asarray(self._results(X).novelty, dtype=np.float64)
+        return -np.asarray(self._results(X, embeddings).novelty, dtype=np.float64)
 
-    def decision_function(self, X: ImagesLike) -> np.ndarray:
+    def decision_function(self, X: ImagesLike | None = None, *, embeddings: np.ndarray | None = None) -> np.ndarray:
         """``score_samples - offset_``: negative = novel at the calibrated threshold."""
-        return self.score_samples(X) - self.offset_
+        return self.score_samples(X, embeddings=embeddings) - self.offset_
 
-    def predict(self, X: ImagesLike) -> np.ndarray:
+    def predict(self, X: ImagesLike | None = None, *, embeddings: np.ndarray | None = None) -> np.ndarray:
         """+1 typical, -1 novel (the conformal decision at ``target_fpr``)."""
-        return np.where(self._results(X).is_novel, -1, 1)
+        return np.where(self._results(X, embeddings).is_novel, -1, 1)
 
-    def p_values(self, X: ImagesLike) -> np.ndarray:
+    def p_values(self, X: ImagesLike | None = None, *, embeddings: np.ndarray | None = None) -> np.ndarray:
         """Conformal p-values: the share of calibration images at least as novel (small = novel)."""
-        return np.asarray(self._results(X).p_value, dtype=np.float64)
+        return np.asarray(self._results(X, embeddings).p_value, dtype=np.float64)
 
-    def explain(self, X: ImagesLike) -> pd.DataFrame:
+    def explain(self, X: ImagesLike | None = None, *, embeddings: np.ndarray | None = None) -> pd.DataFrame:
         """One row per image: novelty, p_value, is_novel and the statistic that drove the verdict."""
-        res = self._results(X)
+        res = self._results(X, embeddings)
         return pd.DataFrame([res.record(i) for i in range(len(res))])
 
     def save(self, path: str | Path) -> Path:
         """Write the fitted detector (model weights included) to the folder ``path``: model.pt + novelty.pt."""
         check_is_fitted(self, "detector_")
+        if isinstance(self.detector_, EmbeddingDetector):
+            raise DebiasError("saving a detector fitted on embeddings is not supported; refit it from the embeddings")
         from debias.density.detector import save_detector_folder
 
         return save_detector_folder(self.detector_, Path(path))
@@ -294,4 +317,3 @@ class NoveltyDetector(OutlierMixin, BaseEstimator):
         self.detector_ = det
         self.offset_ = -float(det.calibrator.threshold_)
         return self
-

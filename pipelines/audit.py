@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from debias.data import load_images
+from debias.data.imageset import list_rows
 from debias.density.encoding import (
     Encoded,
     encode_images,
@@ -111,6 +112,82 @@ def run_audit(job: AuditJob) -> AuditResult:
         encode_s=time.perf_counter() - t0, pixels=lambda idx: np.asarray(data.images[idx]),
     )
     return write_audit(job, model, meta, rows)
+
+
+def read_embeddings(path: Path) -> pd.DataFrame:
+    """A Parquet (or CSV) file of precomputed embeddings keyed by ``path``: either one column ``embedding`` holding a
+    vector per row, or numeric columns (every column but ``path``). Returns ``path`` + one float vector per row."""
+    if not path.is_file():
+        raise DebiasError(f"--embeddings {path}: no such file")
+    try:
+        table = pd.read_csv(path) if path.suffix.lower() == ".csv" else pd.read_parquet(path)
+    except Exception as exc:  # noqa: BLE001 - any reader error is the user's file: one line, no traceback
+        raise DebiasError(f"--embeddings {path}: cannot read it ({type(exc).__name__}: {exc})") from None
+    if "path" not in table.columns:
+        raise DebiasError(f"--embeddings {path}: needs a 'path' column (columns: {', '.join(map(str, table.columns))})")
+    if "embedding" in table.columns:
+        vectors = [np.asarray(v, dtype=np.float64).ravel() for v in table["embedding"]]
+    else:
+        numeric = table.drop(columns=["path"]).select_dtypes("number")
+        if numeric.shape[1] == 0:
+            raise DebiasError(f"--embeddings {path}: no 'embedding' column and no numeric columns besides 'path'")
+        vectors = list(numeric.to_numpy(dtype=np.float64))
+    if len({len(v) for v in vectors}) > 1:
+        raise DebiasError(f"--embeddings {path}: the rows have vectors of different lengths")
+    if table["path"].duplicated().any():
+        raise DebiasError(f"--embeddings {path}: {int(table['path'].duplicated().sum())} duplicated paths")
+    return pd.DataFrame({"path": table["path"].astype(str), "vector": vectors})
+
+
+def run_embeddings_audit(job: AuditJob, embeddings: Path) -> AuditResult:
+    """`debias audit --embeddings FILE`: rarity over precomputed embeddings (CLIP and similar) instead of a model's
+    latents. Rows are the source's (after --where) that have an embedding, matched on ``path``; the others are
+    counted and left out. There is no reconstruction error, so ``knn-recon`` (the default) means ``knn`` here; the
+    HTML report, which shows the model's reconstructions and traversals, is not written."""
+    estimator = "knn" if job.estimator == "knn-recon" else job.estimator
+    if estimator == "recon":
+        raise DebiasError("--estimator recon needs a model's reconstruction error; embeddings have none")
+    listed = list_rows(job.data, where=job.where)
+    table = listed.table.reset_index(drop=True)
+    check_group_by(job, table.columns)
+    emb = read_embeddings(embeddings)
+    table = table.assign(path=table["path"].astype(str))
+    merged = table.merge(emb, on="path", how="left", validate="one_to_one")
+    has = merged["vector"].notna().to_numpy()
+    if has.sum() < 3:
+        raise DebiasError(
+            f"--embeddings {embeddings}: {int(has.sum())} of the {len(table)} rows of the data have an embedding "
+            "(matched on 'path', as the source lists it); need at least 3"
+        )
+    kept = merged[has].reset_index(drop=True)
+    X = np.stack(kept.pop("vector").to_numpy())
+    if not np.isfinite(X).all():
+        raise DebiasError(f"--embeddings {embeddings}: NaN or infinite values")
+    fit = fit_audit_rarity(X, np.zeros(len(X)), estimator, job.density, job.n_neighbors)
+    scores = kept.assign(rarity=fit.rarity, weight=fit.weights)
+    scores["rarity_rank"] = scores["rarity"].rank(ascending=False, method="first").astype(int)
+    groups = {col: group_stats(scores, [col]) for col in job.group_by}
+    if len(job.group_by) > 1:
+        groups[" x ".join(job.group_by)] = group_stats(scores, job.group_by)
+    summary: dict[str, Any] = {
+        "embeddings": str(embeddings),
+        "embedding_dim": int(X.shape[1]),
+        "source": job.data,
+        "where": job.where,
+        "n_rows": int(len(table)),
+        "n_without_embedding": int((~has).sum()),
+        "n_scored": int(len(scores)),
+        "rarity_estimator": estimator,
+        "effective_sample_size": effective_sample_size(fit.weights),
+        "effective_sample_fraction": effective_sample_size(fit.weights) / len(scores),
+        "density": {**asdict(job.density), "n_neighbors": job.n_neighbors, "temperature_used": fit.temperature},
+        "groups": {name: _records(tbl) for name, tbl in groups.items()},
+    }
+    job.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_table(scores, job.out / "scores.parquet")
+    atomic_write_table(scores, job.out / "scores.csv")
+    write_json(summary, job.out / "summary.json")
+    return AuditResult(scores=scores, summary=summary, out=job.out)
 
 
 def write_audit(job: AuditJob, model: ConvVAE, meta: dict[str, Any], rows: EncodedRows) -> AuditResult:

@@ -114,6 +114,12 @@ def test_bring_your_own_embeddings(trained) -> None:
     np.testing.assert_allclose(audit.sampling_weights(embeddings=emb[:10]).sum(), 1.0)
     with pytest.raises(debias.DebiasError, match="reconstruction"):
         debias.RarityAudit(estimator="knn-recon").fit(embeddings=emb)
+    # novelty on embeddings: the held-out rows are mostly typical, rows far outside the cloud are novel
+    det = debias.NoveltyDetector(target_fpr=0.1).fit(embeddings=emb[:300])
+    held_out = det.predict(embeddings=emb[300:])
+    far = emb[300:] + 50 * emb.std(0)
+    assert np.mean(held_out == 1) > 0.7 and np.mean(det.predict(embeddings=far) == -1) > 0.9
+    assert len(det.explain(embeddings=far[:3])) == 3
     with pytest.raises(debias.DebiasError, match="embeddings"):
         audit.score_samples(imgs)
 

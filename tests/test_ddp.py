@@ -1,6 +1,6 @@
 """Data-parallel training under torchrun (2 CPU processes, gloo) against single-process runs of the same job.
 
-What "the same semantics" means here (debias/distributed.py): every rank draws the same global epoch order and trains
+What "the same semantics" means here (debias/runtime/distributed.py): every rank draws the same global epoch order and trains
 on its strided slice, and --batch-size is the global batch, so the ranks' k-th batches together are the single
 process's k-th batch. The rows each rank trains on are recorded with DEBIAS_RECORD_ROWS.
 """

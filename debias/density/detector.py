@@ -390,3 +390,43 @@ def save_detector_folder(det: FittedDetector, folder: Path) -> Path:
     det.card["model_sha256"] = sha[:16]
     det.save(folder / NOVELTY_FILE, sha)
     return folder
+
+
+class EmbeddingDetector:
+    """A novelty score over precomputed embeddings (no model): the one-sided kNN distance among them (the
+    ``posterior_knn`` statistic with zero log-variances), calibrated conformally like :class:`FittedDetector`."""
+
+    def __init__(self, scorer: NoveltyScorer, calibrator: ConformalCalibrator) -> None:
+        self.scorer = scorer
+        self.calibrator = calibrator
+
+    @staticmethod
+    def features(embeddings: np.ndarray) -> np.ndarray:
+        e = np.asarray(embeddings, dtype=np.float64)
+        return feature_matrix(Encoded(mu=e, logvar=np.zeros_like(e), recon_error=np.zeros(len(e)), logits=None))
+
+    def score(self, embeddings: np.ndarray) -> NoveltyResults:
+        X = self.features(embeddings)
+        out = self.scorer.analyse(X)
+        return NoveltyResults(
+            novelty=out["novelty"], p_value=self.calibrator.p_values(out["novelty"]),
+            is_novel=self.calibrator.is_novel(out["novelty"]), rarity=self.scorer.rarity(X),
+            recon_error=np.zeros(len(X)), top_dims=out["top_dims"], driver=out["driver"],
+            statistics=out["statistics"],
+        )
+
+
+def fit_embedding_detector(
+    embeddings: np.ndarray, *, target_fpr: float = DEFAULT_TARGET_FPR,
+    calibration_fraction: float = DEFAULT_CALIBRATION_FRACTION, seed: int = 0,
+) -> EmbeddingDetector:
+    """Fit the kNN score on a random ``1 - calibration_fraction`` of the rows and calibrate on the rest."""
+    n = len(embeddings)
+    n_cal = int(round(n * calibration_fraction))
+    if not 0 < calibration_fraction < 1 or n_cal < 1 or n - n_cal < 2:
+        raise DebiasError(f"cannot split {n} embeddings into a fit part and a calibration part of {calibration_fraction:.0%}")
+    order = np.random.default_rng(seed).permutation(n)
+    X = EmbeddingDetector.features(embeddings)
+    scorer = NoveltyScorer(statistics=("posterior_knn",), one_sided=("posterior_knn",)).fit(X[order[n_cal:]])
+    calibrator = ConformalCalibrator(target_fpr=target_fpr).fit(scorer.novelty(X[order[:n_cal]]))
+    return EmbeddingDetector(scorer, calibrator)
