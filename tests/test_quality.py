@@ -231,3 +231,29 @@ def test_unknown_group_column_is_an_error(tmp_path, run, shapes):
     with pytest.raises(DebiasError, match="--group-by 'colour'.*generated images"):
         run_quality(QualityJob(real=REAL, synthetic=syn, features=run, out=tmp_path / "q", group_by="colour",
                                device="cpu", progress=False))
+
+
+def test_quality_page_escapes_hostile_values():
+    """The quality page comes from a Jinja2 template with autoescape: text from the data (group names, methods,
+    notes, pair captions, the title) stays text, in element content and in attributes."""
+    from debias.reports.quality import GroupImages, QualityPage, render_quality_html
+
+    hostile = "<script>alert(1)</script>"
+    escaped = "&lt;script&gt;alert(1)&lt;/script&gt;"
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    page = QualityPage(
+        title=f"Quality {hostile}", summary={"real": f"data/{hostile}.csv"},
+        metrics=[{"method": hostile, "group": hostile, "n_real": 3, "n_fake": 2, "fid": 1.5, "kid_mean": 0.01,
+                  "kid_std": 0.001, "precision": 0.5, "recall": 0.5, "note": f'"{hostile}"'}],
+        cas={hostile: {"accuracy": 0.5, "reason": hostile, "per_group": {hostile: {"n": 3, "accuracy": 0.5}}}},
+        grids=[GroupImages(hostile, hostile, images, images)],
+        pairs=rng.integers(0, 256, (1, 2, 8, 8, 3), dtype=np.uint8), pair_captions=[(f'src "{hostile}"', hostile)],
+        pairs_note=hostile, feature_note=hostile,
+    )
+    html = render_quality_html(page)
+    assert "<script" not in html.lower()
+    assert f"<title>Quality {escaped}</title>" in html and f"data/{escaped}.csv" in html
+    assert f"<h3>{escaped}: accuracy 0.5</h3>" in html and f"<h3>{escaped} · {escaped}</h3>" in html
+    assert f'alt="src &#34;{escaped}&#34;"' in html and f"<td>&#34;{escaped}&#34;</td>" in html
+    assert len(DATA_URI.findall(html)) == 2 + 2 + 2 + 1  # generated, real, the pair, the chart

@@ -153,7 +153,8 @@ def test_empty_sections_are_omitted(tmp_path) -> None:
 def test_image_grid_scales_and_escapes() -> None:
     grey = np.arange(2 * 4 * 4, dtype=np.uint8).reshape(2, 4, 4, 1)
     snippet = image_grid(grey, ncols=2, captions=["<i>a</i>", 'b"q'], scale=3)
-    assert "<i>a</i>" not in snippet and "&lt;i&gt;a&lt;/i&gt;" in snippet and "&quot;q" in snippet
+    assert "<i>a</i>" not in snippet and "&lt;i&gt;a&lt;/i&gt;" in snippet
+    assert 'b"q' not in snippet and "b&#34;q" in snippet  # in the alt attribute and the caption
     uris = DATA_URI.findall(snippet)
     assert len(uris) == 2
     img = _decode(uris[0])
@@ -220,3 +221,57 @@ def test_report_without_groups_says_no_group_and_still_shows_the_rarest_rows(tmp
     finding = " ".join(finding[: finding.find("</section>")].split())
     assert "No group holds less than half an even share" in finding  # group tables exist, none under-represented
     assert "The rarest rows" in finding and "rare mainly because" not in finding
+
+
+HOSTILE = "<script>alert(1)</script>"
+
+
+def test_hostile_values_are_escaped_by_the_templates(tmp_path) -> None:
+    """The page is rendered from Jinja2 templates with autoescape: a path, group name, title or caption that holds
+    markup or a quote stays text everywhere (element content and attributes), and the modules escape nothing by hand."""
+    import inspect
+
+    import debias.reports.audit as audit_module
+    import debias.reports.quality as quality_module
+    from debias.reports.audit import GroupFinding, RowsFinding, Thumb, png_data_uri
+
+    img = png_data_uri(np.zeros((8, 8, 3), np.uint8))
+    report = _make_report(3)
+    report.title = f"Audit of {HOSTILE}"
+    report.scores["path"] = [f"faces/{HOSTILE}_{i}.jpg" for i in range(len(report.scores))]
+    report.rarest_captions = [f'rare "{i}" {HOSTILE}' for i in range(len(report.rarest_captions))]
+    report.summary = {"manifest": f"data/{HOSTILE}/manifest.csv", HOSTILE: [HOSTILE] * 12}
+    table = report.group_tables["group"]
+    table.index = [HOSTILE, 'quote"d', "c"]
+    table.index.name = f"col {HOSTILE}"
+    report.group_tables = {f"grouping {HOSTILE}": table}
+    report.rarity_auroc = {HOSTILE: 0.6}
+    report.traversal_labels = [HOSTILE, 'z"1']
+    report.finding_groups = [GroupFinding(
+        grouping=HOSTILE, group=HOSTILE, count=3, share=0.05, even_share=0.33, weight_share=0.2, ratio=4.0,
+        auroc=None, examples=[Thumb(img, f'say "hi" {HOSTILE}')],
+    )]
+    report.finding_rows = RowsFinding(
+        estimator=HOSTILE, n_rows=60, n_shown=1, examples=[Thumb(img, HOSTILE)], by_reconstruction=None,
+        dim_label=HOSTILE, dim_shift=1.0, traversal=[img], traversal_values=[HOSTILE],
+    )
+    text = write_report(report, tmp_path / "report.html").read_text(encoding="utf-8")
+
+    assert "<script" not in text.lower() and "alert(1)</" not in text
+    escaped = "&lt;script&gt;alert(1)&lt;/script&gt;"
+    assert f"<title>Audit of {escaped}</title>" in text and f"<h1>Audit of {escaped}</h1>" in text
+    assert f"faces/{escaped}_" in text  # the rarest rows' paths
+    assert f"data/{escaped}/manifest.csv" in text and "12 items" in text  # summary values, abbreviated list
+    assert f"<h3>grouping {escaped}</h3>" in text and f"<th>col {escaped}</th>" in text
+    assert f"<th>{escaped}</th>" in text  # group table row and AUROC table
+    # A quote in a caption cannot close the alt attribute it also lands in.
+    assert f'alt="rare &#34;0&#34; {escaped}"' in text
+    assert re.search(f'<figcaption style="width:[0-9]+px">rare &#34;0&#34; {re.escape(escaped)}</figcaption>', text)
+    assert f'alt="say &#34;hi&#34; {escaped}"' in text
+    assert 'quote&#34;d' in text and 'alt="z&#34;1 step 0"' in text
+    # Every src is still one of our inline images, and no attribute was broken open.
+    assert all(src.startswith("data:image/png;base64,") for src in re.findall(r'src="([^"]*)"', text))
+    # No manual escaping left in the modules: the templates' autoescape does it.
+    for module in (audit_module, quality_module):
+        source = inspect.getsource(module)
+        assert "escape_html" not in source and "html.escape" not in source, module.__name__

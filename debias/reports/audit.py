@@ -6,20 +6,23 @@ or opened offline years later; the report must never fetch anything. Plots are d
 backend switch (so importing this module cannot disturb a caller's interactive matplotlib) and
 the figures are not registered anywhere, so they are freed as soon as we drop them.
 
-All text that can come from user data (paths, metadata values, column names, captions, labels)
-goes through `escape_html` before it reaches the HTML, and through `_mpl_text` before it reaches
-matplotlib (where an unbalanced "$" would otherwise be parsed as mathtext and raise).
+The markup lives in Jinja2 templates (templates/audit_report.html, with the page frame and the
+shared macros in report_base.html and report_macros.html); this module only prepares plain data
+(strings, numbers, data: URIs) for them. The environment autoescapes, so text that can come from
+user data (paths, metadata values, column names, captions, labels) can never become markup. The
+same text goes through `_mpl_text` before it reaches matplotlib (where an unbalanced "$" would
+otherwise be parsed as mathtext and raise).
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import io
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import jinja2
 import numpy as np
@@ -96,18 +99,22 @@ class RowsFinding:
     traversal_values: list[str]
 
 
-_FINDING = jinja2.Environment(
+# One environment for the audit report and the quality page. Autoescaping is what keeps data out of the markup:
+# a template that needs a value unescaped says so with `|safe`, and only for our own constants.
+TEMPLATES = jinja2.Environment(
     loader=jinja2.PackageLoader("debias.reports", "templates"),
     autoescape=jinja2.select_autoescape(["html"]),
     undefined=jinja2.StrictUndefined,
-).get_template("audit_finding.html")
+)
+_MACROS = TEMPLATES.get_template("report_macros.html").module  # its macros, callable from Python
+
+Section = dict[str, Any]  # the plain data of one section of a template; None where the section is omitted
 
 
-def _finding_section(report: AuditReport) -> str:
+def _finding_section(report: AuditReport) -> Section | None:
     if not report.finding_groups and report.finding_rows is None:
-        return ""
-    return _FINDING.render(groups=report.finding_groups, has_groupings=bool(report.group_tables),
-                           rows=report.finding_rows)
+        return None
+    return {"groups": report.finding_groups, "has_groupings": bool(report.group_tables), "rows": report.finding_rows}
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,11 +128,6 @@ _MAX_BARS = 40  # more groups than this make an unreadable bar chart; the table 
 _MAX_SEQ_ITEMS = 10  # long lists in the summary (e.g. skipped files) are abbreviated
 _TOP_ROWS = 20  # rows of the "rarest samples" score table
 _CONTENT_PX = 1130  # usable page width: main is 1200 px minus 2 x 28 px padding, with some slack
-
-
-def escape_html(value: object) -> str:
-    """HTML-escape anything (quotes included, since values also land in attributes)."""
-    return html.escape(str(value), quote=True)
 
 
 def _mpl_text(value: object, max_len: int = 40) -> str:
@@ -156,8 +158,10 @@ def format_value(value: object) -> str:
     return str(value)
 
 
-def format_summary_value(value: object) -> str:
-    """Escaped HTML for one summary value; long lists (skipped files!) are abbreviated."""
+def summary_value(value: object) -> dict[str, object]:
+    """One summary value as data for the `summary_value` macro: {"kind": "text", "text"} for a scalar; for a list,
+    set, mapping or 1-d array its items formatted, the first `_MAX_SEQ_ITEMS` in "shown" and the others (skipped
+    files can be thousands) in "rest", with "total" and "more" as counts."""
     if isinstance(value, Mapping):
         items = [f"{format_value(k)}: {format_value(v)}" for k, v in value.items()]
     elif isinstance(value, (list, tuple, set, frozenset)):
@@ -165,18 +169,19 @@ def format_summary_value(value: object) -> str:
     elif isinstance(value, np.ndarray) and value.ndim == 1:
         items = [format_value(v) for v in value.tolist()]
     else:
-        return escape_html(format_value(value))
-    if not items:
-        return '<span class="muted">none</span>'
-    shown = ", ".join(escape_html(i) for i in items[:_MAX_SEQ_ITEMS])
-    if len(items) > _MAX_SEQ_ITEMS:
-        # Show the count first: for skipped files, "how many" matters more than "which".
-        rest = "<br>".join(escape_html(i) for i in items[_MAX_SEQ_ITEMS:])
-        return (
-            f"{len(items):,} items: {shown}, … "
-            f"<details><summary>{len(items) - _MAX_SEQ_ITEMS:,} more</summary>{rest}</details>"
-        )
-    return shown
+        return {"kind": "text", "text": format_value(value)}
+    return {"kind": "list", "shown": items[:_MAX_SEQ_ITEMS], "rest": items[_MAX_SEQ_ITEMS:],
+            "total": f"{len(items):,}", "more": f"{max(0, len(items) - _MAX_SEQ_ITEMS):,}"}
+
+
+def summary_rows(summary: Mapping[str, object] | None) -> list[tuple[str, dict[str, object]]]:
+    """A key/value summary as rows for the `kv_table` macro."""
+    return [(str(k), summary_value(v)) for k, v in (summary or {}).items()]
+
+
+def format_summary_value(value: object) -> str:
+    """HTML for one summary value (long lists, e.g. skipped files, abbreviated), rendered by the template macro."""
+    return str(_MACROS.summary_value(summary_value(value)))
 
 
 def _group_key_text(key: object) -> str:
@@ -244,27 +249,21 @@ def png_data_uri(image: np.ndarray, scale: int = 1) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _img_tag(image: np.ndarray, scale: int, alt: str = "") -> str:
+def _px_image(image: np.ndarray, scale: int, alt: str = "") -> dict[str, object]:
+    """One sample image as data for the `px_img` macro: its data URI, upscaled size and alt text."""
     h, w = image.shape[:2]
-    return (
-        f'<img class="px" src="{png_data_uri(image, scale)}" width="{w * scale}" '
-        f'height="{h * scale}" alt="{escape_html(alt)}">'
-    )
+    return {"uri": png_data_uri(image, scale), "width": w * scale, "height": h * scale, "alt": alt}
 
 
-def image_grid(
+def image_grid_data(
     images: np.ndarray, ncols: int, captions: list[str] | None = None, scale: int = 2
-) -> str:
-    """HTML snippet: a grid of base64 PNG <img> (uint8 (n, H, W, C), C in {1, 3}) with optional captions.
-
-    Images are upscaled by `scale` with nearest neighbour so 32x32 samples are visible; captions
-    are HTML-escaped. Returns "" for an empty batch. Needs the report's CSS only for spacing, so
-    other reports can embed it as is.
-    """
+) -> dict[str, object] | None:
+    """A grid of images (uint8 (n, H, W, C)) with optional captions as data for the `image_grid` macro; None for an
+    empty batch. Images are upscaled by `scale` with nearest neighbour so 32x32 samples are visible."""
     arr = _as_image_batch(images)
     n = arr.shape[0]
     if n == 0:
-        return ""
+        return None
     scale = max(1, int(scale))
     ncols = max(1, min(int(ncols), n))
     caps = _pad_labels(captions, n, "") if captions is not None else None
@@ -274,12 +273,21 @@ def image_grid(
     cells = []
     for i in range(n):
         cap = caps[i] if caps is not None else ""
-        figcap = f'<figcaption style="width:{min_w}px">{escape_html(cap)}</figcaption>' if cap else ""
-        cells.append(f'<figure class="cell">{_img_tag(arr[i], scale, cap)}{figcap}</figure>')
-    return (
-        f'<div class="grid" style="display:grid;grid-template-columns:repeat({ncols},max-content);'
-        f'gap:8px 10px;align-items:start">' + "".join(cells) + "</div>"
-    )
+        cells.append({"img": _px_image(arr[i], scale, cap), "caption": cap})
+    return {"ncols": ncols, "caption_px": min_w, "cells": cells}
+
+
+def image_grid(
+    images: np.ndarray, ncols: int, captions: list[str] | None = None, scale: int = 2
+) -> str:
+    """HTML snippet: a grid of base64 PNG <img> (uint8 (n, H, W, C), C in {1, 3}) with optional captions.
+
+    Images are upscaled by `scale` with nearest neighbour so 32x32 samples are visible; captions
+    are escaped by the template. Returns "" for an empty batch. Needs the report's CSS only for
+    spacing, so other reports can embed it as is.
+    """
+    grid = image_grid_data(images, ncols, captions, scale)
+    return "" if grid is None else str(_MACROS.image_grid(grid))
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,10 +307,11 @@ def figure_to_data_uri(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _plot_tag(fig: Figure, alt: str) -> str:
+def _plot(fig: Figure, alt: str) -> dict[str, str]:
+    """A figure as data for the `plot_img` macro."""
     uri = figure_to_data_uri(fig)
     fig.clear()  # drop artists now rather than waiting for the collector; the figures can be big
-    return f'<img class="plot" src="{uri}" alt="{escape_html(alt)}">'
+    return {"uri": uri, "alt": alt}
 
 
 def _finite(values: Iterable[object]) -> np.ndarray:
@@ -328,19 +337,19 @@ def _ess_from_summary(summary: Mapping[str, object]) -> float | None:
     return None
 
 
-def _distribution_section(report: AuditReport) -> str:
+def _distribution_section(report: AuditReport) -> Section | None:
     scores = report.scores if report.scores is not None else pd.DataFrame()
     rarity = _finite(scores["rarity"]) if "rarity" in scores else np.array([])
     weights = _finite(scores["weight"]) if "weight" in scores else np.array([])
     weights = weights[weights >= 0]
     if rarity.size == 0 and (weights.size == 0 or weights.sum() <= 0):
-        return ""
+        return None
 
     panels = int(rarity.size > 0) + (2 if weights.size and weights.sum() > 0 else 0)
     fig = Figure(figsize=(4.0 * panels, 3.3), layout="constrained")
     axes = fig.subplots(1, panels, squeeze=False)[0]
     ai = 0
-    notes: list[str] = []
+    weight_note: dict[str, str] | None = None
 
     if rarity.size:
         ax = axes[ai]
@@ -393,26 +402,16 @@ def _distribution_section(report: AuditReport) -> str:
             source = "computed from the weights"
         top = max(1, int(math.ceil(0.1 * n)))
         top_share = float(np.sort(weights)[::-1][:top].sum() / weights.sum())
-        notes.append(
-            f"Effective sample size <b>{escape_html(format_value(round(ess, 1)))}</b> of {n:,} samples "
-            f"({ess / n:.1%}; {source}). The heaviest sample weighs {rel[0]:.3g}× the uniform weight; "
-            f"the top 10% of samples carry {top_share:.1%} of the total weight."
-        )
+        weight_note = {"ess": format_value(round(ess, 1)), "n": f"{n:,}", "fraction": f"{ess / n:.1%}",
+                       "source": source, "heaviest": f"{rel[0]:.3g}", "top_share": f"{top_share:.1%}"}
 
-    notes_html = "".join(f"<p>{n}</p>" for n in notes)
-    return (
-        '<section id="distributions"><h2>Rarity and weight distributions</h2>'
-        "<p class=\"muted\">Rarity is the negative log density of a sample's latent code under the "
-        "per-dimension histograms; resampling weights grow with rarity. A weight curve far from "
-        "uniform means training will revisit a small part of the data often.</p>"
-        f"{notes_html}{_plot_tag(fig, 'rarity and weight distributions')}</section>"
-    )
+    return {"weights": weight_note, "plot": _plot(fig, "rarity and weight distributions")}
 
 
-def _latent_hist_section(report: AuditReport) -> str:
+def _latent_hist_section(report: AuditReport) -> Section | None:
     hists = list(report.latent_hist or [])
     if not hists:
-        return ""
+        return None
     labels = _pad_labels(report.dim_labels, len(hists), "dim {}")
     ncols = min(6, len(hists))
     nrows = math.ceil(len(hists) / ncols)
@@ -431,12 +430,7 @@ def _latent_hist_section(report: AuditReport) -> str:
         ax.tick_params(labelsize=7)
         ax.locator_params(axis="x", nbins=4)  # long tick labels like -0.0175 collide in small panels
         ax.set_yticks([])  # counts are only compared by shape; the axis would just add clutter
-    return (
-        '<section id="latent-histograms"><h2>Latent histograms</h2>'
-        '<p class="muted">Distribution of each latent dimension used by the density estimate. '
-        "Rarity comes from the low-count bins: long, thin tails are where the dataset is sparse.</p>"
-        f"{_plot_tag(fig, 'latent histograms')}</section>"
-    )
+    return {"plot": _plot(fig, "latent histograms")}
 
 
 # --------------------------------------------------------------------------------------------
@@ -465,10 +459,12 @@ def _fmt_group_cell(col: str, value: object) -> str:
     return format_value(value)
 
 
-def _group_table_html(df: pd.DataFrame) -> str:
+def _group_table(name: str, df: pd.DataFrame, overall_mean: float | None) -> dict[str, object]:
+    """One group table (and its chart) as data for the groups section of the template."""
+    if df.empty:
+        return {"name": name, "empty": True}
     # A cross product arrives as a MultiIndex: name the header after all its levels.
     index_name = " × ".join(str(n) for n in df.index.names if n is not None) or "group"
-    head = "".join(f"<th>{escape_html(c)}</th>" for c in df.columns)
     rows = []
     for key, row in df.iterrows():
         ratio = row.get("weight_ratio", np.nan)
@@ -477,25 +473,23 @@ def _group_table_html(df: pd.DataFrame) -> str:
         except (TypeError, ValueError):
             ratio = np.nan
         # Mark strongly up-/down-weighted groups: those are the under-/over-represented ones.
-        cls = ' class="up"' if ratio >= 1.5 else (' class="down"' if ratio <= 1 / 1.5 else "")
-        cells = "".join(f'<td class="num">{escape_html(_fmt_group_cell(str(c), row[c]))}</td>' for c in df.columns)
-        rows.append(f"<tr{cls}><th>{escape_html(_group_key_text(key))}</th>{cells}</tr>")
-    return (
-        f'<div class="scroll"><table class="data"><thead><tr><th>{escape_html(index_name)}</th>{head}</tr></thead>'
-        f"<tbody>{''.join(rows)}</tbody></table></div>"
-    )
+        cls = "up" if ratio >= 1.5 else ("down" if ratio <= 1 / 1.5 else None)
+        cells = [_fmt_group_cell(str(c), row[c]) for c in df.columns]
+        rows.append({"cls": cls, "key": _group_key_text(key), "cells": cells})
+    return {"name": name, "empty": False, "index_name": index_name, "columns": [str(c) for c in df.columns],
+            "rows": rows, "chart": _group_chart(name, df, overall_mean)}
 
 
-def _group_chart(name: str, df: pd.DataFrame, overall_mean: float | None) -> str:
+def _group_chart(name: str, df: pd.DataFrame, overall_mean: float | None) -> dict[str, object] | None:
     if "mean_weight" not in df.columns or df.empty:
-        return ""
+        return None
     data = df.copy()
-    note = ""
+    truncated = None
     if len(data) > _MAX_BARS:
         # Keep the largest groups: they are the ones a reader can act on.
         order = data["count"] if "count" in data.columns else data["mean_weight"]
         data = data.loc[pd.to_numeric(order, errors="coerce").fillna(0).sort_values(ascending=False).index[:_MAX_BARS]]
-        note = f'<p class="muted">Chart shows the {_MAX_BARS} largest of {len(df):,} groups; the table lists all.</p>'
+        truncated = {"shown": _MAX_BARS, "total": f"{len(df):,}"}
     labels = [_mpl_text(_group_key_text(k), 30) for k in data.index]
     mean_w = pd.to_numeric(data["mean_weight"], errors="coerce").to_numpy(dtype=float)
     if overall_mean is None and "count" in data.columns:
@@ -540,45 +534,23 @@ def _group_chart(name: str, df: pd.DataFrame, overall_mean: float | None) -> str
         ax.set_xlabel("fraction")
         ax.set_title("Share of data vs share of weight", fontsize=10, pad=22)
         ax.legend(**legend_kw)
-    return note + _plot_tag(fig, f"weights per group of {name}")
+    return {"truncated": truncated, "plot": _plot(fig, f"weights per group of {name}")}
 
 
-def _group_section(report: AuditReport) -> str:
+def _group_section(report: AuditReport) -> Section | None:
     tables = {k: v for k, v in (report.group_tables or {}).items() if v is not None}
     auroc = dict(report.rarity_auroc or {})
     if not tables and not auroc:
-        return ""
+        return None
     overall_mean: float | None = None
     if report.scores is not None and "weight" in report.scores:
         w = _finite(report.scores["weight"])
         overall_mean = float(w.mean()) if w.size else None
 
-    parts = [
-        '<section id="groups"><h2>Groups</h2>'
-        '<p class="muted">Groups with a weight ratio above 1 are up-weighted by the debiasing, i.e. the '
-        "latent density finds them rare: these are candidates for what the dataset is missing. "
-        'Rows are <span class="up">highlighted</span> at ratio ≥ 1.5 and '
-        '<span class="down">shaded</span> at ≤ 0.67.</p>'
-    ]
-    for name, df in tables.items():
-        parts.append(f"<h3>{escape_html(name)}</h3>")
-        if df.empty:
-            parts.append('<p class="muted">No rows.</p>')
-            continue
-        parts.append(_group_table_html(df))
-        parts.append(_group_chart(str(name), df, overall_mean))
-    if auroc:
-        rows = "".join(
-            f'<tr><th>{escape_html(k)}</th><td class="num">{escape_html(_fmt_auroc(v))}</td></tr>' for k, v in auroc.items()
-        )
-        parts.append(
-            "<h3>Rarity AUROC per group</h3>"
-            '<p class="muted">How well rarity separates a group from the rest: 0.5 = no difference, '
-            "above 0.5 = the group's samples tend to be rarer.</p>"
-            f'<table class="data"><thead><tr><th>group</th><th>AUROC</th></tr></thead><tbody>{rows}</tbody></table>'
-        )
-    parts.append("</section>")
-    return "".join(parts)
+    return {
+        "tables": [_group_table(str(name), df, overall_mean) for name, df in tables.items()],
+        "auroc": [(str(k), _fmt_auroc(v)) for k, v in auroc.items()],
+    }
 
 
 def _fmt_auroc(v: object) -> str:
@@ -594,37 +566,27 @@ def _fmt_auroc(v: object) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _grid_section(sec_id: str, heading: str, blurb: str, images: np.ndarray, captions: list[str] | None) -> str:
+def _grid_section(images: np.ndarray, captions: list[str] | None) -> Section | None:
+    """A section that is one grid of sample images (rarest, typical, prior), sized to fit the page."""
     arr = _as_image_batch(images)
     if arr.shape[0] == 0:
-        return ""
+        return None
     scale = _auto_scale(arr.shape[1])
     ncols = _fit_cols(arr.shape[0], max(arr.shape[2] * scale, 110 if captions else 0))
-    grid = image_grid(arr, ncols=ncols, captions=captions, scale=scale)
-    return f'<section id="{sec_id}"><h2>{escape_html(heading)}</h2><p class="muted">{blurb}</p>{grid}'
+    return {"grid": image_grid_data(arr, ncols=ncols, captions=captions, scale=scale)}
 
 
-def _rarest_table(scores: pd.DataFrame | None) -> str:
+def _rarest_table(scores: pd.DataFrame | None) -> dict[str, object] | None:
     """The top rows by rarity as text: paths and metadata the reader can look up."""
     if scores is None or scores.empty or "rarity" not in scores:
-        return ""
+        return None
     top = scores.assign(_r=pd.to_numeric(scores["rarity"], errors="coerce")).nlargest(_TOP_ROWS, "_r").drop(columns="_r")
     numeric = {c for c in top.columns if pd.api.types.is_numeric_dtype(top[c])}
-    head = "".join(f"<th>{escape_html(c)}</th>" for c in top.columns)
-    num_attr = ' class="num"'
-    body = "".join(
-        "<tr>"
-        + "".join(
-            f"<td{num_attr if c in numeric else ''}>{escape_html(_fmt_score_cell(str(c), v))}</td>"
-            for c, v in row.items()
-        )
-        + "</tr>"
+    rows = [
+        [{"num": c in numeric, "text": _fmt_score_cell(str(c), v)} for c, v in row.items()]
         for _, row in top.iterrows()
-    )
-    return (
-        f"<details><summary>Top {len(top)} rows by rarity</summary>"
-        f'<div class="scroll"><table class="data"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div></details>'
-    )
+    ]
+    return {"n": len(top), "columns": [str(c) for c in top.columns], "rows": rows}
 
 
 def _fmt_score_cell(col: str, value: object) -> str:
@@ -636,56 +598,44 @@ def _fmt_score_cell(col: str, value: object) -> str:
     return format_value(value)
 
 
-def _recon_section(report: AuditReport) -> str:
+def _recon_section(report: AuditReport) -> Section | None:
     orig = _as_image_batch(report.recon_originals)
     rec = _as_image_batch(report.recon_outputs)
     m = min(orig.shape[0], rec.shape[0])
     if m == 0:
-        return ""
+        return None
     scale = _auto_scale(orig.shape[1])
     per_row = _fit_cols(m, orig.shape[2] * scale, reserve_px=130)  # 130: the "reconstruction" label
-    blocks = []
-    # Chunks of 8 pairs, each as two table rows, so an original sits directly above its reconstruction.
-    for start in range(0, m, per_row):
-        idx = range(start, min(m, start + per_row))
-        top = "".join(f"<td>{_img_tag(orig[i], scale, f'original {i}')}</td>" for i in idx)
-        bottom = "".join(f"<td>{_img_tag(rec[i], scale, f'reconstruction {i}')}</td>" for i in idx)
-        blocks.append(
-            f'<div class="scroll-x"><table class="imgtab"><tr><th>original</th>{top}</tr>'
-            f"<tr><th>reconstruction</th>{bottom}</tr></table></div>"
-        )
-    extra = ""
+    # Chunks of pairs that fit the page, each shown as two table rows (originals above reconstructions).
+    blocks = [
+        {
+            "originals": [_px_image(orig[i], scale, f"original {i}") for i in range(start, min(m, start + per_row))],
+            "reconstructions": [
+                _px_image(rec[i], scale, f"reconstruction {i}") for i in range(start, min(m, start + per_row))
+            ],
+        }
+        for start in range(0, m, per_row)
+    ]
+    mismatch = None
     if orig.shape[0] != rec.shape[0]:
-        extra = f'<p class="muted">{orig.shape[0]} originals but {rec.shape[0]} reconstructions; showing {m} pairs.</p>'
-    return (
-        '<section id="reconstructions"><h2>Reconstructions</h2>'
-        '<p class="muted">Originals above their VAE reconstructions. Details lost here are invisible to '
-        "the latent density, so rarity cannot reflect them.</p>" + extra + "".join(blocks) + "</section>"
-    )
+        mismatch = {"originals": orig.shape[0], "reconstructions": rec.shape[0], "pairs": m}
+    return {"blocks": blocks, "mismatch": mismatch}
 
 
-def _traversal_section(report: AuditReport) -> str:
+def _traversal_section(report: AuditReport) -> Section | None:
     trav = _as_image_batch(report.traversals, ndim=5)
     if trav.shape[0] == 0 or trav.shape[1] == 0:
-        return ""
+        return None
     d, s = trav.shape[:2]
     labels = _pad_labels(report.traversal_labels, d, "dim {}")
     values = list(report.traversal_values or [])
-    col_heads = "".join(
-        f"<th>{escape_html(_fmt_value(values[j]) if j < len(values) else f'step {j}')}</th>" for j in range(s)
-    )
+    columns = [_fmt_value(values[j]) if j < len(values) else f"step {j}" for j in range(s)]
     scale = _auto_scale(trav.shape[2])
-    rows = []
-    for i in range(d):
-        cells = "".join(f"<td>{_img_tag(trav[i, j], scale, f'{labels[i]} step {j}')}</td>" for j in range(s))
-        rows.append(f"<tr><th>{escape_html(labels[i])}</th>{cells}</tr>")
-    return (
-        '<section id="traversals"><h2>Latent traversals</h2>'
-        '<p class="muted">Each row varies one latent coordinate (columns: its value) and keeps the others '
-        "fixed, showing what that dimension encodes.</p>"
-        f'<div class="scroll-x"><table class="imgtab"><thead><tr><th></th>{col_heads}</tr></thead>'
-        f"<tbody>{''.join(rows)}</tbody></table></div></section>"
-    )
+    rows = [
+        {"label": labels[i], "images": [_px_image(trav[i, j], scale, f"{labels[i]} step {j}") for j in range(s)]}
+        for i in range(d)
+    ]
+    return {"columns": columns, "rows": rows}
 
 
 def _fmt_value(v: object) -> str:
@@ -743,11 +693,8 @@ summary { cursor: pointer; color: #3060a0; }
 PAGE_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 
-def _summary_section(summary: Mapping[str, object] | None) -> str:
-    if not summary:
-        return ""
-    rows = "".join(f"<tr><th>{escape_html(k)}</th><td>{format_summary_value(v)}</td></tr>" for k, v in summary.items())
-    return f'<section id="summary"><h2>Run details</h2><table class="kv">{rows}</table></section>'
+def _summary_section(summary: Mapping[str, object] | None) -> list[tuple[str, dict[str, object]]] | None:
+    return summary_rows(summary) if summary else None
 
 
 _SECTION_TITLES = {
@@ -765,58 +712,29 @@ _SECTION_TITLES = {
 
 
 def render_html(report: AuditReport) -> str:
-    """The whole report as one HTML string (what `write_report` writes)."""
-    rarest = _grid_section(
-        "rarest",
-        "Rarest samples",
-        "Lowest latent density: the kinds of images the dataset has fewest of. Captions come from the audit.",
-        report.rarest,
-        report.rarest_captions,
+    """The whole report as one HTML string (what `write_report` writes), from templates/audit_report.html."""
+    rarest = _grid_section(report.rarest, report.rarest_captions)
+    if rarest is not None:
+        rarest["table"] = _rarest_table(report.scores)
+    sections = {  # the answer first; the internals (the summary: fingerprint, density settings, speeds) last
+        "finding": _finding_section(report),
+        "distributions": _distribution_section(report),
+        "rarest": rarest,
+        "typical": _grid_section(report.typical, report.typical_captions),
+        "reconstructions": _recon_section(report),
+        "traversals": _traversal_section(report),
+        "prior": _grid_section(report.prior_samples, None),
+        "latent-histograms": _latent_hist_section(report),
+        "groups": _group_section(report),
+        "summary": _summary_section(report.summary),
+    }
+    nav = [(sid, _SECTION_TITLES[sid]) for sid, body in sections.items() if body]
+    context = {sid.replace("-", "_"): body for sid, body in sections.items()}
+    context["groups_section"] = context.pop("groups")  # "groups" names the finding template's groups
+    page = TEMPLATES.get_template("audit_report.html").render(
+        title=str(report.title), csp=PAGE_CSP, css=PAGE_CSS, nav=nav, **context
     )
-    if rarest:
-        rarest += _rarest_table(report.scores) + "</section>"
-    typical = _grid_section(
-        "typical",
-        "Most typical samples",
-        "Highest latent density: what the dataset is dominated by.",
-        report.typical,
-        report.typical_captions,
-    )
-    if typical:
-        typical += "</section>"
-    prior = _grid_section(
-        "prior",
-        "Samples from the prior",
-        "Decoded from z ~ N(0, I): what the model thinks a generic image looks like.",
-        report.prior_samples,
-        None,
-    )
-    if prior:
-        prior += "</section>"
-
-    sections = [  # the answer first; the internals (the summary: fingerprint, density settings, speeds) last
-        ("finding", _finding_section(report)),
-        ("distributions", _distribution_section(report)),
-        ("rarest", rarest),
-        ("typical", typical),
-        ("reconstructions", _recon_section(report)),
-        ("traversals", _traversal_section(report)),
-        ("prior", prior),
-        ("latent-histograms", _latent_hist_section(report)),
-        ("groups", _group_section(report)),
-        ("summary", _summary_section(report.summary)),
-    ]
-    present = [(sid, body) for sid, body in sections if body]
-    nav = " ".join(f'<a href="#{sid}">{escape_html(_SECTION_TITLES[sid])}</a>' for sid, _ in present)
-    title = escape_html(report.title)
-    return (
-        "<!DOCTYPE html>\n"
-        '<html lang="en"><head><meta charset="utf-8">'
-        f'<meta http-equiv="Content-Security-Policy" content="{PAGE_CSP}">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{title}</title><style>{PAGE_CSS}</style></head>\n<body><main>"
-        f"<h1>{title}</h1><nav>{nav}</nav>\n" + "\n".join(body for _, body in present) + "\n</main></body></html>\n"
-    )
+    return page + "\n"
 
 
 def write_report(report: AuditReport, path: str | Path) -> Path:

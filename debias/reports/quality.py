@@ -1,8 +1,10 @@
 """The self-contained HTML page of ``debias quality``: metrics per group, a bar chart, generated images next to real
 ones, and CycleGAN source -> translated pairs.
 
-Same rules as the audit report (:mod:`debias.reports.audit`, whose stylesheet, content-security policy and image helpers
-it reuses): every image and plot is an inline data URI, nothing is fetched, and all text from the data is escaped.
+Same rules as the audit report (:mod:`debias.reports.audit`, whose stylesheet, content-security policy, image helpers
+and template environment it reuses): every image and plot is an inline data URI and nothing is fetched. The markup is
+templates/quality_report.html; this module prepares plain data for it, and autoescaping keeps all text from the data
+out of the markup.
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ from matplotlib.figure import Figure
 from debias.reports.audit import (
     PAGE_CSP,
     PAGE_CSS,
-    escape_html,
+    TEMPLATES,
     figure_to_data_uri,
-    format_summary_value,
     format_value,
-    image_grid,
+    image_grid_data,
+    summary_rows,
 )
 
 __all__ = ["GroupImages", "QualityPage", "render_quality_html", "write_quality_html"]
@@ -77,29 +79,22 @@ def _num(value: object) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def _cell(key: str, row: dict[str, object]) -> str:
+def _cell(key: str, row: dict[str, object]) -> dict[str, object]:
+    """One cell of the metrics table: its text, and whether it is a number (right-aligned)."""
     if key == "kid":
         mean, std = _num(row.get("kid_mean")), _num(row.get("kid_std"))
-        if mean is None:
-            return '<td class="num">n/a</td>'
-        return f'<td class="num">{mean:.4g} ± {std or 0.0:.2g}</td>'
+        return {"num": True, "text": "n/a" if mean is None else f"{mean:.4g} ± {std or 0.0:.2g}"}
     value = row.get(key)
     if key in ("method", "group", "note"):
-        return f"<td>{escape_html('' if value is None else value)}</td>"
-    return f'<td class="num">{escape_html(format_value(value))}</td>'
+        return {"num": False, "text": "" if value is None else str(value)}
+    return {"num": True, "text": format_value(value)}
 
 
-def _metrics_table(rows: list[dict[str, object]]) -> str:
-    head = "".join(f"<th>{escape_html(h)}</th>" for _, h in METRIC_COLUMNS)
-    body = "".join("<tr>" + "".join(_cell(k, r) for k, _ in METRIC_COLUMNS) + "</tr>" for r in rows)
-    return f'<div class="scroll"><table class="data"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
-
-
-def _chart(rows: list[dict[str, object]]) -> str:
+def _chart(rows: list[dict[str, object]]) -> dict[str, str] | None:
     methods = list(dict.fromkeys(str(r["method"]) for r in rows))
     groups = list(dict.fromkeys(str(r["group"]) for r in rows))[:_MAX_CHART_GROUPS]
     if not groups:
-        return ""
+        return None
     lookup = {(str(r["method"]), str(r["group"])): r for r in rows}
     fig = Figure(figsize=(11, 6.2))
     width = 0.8 / max(1, len(methods))
@@ -118,93 +113,63 @@ def _chart(rows: list[dict[str, object]]) -> str:
         if i == 0 and len(methods) > 1:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    uri = figure_to_data_uri(fig)
-    return f'<img class="plot" src="{uri}" alt="metrics per group">'
+    return {"uri": figure_to_data_uri(fig), "alt": "metrics per group"}
 
 
-def _cas_section(cas: dict[str, dict[str, object]]) -> str:
-    if not cas:
-        return ""
-    parts = ['<section id="cas"><h2>Classification accuracy score</h2><p class="muted">A classifier trained only on '
-             "the generated images and their labels, tested on the real images: high when the generated images "
-             "carry what tells the classes apart in real data.</p>"]
+def _cas_section(cas: dict[str, dict[str, object]]) -> list[dict[str, object]]:
+    out = []
     for method, res in cas.items():
         acc = _num(res.get("accuracy"))
-        shown = escape_html(format_value(acc)) if acc is not None else "n/a"
-        line = f"<h3>{escape_html(method)}: accuracy {shown}</h3>"
         notes = []
         if res.get("reason"):
             notes.append(str(res["reason"]))
         if res.get("missing_classes"):
             notes.append(f"real labels without generated images (always wrong): {res['missing_classes']}")
-        note = "".join(f'<p class="muted">{escape_html(n)}</p>' for n in notes)
         per_group = res.get("per_group") or {}
-        table = ""
-        if per_group:
-            body = "".join(
-                f'<tr><td>{escape_html(g)}</td><td class="num">{escape_html(format_value(v.get("n")))}</td>'
-                f'<td class="num">{escape_html(format_value(v.get("accuracy")))}</td></tr>'
-                for g, v in per_group.items()  # type: ignore[union-attr]
-            )
-            table = ('<table class="data"><thead><tr><th>group</th><th>real images</th><th>accuracy</th></tr>'
-                     f"</thead><tbody>{body}</tbody></table>")
-        parts.append(line + note + table)
-    return "".join(parts) + "</section>"
+        out.append({
+            "method": str(method),
+            "accuracy": format_value(acc) if acc is not None else "n/a",
+            "notes": notes,
+            "per_group": [(str(g), format_value(v.get("n")), format_value(v.get("accuracy")))
+                          for g, v in per_group.items()],  # type: ignore[union-attr]
+        })
+    return out
 
 
-def _grid_section(grids: list[GroupImages]) -> str:
-    if not grids:
-        return ""
-    parts = ['<section id="images"><h2>Generated images</h2><p class="muted">Per group: generated images, and real '
-             "images of the same group below them for comparison.</p>"]
-    for g in grids:
-        parts.append(f"<h3>{escape_html(g.method)} · {escape_html(g.group)}</h3>")
-        cols = 8
-        parts.append("<p class=\"muted\">generated</p>" + image_grid(g.generated, cols))
-        if len(g.real):
-            parts.append("<p class=\"muted\">real</p>" + image_grid(g.real, cols))
-    return "".join(parts) + "</section>"
+def _grid_section(grids: list[GroupImages]) -> list[dict[str, object]]:
+    cols = 8
+    return [
+        {"method": str(g.method), "group": str(g.group), "generated": image_grid_data(g.generated, cols),
+         "real": image_grid_data(g.real, cols) if len(g.real) else None}
+        for g in grids
+    ]
 
 
-def _pairs_section(page: QualityPage) -> str:
+def _pairs_section(page: QualityPage) -> dict[str, object] | None:
     if page.pairs is None and not page.pairs_note:
-        return ""
-    parts = ['<section id="pairs"><h2>CycleGAN: source → translated</h2>']
-    if page.pairs_note:
-        parts.append(f'<p class="muted">{escape_html(page.pairs_note)}</p>')
+        return None
+    grid = None
     if page.pairs is not None and len(page.pairs):
         flat = page.pairs.reshape(-1, *page.pairs.shape[2:])
         captions = [c for pair in page.pair_captions for c in pair]
-        parts.append(image_grid(flat, ncols=6, captions=captions))  # three pairs per row
-    return "".join(parts) + "</section>"
+        grid = image_grid_data(flat, ncols=6, captions=captions)  # three pairs per row
+    return {"note": str(page.pairs_note or ""), "grid": grid}
 
 
 def render_quality_html(page: QualityPage) -> str:
-    summary_rows = "".join(
-        f"<tr><th>{escape_html(k)}</th><td>{format_summary_value(v)}</td></tr>" for k, v in page.summary.items()
+    """The whole page as one HTML string, from templates/quality_report.html."""
+    html = TEMPLATES.get_template("quality_report.html").render(
+        title=str(page.title), csp=PAGE_CSP, css=PAGE_CSS,
+        summary=summary_rows(page.summary),
+        feature_note=str(page.feature_note),
+        metric_headings=[h for _, h in METRIC_COLUMNS],
+        metric_rows=[[_cell(k, r) for k, _ in METRIC_COLUMNS] for r in page.metrics],
+        chart=_chart(page.metrics),
+        cas=_cas_section(page.cas),
+        grids=_grid_section(page.grids),
+        pairs=_pairs_section(page),
     )
-    metrics = (
-        '<section id="metrics"><h2>Metrics per group</h2>'
-        f'<p class="muted">{escape_html(page.feature_note)}</p>' + _metrics_table(page.metrics) + _chart(page.metrics)
-        + "</section>"
-    )
-    sections = [
-        f'<section id="summary"><h2>Summary</h2><table class="kv">{summary_rows}</table></section>',
-        metrics,
-        _cas_section(page.cas),
-        _grid_section(page.grids),
-        _pairs_section(page),
-    ]
-    title = escape_html(page.title)
-    return (
-        "<!DOCTYPE html>\n"
-        '<html lang="en"><head><meta charset="utf-8">'
-        f'<meta http-equiv="Content-Security-Policy" content="{PAGE_CSP}">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{title}</title><style>{PAGE_CSS}</style></head>\n<body><main><h1>{title}</h1>\n"
-        + "\n".join(s for s in sections if s)
-        + "\n</main></body></html>\n"
-    )
+    return html + "\n"
 
 
 def write_quality_html(page: QualityPage, path: str | Path) -> Path:
