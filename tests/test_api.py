@@ -145,14 +145,14 @@ def test_the_readme_python_api_block_runs_verbatim(tmp_path: Path, monkeypatch: 
     code = code[: code.index("```")]
     faces = tmp_path / "faces"
     (faces / "images").mkdir(parents=True)
-    imgs = debias.load_images("builtin:shapes?n=60&rare=0.1", image_size=64)
+    imgs = debias.load_images("builtin:shapes?n=30&rare=0.1", image_size=64)
     rows = []
     for i, arr in enumerate(imgs.images):
         Image.fromarray(np.asarray(arr)).save(faces / "images" / f"{i}.png")
-        rows.append({"path": f"images/{i}.png", "split": "train" if i < 48 else "test"})
+        rows.append({"path": f"images/{i}.png", "split": "train" if i < 24 else "test"})
     pd.DataFrame(rows).to_csv(faces / "manifest.csv", index=False)
     monkeypatch.chdir(tmp_path)
-    namespace = {"other_imgs": "faces/manifest.csv", "x": [faces / "images" / "50.png", faces / "images" / "51.png"]}
+    namespace = {"other_imgs": "faces/manifest.csv", "x": [faces / "images" / "25.png", faces / "images" / "26.png"]}
     exec(compile(code, "README.md (Python API)", "exec"), namespace)  # noqa: S102 - our own README
     assert namespace["det"].predict(namespace["x"]).shape == (2,)
     assert (tmp_path / "det" / "novelty.pt").is_file() and (tmp_path / "runs" / "faces" / "model.pt").is_file()
