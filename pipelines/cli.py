@@ -2,13 +2,40 @@
 
 The end-to-end jobs live in `pipelines/`; each command imports its job lazily so that `debias --help` stays fast and
 the library never imports the pipelines at module level.
+
+Conventions, the same for every command:
+
+- **Choices are Enums** (``--device``, ``--precision``, ``--engine``, ``--estimator``, ``--combine``, ``--dims``,
+  ``--select``, ``--stage1-loss``, ``--method``, ``--log-level``): ``--help`` lists the allowed values and any other
+  value is refused with a one-line ``error: --OPTION must be one of ..., got '...'`` and exit code 2. The values
+  repeat the library's constants (``PRECISIONS``, ``RARITY_ESTIMATORS``, ``train_classifier.METHODS``, ...) so that
+  this module does not import torch for ``--help``; tests/test_cli.py checks that they agree. The command receives
+  the plain string (``"cpu"``, not ``Device.cpu``), as the jobs and the stored configs expect.
+- **List options** (``--where``, ``--eval-where``, ``--fit-where``, ``--real-where``, ``--subsample``,
+  ``--group-by`` of audit, ``--eval-groups``, ``--oracle-groups``, ``--reweight``/``--methods``,
+  ``--seeds``/``--seed``) are repeatable, and each occurrence may also hold several comma-separated items:
+  ``--eval-groups race,gender`` = ``--eval-groups race --eval-groups gender``. One parser (:func:`split_list`) reads
+  them all. In ``COL=VALUE`` lists a comma starts a new item only when what follows is itself ``COL=...``, so
+  ``--where split=train,colour=red`` is two filters while ``--where name=Smith, J.`` keeps its comma.
+- Errors in the input, from the jobs (:class:`debias.errors.DebiasError`) or from the parser (unknown choice,
+  missing option, value out of range), are one line on stderr and exit code 2.
+- ``debias --version`` prints ``debias VERSION``.
+
+``train-classifier`` trains one classifier, or, given several ``--reweight`` methods and/or several ``--seeds``
+(or ``--oracle-groups``), runs each method x seed with the same options and writes the side-by-side comparison
+(pipelines/compare.py). ``compare`` is an alias of it that always writes the comparison and defaults to
+``--reweight none,cluster-errors,jtt --seeds 0,1,2,3,4``: both are one function with one set of options.
 """
 
 from __future__ import annotations
 
+import inspect
+import os
+import re
 import sys
+from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -21,6 +48,171 @@ app = typer.Typer(
     add_completion=False,
 )
 
+
+# -- choices ------------------------------------------------------------------------------------------------------
+# The values repeat library constants (named on each class) so that `debias --help` does not import torch;
+# tests/test_cli.py::test_choice_enums_match_the_library checks that they agree.
+class Device(str, Enum):
+    """debias.runtime.device.resolve_device"""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Precision(str, Enum):
+    """debias.runtime.device.PRECISIONS"""
+
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class Engine(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
+class Estimator(str, Enum):
+    """debias.density.rarity.RARITY_ESTIMATORS"""
+
+    knn_recon = "knn-recon"
+    knn = "knn"
+    histogram = "histogram"
+    histogram_max = "histogram-max"
+    gmm = "gmm"
+    recon = "recon"
+
+
+class Combine(str, Enum):
+    """debias.density.rarity.DensityOptions.combine"""
+
+    product = "product"
+    max = "max"
+
+
+class Dims(str, Enum):
+    """debias.density.rarity.DensityOptions.dims"""
+
+    all = "all"
+    active = "active"
+
+
+class Select(str, Enum):
+    """debias.training.classifier.ClassifierTrainConfig.select"""
+
+    best = "best"
+    last = "last"
+
+
+class Stage1Loss(str, Enum):
+    """The first model's objective: debias.training.classifier.OBJECTIVES less dbvae."""
+
+    ce = "ce"
+    gce = "gce"
+
+
+class Method(str, Enum):
+    """--reweight: debias.pipelines.train_classifier.METHODS"""
+
+    cluster_errors = "cluster-errors"
+    rarity = "rarity"
+    none = "none"
+    dbvae = "dbvae"
+    two_stage = "two-stage"
+    jtt = "jtt"
+
+
+class AugmentMethod(str, Enum):
+    """debias.pipelines.augment.METHODS"""
+
+    gan = "gan"
+    cyclegan = "cyclegan"
+
+
+class LogLevel(str, Enum):
+    """uvicorn's log levels"""
+
+    critical = "critical"
+    error = "error"
+    warning = "warning"
+    info = "info"
+    debug = "debug"
+    trace = "trace"
+
+
+def _values(enum: type[Enum]) -> list[str]:
+    return [m.value for m in enum]
+
+
+def _plain(value: Any) -> Any:
+    """Option callback: hand the command an Enum's plain string value ("cpu", not Device.cpu)."""
+    return value.value if isinstance(value, Enum) else value
+
+
+# The ray extra's real install command. The distribution (debias-vision) is not on PyPI: it is installed from a clone.
+# "\[" keeps rich's markup in --help from reading "[ray]" as a style tag and dropping it.
+RAY_INSTALL = 'pip install -e ".\\[ray]" in a clone of the repository'
+
+
+# -- list options: one convention -----------------------------------------------------------------------------------
+def split_list(values: Optional[list[str]], *, pairs: bool = False) -> list[str]:
+    """The items of a list option: every occurrence of the option, each split at commas, stripped, empty items
+    dropped, in order. ``pairs``: COL=VALUE items, where a comma starts a new item only if the next part has an '='
+    (``a=1,b=2`` -> two items, ``name=Smith, J.`` -> one)."""
+    items: list[str] = []
+    for value in values or []:
+        parts = str(value).split(",")
+        if pairs:
+            merged: list[str] = []
+            for part in parts:
+                if not part.strip():
+                    continue
+                if merged and "=" not in part:
+                    merged[-1] += "," + part
+                else:
+                    merged.append(part)
+            parts = merged
+        items += [p.strip() for p in parts if p.strip()]
+    return items
+
+
+def _columns(values: Optional[list[str]]) -> list[str]:
+    return split_list(values)
+
+
+def _pairs(values: Optional[list[str]]) -> list[str]:
+    return split_list(values, pairs=True)
+
+
+def _unique(items: list[Any]) -> list[Any]:
+    return list(dict.fromkeys(items))
+
+
+def _methods(values: Optional[list[str]]) -> list[str]:
+    items = _unique(split_list(values))
+    allowed = _values(Method)
+    for m in items:
+        if m not in allowed:
+            raise DebiasError(f"--reweight must be one of {', '.join(allowed)}, got {m!r}")
+    if not items:
+        raise DebiasError(f"--reweight needs at least one of {', '.join(allowed)}")
+    return items
+
+
+def _seeds(values: Optional[list[str]]) -> list[int]:
+    items = split_list(values)
+    try:
+        seeds = _unique([int(s) for s in items])
+    except ValueError:
+        raise DebiasError(f"--seeds must be integers (repeatable or comma-separated), got {','.join(items)!r}") from None
+    if not seeds:
+        raise DebiasError("--seeds needs at least one seed")
+    return seeds
+
+
+_PAIRS = "repeatable or comma-separated"
+
 DataOpt = Annotated[
     str,
     typer.Option(
@@ -30,26 +222,58 @@ DataOpt = Annotated[
 ]
 WhereOpt = Annotated[
     Optional[list[str]],
-    typer.Option("--where", help="Keep rows where COL=VALUE (repeatable; same column: any of, columns: all of)."),
+    typer.Option(
+        "--where", callback=_pairs, metavar="COL=VALUE",
+        help=f"Keep rows where COL=VALUE ({_PAIRS}; same column: any of, columns: all of).",
+    ),
 ]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+def _device(value: Any) -> str:
+    """--device: one of Device, or cuda:N for one GPU of several (not an Enum value, so checked here)."""
+    value = _plain(value)
+    if value in {d.value for d in Device} or re.fullmatch(r"cuda:\d+", value or ""):
+        return value
+    raise DebiasError(f"--device must be one of auto, cpu, cuda, cuda:N, got {value!r} (see 'debias --help')")
 
 
-def _apply_precision(value: str) -> str:
+DeviceOpt = Annotated[
+    str, typer.Option("--device", callback=_device, metavar="[auto|cpu|cuda|cuda:N]",
+                      help="auto (cuda if available), cpu, cuda, or cuda:N.")
+]
+
+
+def _apply_precision(value: Precision) -> str:
     from debias.runtime.device import set_precision
 
+    value = _plain(value)
     set_precision(value)  # for the whole process: every forward pass of this command
     return value
 
 
 PrecisionOpt = Annotated[
-    str,
+    Precision,
     typer.Option(
         "--precision", callback=_apply_precision,
         help="auto (bf16 on CUDA and on CPUs with AMX or AVX-512-BF16, else fp32), fp32 or bf16.",
     ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from debias import __version__
+
+        typer.echo(f"debias {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", is_eager=True, callback=_version, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Find what an image dataset is missing, reweight training towards it, and flag novel inputs."""
 
 
 @app.command()
@@ -70,7 +294,7 @@ def train(
     batch_size: Annotated[int, typer.Option(min=1)] = 128,
     lr: Annotated[float, typer.Option(min=0.0)] = 1e-3,
     device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "auto",
+    precision: PrecisionOpt = Precision.auto,
     seed: int = 0,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
     quiet: QuietOpt = False,
@@ -110,50 +334,73 @@ def _temperature(value: str) -> float | str:
         raise DebiasError(f"--temperature must be 'auto' or a number, got {value!r}") from None
 
 
+
 @app.command()
 def audit(
-    model: Annotated[Path, typer.Option("--model", help="Run directory written by 'debias train'.")],
     data: DataOpt,
     out: Annotated[Path, typer.Option("--out", help="Folder for scores.parquet/.csv, summary.json, report.html.")],
     where: WhereOpt = None,
-    group_by: Annotated[Optional[str], typer.Option(help="Comma-separated columns for per-group statistics.")] = None,
+    group_by: Annotated[
+        Optional[list[str]],
+        typer.Option(callback=_columns, metavar="COL", help=f"Columns for per-group statistics ({_PAIRS})."),
+    ] = None,
     estimator: Annotated[
-        str, typer.Option(help="Rarity: knn-recon (kNN latent density + reconstruction error), knn, histogram "
-                          "(paper Eq. 3-4), histogram-max (lab), gmm, recon.")
-    ] = "knn-recon",
+        Estimator, typer.Option(callback=_plain, help="Rarity: knn-recon (kNN latent density + reconstruction "
+                                "error), knn, histogram (paper Eq. 3-4), histogram-max (lab), gmm, recon.")
+    ] = Estimator.knn_recon,
     n_neighbors: Annotated[int, typer.Option(min=1, help="knn, knn-recon: neighbours of the kNN density.")] = 5,
     bins: Annotated[int, typer.Option(min=1, help="Histogram bins per latent dimension.")] = 10,
     alpha: Annotated[float, typer.Option(min=0.0, help="Smoothing added to each bin probability.")] = 0.001,
-    combine: Annotated[str, typer.Option(help="product (paper Eq. 3-4) or max (public lab).")] = "product",
+    combine: Annotated[
+        Combine, typer.Option(callback=_plain, help="product (paper Eq. 3-4) or max (public lab).")
+    ] = Combine.product,
     temperature: Annotated[str, typer.Option(help="'auto' or a number T: weights ∝ exp(T · rarity).")] = "auto",
     target_ess: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="With --temperature auto: effective sample size / n.")
     ] = 0.5,
-    dims: Annotated[str, typer.Option(help="all, or active (skip collapsed latent dimensions).")] = "all",
+    dims: Annotated[
+        Dims, typer.Option(callback=_plain, help="all, or active (skip collapsed latent dimensions).")
+    ] = Dims.all,
     whiten: Annotated[bool, typer.Option(help="Rotate latents onto principal axes before the histograms.")] = True,
     device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "auto",
+    precision: PrecisionOpt = Precision.auto,
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
     report: Annotated[bool, typer.Option(help="Write report.html.")] = True,
     open_browser: Annotated[
         bool, typer.Option("--open", help="Then serve the model and this audit, print the URL of /audit, open it.")
     ] = False,
-    engine: Annotated[str, typer.Option(help="local, or ray: decode + encode as a Ray Data job (pip install debias[ray]).")] = "local",
+    engine: Annotated[
+        Engine, typer.Option(callback=_plain, help=f"local, or ray: decode + encode as a Ray Data job (needs the ray "
+                             f"extra: {RAY_INSTALL}).")
+    ] = Engine.local,
     address: Annotated[Optional[str], typer.Option(help="Ray engines: cluster address (default: start a local Ray).")] = None,
     actors: Annotated[Optional[int], typer.Option(min=1, help="Ray: encoder actors (default: one per GPU, else per CPU).")] = None,
     gpus_per_actor: Annotated[Optional[float], typer.Option(min=0.0, help="Ray: GPUs per actor (default: 1 if the cluster has GPUs).")] = None,
     quiet: QuietOpt = False,
+    model: Annotated[
+        Optional[Path], typer.Option("--model", help="Run directory written by 'debias train' (or --embeddings).")
+    ] = None,
+    embeddings: Annotated[
+        Optional[Path], typer.Option("--embeddings", help="Parquet/CSV of precomputed embeddings keyed by 'path' "
+                                     "(a column 'embedding' or numeric columns): audit them instead of a model's "
+                                     "latents; no --model, no report.html.")
+    ] = None,
 ) -> None:
     """Score every sample for rarity and write scores, a summary and an HTML report."""
     from debias.density.rarity import DensityOptions
     from debias.pipelines.audit import AuditJob, run_audit
+
+    if (model is None) == (embeddings is None):
+        raise DebiasError("give --model RUN_DIR (a trained model) or --embeddings FILE, one of the two")
+    if embeddings is not None and (engine == "ray" or open_browser):
+        raise DebiasError("--embeddings runs on the local engine and writes no report to --open")
 
     job = AuditJob(
         model=model,
         data=data,
         out=out,
         where=where or [],
-        group_by=[c.strip() for c in group_by.split(",") if c.strip()] if group_by else [],
+        group_by=group_by or [],
         estimator=estimator,
         n_neighbors=n_neighbors,
         density=DensityOptions(
@@ -171,14 +418,30 @@ def audit(
         progress=not quiet,
     )
     job.density.check()
+    if embeddings is not None:
+        from debias.pipelines.audit import run_embeddings_audit
+
+        result = run_embeddings_audit(job, embeddings)
+        s = result.summary
+        if s["groups"]:
+            from rich.console import Console
+
+            from debias.pipelines.audit import group_table
+
+            for name, groups in s["groups"].items():
+                Console().print(group_table(name, groups))
+        typer.echo(
+            f"audited {s['n_scored']} embeddings ({s['n_without_embedding']} rows without one) with "
+            f"{s['rarity_estimator']} rarity; effective sample size {s['effective_sample_size']:.0f} "
+            f"({s['effective_sample_fraction']:.0%}); outputs in {result.out}"
+        )
+        return
     if engine == "ray":
         from debias.pipelines.ray_audit import RayAuditOptions, run_ray_audit
 
         result = run_ray_audit(job, RayAuditOptions(address=address, actors=actors, gpus_per_actor=gpus_per_actor))
-    elif engine == "local":
-        result = run_audit(job)
     else:
-        raise DebiasError(f"--engine must be local or ray, got {engine!r}")
+        result = run_audit(job)
     s = result.summary
     if s["groups"]:
         from rich.console import Console
@@ -204,7 +467,7 @@ def demo(
     epochs: Annotated[int, typer.Option(min=1)] = 12,
     n: Annotated[int, typer.Option(min=200, help="Images in the built-in dataset.")] = 4000,
     device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "auto",
+    precision: PrecisionOpt = Precision.auto,
     quiet: QuietOpt = False,
 ) -> None:
     """Train and audit on the built-in shapes dataset and show that its rare group was found."""
@@ -213,20 +476,62 @@ def demo(
     run_demo(out=out, epochs=epochs, n=n, device=device, progress=not quiet)
 
 
-# -- train-classifier (issue 3) ----------------------------------------------------------------------------------
-_ClsOut = Annotated[Path, typer.Option("--out", help="Run directory: predictions.csv, metrics.json, classifier.pt.")]
+# -- train-classifier (issue 3), and compare as its alias -------------------------------------------------------------
+_ClsOut = Annotated[
+    Path,
+    typer.Option(
+        "--out",
+        help="Run directory: predictions.csv, metrics.json, classifier.pt. With several methods or seeds: runs/"
+        "METHOD/seedS/ (one such run each), comparison.md/.json and groups_*.png.",
+    ),
+]
 _LabelOpt = Annotated[str, typer.Option("--label", help="Column to predict (binary or multi-class; strings or integers).")]
+_ReweightOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--reweight", "--methods", callback=_methods, metavar="METHOD",
+        help="How each epoch's rows are drawn, one of: cluster-errors (default: a first model's error rate per cluster / "
+        "cluster density), rarity (inverse density in a first model's features), none (ERM), dbvae (DB-VAE "
+        f"Algorithm 1), two-stage (--weights) or jtt. Several ({_PAIRS}; --methods is the same option): one run per "
+        "method x seed and a side-by-side comparison.",
+    ),
+]
+_SeedsOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--seeds", "--seed", callback=_seeds, metavar="INT",
+        help=f"Seed, or several ({_PAIRS}, e.g. 0,1,2,3,4): one run per method x seed and a comparison.",
+    ),
+]
+_OracleOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--oracle-groups", callback=_columns, metavar="COL",
+        help=f"Group columns ({_PAIRS}) for the oracle reference: group-balanced sampling that reads them, run beside "
+        "the methods (and ERM) to show the ceiling; each method then reports the share of the ERM->oracle "
+        "worst-group gap it closes. A reference, never a method. Makes the run a comparison.",
+    ),
+]
 _EvalWhereOpt = Annotated[
     Optional[list[str]],
-    typer.Option("--eval-where", help="Evaluation rows, COL=VALUE (repeatable). Default: the validation rows."),
+    typer.Option(
+        "--eval-where", callback=_pairs, metavar="COL=VALUE",
+        help=f"Evaluation rows, COL=VALUE ({_PAIRS}). Default: the validation rows.",
+    ),
 ]
 _EvalGroupsOpt = Annotated[
-    Optional[str],
-    typer.Option("--eval-groups", help="Comma-separated columns for per-group accuracy. Used only for evaluation."),
+    Optional[list[str]],
+    typer.Option(
+        "--eval-groups", callback=_columns, metavar="COL",
+        help=f"Columns for per-group accuracy ({_PAIRS}). Used only for evaluation.",
+    ),
 ]
 _SubsampleOpt = Annotated[
     Optional[list[str]],
-    typer.Option("--subsample", help="COL=VALUE:FRACTION: keep that fraction of the training rows with COL=VALUE."),
+    typer.Option(
+        "--subsample", callback=_pairs, metavar="COL=VALUE:FRACTION",
+        help=f"Keep that fraction of the training rows with COL=VALUE ({_PAIRS}).",
+    ),
 ]
 _ClsEpochs = Annotated[int, typer.Option(min=1, help="Training epochs (JTT: of its second training).")]
 _ClsImageSize = Annotated[int, typer.Option(min=28, max=128)]
@@ -236,16 +541,20 @@ _ClsBeta = Annotated[float, typer.Option(min=0.0, help="dbvae: weight of the KL 
 _ClsValFraction = Annotated[
     float, typer.Option(min=0.0, max=0.9, help="Share of the training rows held out to select the epoch.")
 ]
-_ClsSelect = Annotated[str, typer.Option(help="best (validation accuracy) or last epoch.")]
+_ClsSelect = Annotated[Select, typer.Option(callback=_plain, help="best (validation accuracy) or last epoch.")]
 _ClsBins = Annotated[int, typer.Option(min=1, help="dbvae: histogram bins per latent dimension.")]
 _ClsAlpha = Annotated[float, typer.Option(min=0.0, help="dbvae: smoothing alpha of Eq. 4 (smaller debiases more).")]
 _ClsTemperature = Annotated[str, typer.Option(help="dbvae: 'auto' or a number scaling the log-weights.")]
-_ClsCombine = Annotated[str, typer.Option(help="dbvae: product (paper Eq. 3-4) or max (public lab) over dimensions.")]
+_ClsCombine = Annotated[
+    Combine, typer.Option(callback=_plain, help="dbvae: product (paper Eq. 3-4) or max (public lab) over dimensions.")
+]
 _ClsTargetEss = Annotated[
     float, typer.Option(min=0.0, max=1.0, help="dbvae, --temperature auto: effective sample size / n.")
 ]
 _ClsWarmup = Annotated[int, typer.Option(min=0, help="dbvae: epochs of uniform sampling before the weights.")]
-_ClsDims = Annotated[str, typer.Option(help="dbvae: all, or active (leading principal axes / non-collapsed dims).")]
+_ClsDims = Annotated[
+    Dims, typer.Option(callback=_plain, help="dbvae: all, or active (leading principal axes / non-collapsed dims).")
+]
 _ClsWhiten = Annotated[bool, typer.Option(help="dbvae: histograms on the latents' principal axes.")]
 _ClsPerClass = Annotated[bool, typer.Option(help="dbvae: fit one latent density per label class.")]
 _ClsWeights = Annotated[Optional[Path], typer.Option("--weights", help="two-stage: scores.parquet of an audit.")]
@@ -257,7 +566,8 @@ _ClsStage1Epochs = Annotated[
     int, typer.Option(min=1, help="cluster-errors, rarity: epochs of the first (plain) model whose features weigh rows.")
 ]
 _ClsStage1Loss = Annotated[
-    str, typer.Option(help="cluster-errors, rarity: ce, or gce (a bias-amplified first model, as in LfF).")
+    Stage1Loss,
+    typer.Option(callback=_plain, help="cluster-errors, rarity: ce, or gce (a bias-amplified first model, as in LfF)."),
 ]
 _ClsClusters = Annotated[int, typer.Option(min=1, help="cluster-errors: k-means clusters per class.")]
 _ClsRarityEss = Annotated[
@@ -289,12 +599,11 @@ def _jtt_upweight(value: str) -> float | str:
 
 
 def _classifier_job(out: Path, method: str, seed: int, opts: dict) -> object:
-    """A ClassifierJob from the options train-classifier and compare share."""
+    """A ClassifierJob from the options of train-classifier (and of its alias compare)."""
     from debias.density.rarity import DensityOptions
     from debias.pipelines.train_classifier import ClassifierJob
     from debias.training.classifier import ClassifierTrainConfig
 
-    groups = opts["eval_groups"]
     return ClassifierJob(
         data=opts["data"],
         label=opts["label"],
@@ -302,7 +611,7 @@ def _classifier_job(out: Path, method: str, seed: int, opts: dict) -> object:
         method=method,
         where=opts["where"] or [],
         eval_where=opts["eval_where"] or [],
-        eval_groups=[c.strip() for c in groups.split(",") if c.strip()] if groups else [],
+        eval_groups=opts["eval_groups"] or [],
         subsample=opts["subsample"] or [],
         image_size=opts["image_size"],
         latent_dim=opts["latent_dim"],
@@ -340,9 +649,35 @@ def _classifier_job(out: Path, method: str, seed: int, opts: dict) -> object:
         rarity_dims=opts["rarity_dims"],
         weighted_selection=opts["weighted_selection"],
         oracle_groups=[],
-        resume=opts.get("resume", False),
+        resume=opts["resume"],
         progress=not opts["quiet"],
     )
+
+
+def _run_classifiers(opts: dict[str, Any], *, always_compare: bool) -> None:
+    """train-classifier and compare: one run in --out, or (several methods or seeds, --oracle-groups, or compare)
+    every method x seed in --out/runs/ and the comparison of pipelines/compare.py."""
+    methods, seeds, oracle = opts["reweight"], opts["seeds"], opts["oracle_groups"] or []
+    out: Path = opts["out"]
+    if not always_compare and len(methods) == 1 and len(seeds) == 1 and not oracle:
+        from debias.pipelines.train_classifier import run_train_classifier
+        from debias.runtime.distributed import is_main_process
+
+        result = run_train_classifier(_classifier_job(out, methods[0], seeds[0], opts))
+        if is_main_process():  # under torchrun: once, from rank 0
+            typer.echo(f"outputs in {result.out}")
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise DebiasError("several --reweight methods or --seeds (a comparison) are not data-parallel: run them as a "
+                          "single process, without torchrun")
+    from debias.pipelines.compare import CompareJob, run_compare
+
+    base = _classifier_job(out, methods[0], seeds[0], opts)
+    result = run_compare(
+        CompareJob(base=base, out=out, methods=methods, seeds=seeds, oracle_groups=oracle, progress=not opts["quiet"])
+    )
+    typer.echo(result.markdown)
+    typer.echo(f"outputs in {result.out}")
 
 
 @app.command("train-classifier")
@@ -350,15 +685,9 @@ def train_classifier(
     data: DataOpt,
     label: _LabelOpt,
     out: _ClsOut,
-    reweight: Annotated[
-        str,
-        typer.Option(
-            "--reweight",
-            help="cluster-errors (default: a first model's error rate per cluster / cluster density), rarity "
-            "(inverse density in a first model's features), none (ERM), dbvae (DB-VAE Algorithm 1), two-stage "
-            "(--weights) or jtt.",
-        ),
-    ] = "cluster-errors",
+    reweight: _ReweightOpt = ["cluster-errors"],  # noqa: B006 (typer copies defaults)
+    seeds: _SeedsOpt = ["0"],  # noqa: B006
+    oracle_groups: _OracleOpt = None,
     where: WhereOpt = None,
     eval_where: _EvalWhereOpt = None,
     eval_groups: _EvalGroupsOpt = None,
@@ -373,111 +702,54 @@ def train_classifier(
     batch_size: Annotated[int, typer.Option(min=1)] = 128,
     lr: Annotated[float, typer.Option(min=0.0)] = 1e-3,
     val_fraction: _ClsValFraction = 0.1,
-    select: _ClsSelect = "best",
+    select: _ClsSelect = Select.best,
     bins: _ClsBins = 10,
     alpha: _ClsAlpha = 0.001,
-    combine: _ClsCombine = "product",
+    combine: _ClsCombine = Combine.product,
     temperature: _ClsTemperature = "auto",
     target_ess: _ClsTargetEss = 0.5,
     warmup_epochs: _ClsWarmup = 0,
-    dims: _ClsDims = "all",
+    dims: _ClsDims = Dims.all,
     whiten: _ClsWhiten = True,
     per_class: _ClsPerClass = False,
     jtt_epochs: _ClsJttEpochs = 2,
     jtt_upweight: _ClsJttUp = "auto",
     stage1_epochs: _ClsStage1Epochs = 4,
-    stage1_loss: _ClsStage1Loss = "ce",
+    stage1_loss: _ClsStage1Loss = Stage1Loss.ce,
     clusters: _ClsClusters = 8,
     rarity_ess: _ClsRarityEss = 0.25,
     rarity_k: _ClsRarityK = 20,
     rarity_dims: _ClsRarityDims = 32,
     weighted_selection: _ClsWeightedSelection = True,
     device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "auto",
-    seed: int = 0,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+    precision: PrecisionOpt = Precision.auto,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the run in --out from its last checkpoint (a comparison always does).")
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Train a classifier with ERM, DB-VAE adaptive resampling, audit weights or JTT; report accuracy per group."""
-    from debias.pipelines.train_classifier import run_train_classifier
+    """Train a classifier with ERM, DB-VAE adaptive resampling, audit weights or JTT; report accuracy per group.
 
-    opts = dict(locals())
-    result = run_train_classifier(_classifier_job(out, reweight, seed, opts))
-    from debias.runtime.distributed import is_main_process
-
-    if is_main_process():  # under torchrun: once, from rank 0
-        typer.echo(f"outputs in {result.out}")
+    Several --reweight methods or --seeds (or --oracle-groups): every method x seed with the same options in
+    OUT/runs/, compared side by side in OUT/comparison.md/.json and OUT/groups_*.png."""
+    _run_classifiers(dict(locals()), always_compare=False)
 
 
-# -- compare (issue 3) -------------------------------------------------------------------------------------------
-@app.command()
-def compare(
-    data: DataOpt,
-    label: _LabelOpt,
-    out: Annotated[Path, typer.Option("--out", help="Folder for runs/, comparison.md/.json and groups_*.png.")],
-    methods: Annotated[str, typer.Option(help="Comma-separated --reweight methods.")] = "none,cluster-errors,jtt",
-    oracle_groups: Annotated[
-        Optional[str],
-        typer.Option(
-            help="Comma-separated group columns for the oracle reference: group-balanced sampling that reads them, "
-            "run beside the methods (and ERM) to show the ceiling; each method then reports the share of the "
-            "ERM->oracle worst-group gap it closes. A reference, never a method."
-        ),
-    ] = None,
-    seeds: Annotated[str, typer.Option(help="Comma-separated seeds, e.g. 0,1,2,3,4.")] = "0,1,2,3,4",
-    where: WhereOpt = None,
-    eval_where: _EvalWhereOpt = None,
-    eval_groups: _EvalGroupsOpt = None,
-    subsample: _SubsampleOpt = None,
-    weights: _ClsWeights = None,
-    epochs: _ClsEpochs = 10,
-    image_size: _ClsImageSize = 64,
-    latent_dim: _ClsLatent = 32,
-    width: _ClsWidth = 32,
-    beta: _ClsBeta = 1.0,
-    vae_weight: _ClsVaeWeight = 0.001,
-    batch_size: Annotated[int, typer.Option(min=1)] = 128,
-    lr: Annotated[float, typer.Option(min=0.0)] = 1e-3,
-    val_fraction: _ClsValFraction = 0.1,
-    select: _ClsSelect = "best",
-    bins: _ClsBins = 10,
-    alpha: _ClsAlpha = 0.001,
-    combine: _ClsCombine = "product",
-    temperature: _ClsTemperature = "auto",
-    target_ess: _ClsTargetEss = 0.5,
-    warmup_epochs: _ClsWarmup = 0,
-    dims: _ClsDims = "all",
-    whiten: _ClsWhiten = True,
-    per_class: _ClsPerClass = False,
-    jtt_epochs: _ClsJttEpochs = 2,
-    jtt_upweight: _ClsJttUp = "auto",
-    stage1_epochs: _ClsStage1Epochs = 4,
-    stage1_loss: _ClsStage1Loss = "ce",
-    clusters: _ClsClusters = 8,
-    rarity_ess: _ClsRarityEss = 0.25,
-    rarity_k: _ClsRarityK = 20,
-    rarity_dims: _ClsRarityDims = 32,
-    weighted_selection: _ClsWeightedSelection = True,
-    device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "auto",
-    quiet: QuietOpt = False,
-) -> None:
-    """Run several methods x seeds with identical options and write a side-by-side table and per-group charts."""
-    from debias.pipelines.compare import CompareJob, run_compare
+def compare(**opts: Any) -> None:
+    _run_classifiers(opts, always_compare=True)
 
-    opts = dict(locals())
-    try:
-        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-    except ValueError:
-        raise DebiasError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
-    method_list = [m.strip() for m in methods.split(",") if m.strip()]
-    base = _classifier_job(out, method_list[0] if method_list else "none", 0, opts)
-    oracle = [c.strip() for c in oracle_groups.split(",") if c.strip()] if oracle_groups else []
-    result = run_compare(
-        CompareJob(base=base, out=out, methods=method_list, seeds=seed_list, oracle_groups=oracle, progress=not quiet)
-    )
-    typer.echo(result.markdown)
-    typer.echo(f"outputs in {result.out}")
+
+# compare is train-classifier's function with two other defaults: the same options, defined once above.
+_COMPARE_DEFAULTS = {"reweight": ["none", "cluster-errors", "jtt"], "seeds": ["0", "1", "2", "3", "4"]}
+_signature = inspect.signature(train_classifier, eval_str=True)
+compare.__signature__ = _signature.replace(  # type: ignore[attr-defined]
+    parameters=[p.replace(default=_COMPARE_DEFAULTS.get(p.name, p.default)) for p in _signature.parameters.values()]
+)
+app.command(
+    "compare",
+    help="Alias of train-classifier that always writes the comparison (runs/, comparison.md/.json, groups_*.png); "
+    "defaults: --methods none,cluster-errors,jtt --seeds 0,1,2,3,4.",
+)(compare)
 
 
 FitDataOpt = Annotated[
@@ -488,7 +760,10 @@ FitDataOpt = Annotated[
         "missing or stale (default: the model's training data). Giving it refits.",
     ),
 ]
-FitWhereOpt = Annotated[Optional[list[str]], typer.Option("--fit-where", help="COL=VALUE filter for --fit-data.")]
+FitWhereOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--fit-where", callback=_pairs, metavar="COL=VALUE", help=f"COL=VALUE filters for --fit-data ({_PAIRS})."),
+]
 TargetFprOpt = Annotated[
     Optional[float],
     typer.Option("--target-fpr", min=0.0, max=1.0, help="False-positive rate for is_novel (default: stored, 0.05)."),
@@ -509,7 +784,7 @@ def score(
     top_k: TopKOpt = 5,
     heatmaps: Annotated[int, typer.Option(min=0, help="Write error heatmaps of the K most novel images.")] = 0,
     device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "auto",
+    precision: PrecisionOpt = Precision.auto,
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
     quiet: QuietOpt = False,
 ) -> None:
@@ -537,7 +812,7 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
     device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "auto",
+    precision: PrecisionOpt = Precision.auto,
     max_batch_size: Annotated[
         Optional[int], typer.Option(min=1, help="Images per model batch (default 64; 1 turns batching off).")
     ] = None,
@@ -548,8 +823,10 @@ def serve(
     audit: Annotated[
         Optional[Path], typer.Option("--audit", help="Folder written by 'debias audit': browse it at /audit.")
     ] = None,
-    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
-    engine: Annotated[str, typer.Option(help="local (uvicorn) or ray (Ray Serve; pip install debias[ray]).")] = "local",
+    log_level: Annotated[LogLevel, typer.Option(callback=_plain, help="uvicorn log level.")] = LogLevel.info,
+    engine: Annotated[
+        Engine, typer.Option(callback=_plain, help=f"local (uvicorn) or ray (Ray Serve; needs the ray extra: {RAY_INSTALL}).")
+    ] = Engine.local,
     workers: Annotated[
         int, typer.Option(min=1, help="local: processes behind the port, each with its own model copy; metrics and "
                           "drift are per worker.")
@@ -563,8 +840,6 @@ def serve(
 
     if target_fpr is not None and not 0 < target_fpr < 1:
         raise DebiasError(f"--target-fpr must be between 0 and 1 (exclusive), got {target_fpr}")
-    if engine not in ("local", "ray"):
-        raise DebiasError(f"--engine must be local or ray, got {engine!r}")
     if workers > 1 and engine != "local":
         raise DebiasError("--workers is an option of --engine local (Ray scales with --replicas)")
     if engine == "ray":
@@ -594,7 +869,8 @@ def quality(
     ],
     out: Annotated[Path, typer.Option("--out", help="Folder for quality.json and quality.html.")],
     real_where: Annotated[
-        Optional[list[str]], typer.Option("--real-where", help="Keep real rows where COL=VALUE (repeatable).")
+        Optional[list[str]],
+        typer.Option("--real-where", callback=_pairs, metavar="COL=VALUE", help=f"Keep real rows where COL=VALUE ({_PAIRS})."),
     ] = None,
     group_by: Annotated[Optional[str], typer.Option(help="Column in both sets: metrics per group.")] = None,
     label: Annotated[
@@ -607,7 +883,7 @@ def quality(
     kid_subsets: Annotated[int, typer.Option(min=1, help="KID random subsets.")] = 100,
     cas_epochs: Annotated[int, typer.Option(min=1, help="Epochs of the CAS classifier.")] = 10,
     device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "auto",
+    precision: PrecisionOpt = Precision.auto,
     seed: int = 0,
     quiet: QuietOpt = False,
 ) -> None:
@@ -631,7 +907,10 @@ def quality(
 # -- augment (issue 5) ------------------------------------------------------------------------------------------
 @app.command()
 def augment(
-    method: Annotated[str, typer.Option("--method", help="gan (rarity-weighted generation) or cyclegan (translation).")],
+    method: Annotated[
+        AugmentMethod,
+        typer.Option("--method", callback=_plain, help="gan (rarity-weighted generation) or cyclegan (translation)."),
+    ],
     data: DataOpt,
     # --n-images: under torchrun, argparse's prefix matching reads a bare --n as an ambiguous torchrun option.
     n: Annotated[int, typer.Option("--n", "--n-images", min=1, help="Synthetic images to write.")],
@@ -692,7 +971,7 @@ def augment(
         typer.Option(help="A VAE run on the same data: also measure FID/KID, precision/recall, CAS (OUT/quality/)."),
     ] = None,
     device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "auto",
+    precision: PrecisionOpt = Precision.auto,
     seed: int = 0,
     resume: Annotated[bool, typer.Option(help="Continue the training run in --out from its last checkpoint.")] = False,
     quiet: QuietOpt = False,
@@ -705,8 +984,6 @@ def augment(
         run_augment,
     )
 
-    if method not in ("gan", "cyclegan"):
-        raise DebiasError(f"--method must be gan or cyclegan, got {method!r}")
     job = AugmentJob(
         method=method, data=data, out=out, n=n, where=where or [], weights=weights, model=model, label=label,
         image_size=image_size, epochs=epochs, batch_size=batch_size, max_steps=max_steps, max_minutes=max_minutes,
@@ -728,15 +1005,57 @@ def augment(
 # -- commands of later issues are added above this line, one block per command ----------------------------------
 
 
-def main() -> None:
+
+
+def _click_exceptions() -> Any:
+    """The click exception classes typer raises: its vendored copy in recent typer, click itself before."""
     try:
-        app(prog_name="debias")
+        from typer._click import exceptions
+    except ImportError:  # typer that depends on click
+        from click import exceptions
+    return exceptions
+
+
+def usage_message(exc: Exception) -> str:
+    """A parser error (unknown choice, missing option, bad number, unknown command) as one line."""
+    message = str(getattr(exc, "message", None) or exc).replace("Value error, ", "")
+    param = getattr(exc, "param", None)
+    opts = [o for o in getattr(param, "opts", None) or [] if o.startswith("--")]
+    choice = re.search(r"""('[^']*'|"[^"]*") is not one of (.*?)\.?$""", message)
+    if choice and opts:
+        allowed = ", ".join(c.strip().strip("'\"") for c in choice.group(2).split(","))
+        line = f"{opts[0]} must be one of {allowed}, got {choice.group(1)}"
+    else:
+        line = exc.format_message() if hasattr(exc, "format_message") else message
+        line = line.replace("Value error, ", "")
+    ctx = getattr(exc, "ctx", None)
+    if ctx is not None:
+        line = line.rstrip(".") + f" (see '{ctx.command_path} --help')"
+    return " ".join(line.split())
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """The console script: runs the app with one-line errors (exit code 2) instead of click's usage panels."""
+    errors = _click_exceptions()
+    try:
+        code = app(args=argv, prog_name="debias", standalone_mode=False)
     except DebiasError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
+    except errors.UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `debias` alone: the help has been printed
+            sys.exit(exc.exit_code)
+        print(f"error: {usage_message(exc)}", file=sys.stderr)
+        sys.exit(2)
+    except errors.ClickException as exc:
+        print(f"error: {' '.join(exc.format_message().split())}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    if code == 130:  # typer turns Ctrl-C into exit code 130
+        print("interrupted", file=sys.stderr)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""`debias compare`: several ``--reweight`` methods x several seeds on the same data, side by side.
+"""Several ``--reweight`` methods x several seeds on the same data, side by side: `debias train-classifier` with more
+than one method or seed (or ``--oracle-groups``), and its alias `debias compare`.
 
 Every run is a plain `train-classifier` run in ``OUT/runs/METHOD/seedS`` with the same data, architecture, epochs and
 options; only the method and the seed change. Finished runs are reused (a comparison that was interrupted continues
@@ -61,9 +62,11 @@ def run_dir(out: Path, method: str, seed: int) -> Path:
 def run_compare(job: CompareJob) -> CompareResult:
     unknown = [m for m in job.methods if m not in METHODS]
     if unknown or not job.methods:
-        raise DebiasError(f"--methods must be a comma-separated subset of {', '.join(METHODS)} (got {job.methods})")
+        raise DebiasError(f"--reweight must be one or more of {', '.join(METHODS)}, got {job.methods}")
     if not job.seeds:
         raise DebiasError("--seeds needs at least one seed")
+    if "two-stage" in job.methods and job.base.weights is None:  # refused before the other methods train
+        raise DebiasError("--weights DIR/scores.parquet is needed by --reweight two-stage")
     methods = list(job.methods)
     if job.oracle_groups:
         if BASELINE not in methods:

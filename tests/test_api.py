@@ -156,3 +156,28 @@ def test_the_readme_python_api_block_runs_verbatim(tmp_path: Path, monkeypatch: 
     exec(compile(code, "README.md (Python API)", "exec"), namespace)  # noqa: S102 - our own README
     assert namespace["det"].predict(namespace["x"]).shape == (2,)
     assert (tmp_path / "det" / "novelty.pt").is_file() and (tmp_path / "runs" / "faces" / "model.pt").is_file()
+
+
+def test_audit_cli_takes_embeddings_keyed_by_path(trained, tmp_path: Path) -> None:
+    import pandas as pd
+    import torchvision
+
+    imgs, _, _ = trained
+    net = torchvision.models.resnet18(weights=None, num_classes=16).eval()
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        emb = net(imgs.batch(np.arange(len(imgs)))).numpy()
+    pd.DataFrame({"path": imgs.table["path"], "embedding": list(emb)}).iloc[:-10].to_parquet(tmp_path / "e.parquet")
+    cmd = [sys.executable, "-m", "debias", "audit", "--embeddings", str(tmp_path / "e.parquet"), "--data", SOURCE,
+           "--out", str(tmp_path / "audit"), "--group-by", "rare", "-q"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    scores = pd.read_parquet(tmp_path / "audit" / "scores.parquet")
+    assert len(scores) == len(imgs) - 10 and scores["weight"].sum() == pytest.approx(1.0)
+    assert "rows without one" in out.stdout and not (tmp_path / "audit" / "report.html").exists()
+    both = subprocess.run(cmd + ["--model", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert both.returncode == 2 and both.stderr.count("\n") == 1 and "one of the two" in both.stderr
+    bad = pd.DataFrame({"file": ["a"], "x": [1.0]})
+    bad.to_parquet(tmp_path / "bad.parquet")
+    out = subprocess.run(cmd[:5] + [str(tmp_path / "bad.parquet")] + cmd[6:], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "needs a 'path' column" in out.stderr

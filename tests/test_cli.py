@@ -259,3 +259,185 @@ def test_precision_option(tmp_path):
         runs[precision] = pd.read_csv(tmp_path / precision / "loss.csv")["loss"].iloc[-1]
     if "bf16" in runs:
         assert runs["bf16"] == pytest.approx(runs["fp32"], rel=0.05)
+
+
+# -- the command line's conventions (issue: Enums, one list convention, --version, --engine help, compare merged) --
+def parse(command: str, *args: str) -> dict:
+    """The parameters the command would receive, without running it (option callbacks do run)."""
+    import typer
+
+    from debias.pipelines.cli import app
+
+    cmd = typer.main.get_command(app).commands[command]
+    return cmd.make_context(command, list(args)).params
+
+
+def test_version():
+    from debias import __version__
+
+    proc = debias("--version")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"debias {__version__}\n"
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["audit", "--model", "m", "--data", TINY, "--out", "o", "--engine", "spark"],
+         "--engine must be one of local, ray, got 'spark'"),
+        (["serve", "--model", "m", "--engine", "k8s"], "--engine must be one of local, ray"),
+        (["train", "--data", TINY, "--out", "o", "--device", "gpu"], "--device must be one of auto, cpu, cuda"),
+        (["train", "--data", TINY, "--out", "o", "--precision", "half"], "--precision must be one of auto, fp32, bf16"),
+        (["audit", "--model", "m", "--data", TINY, "--out", "o", "--estimator", "lof"], "--estimator must be one of"),
+        (["augment", "--method", "vae", "--data", TINY, "--n", "2", "--out", "o"],
+         "--method must be one of gan, cyclegan"),
+        (["train-classifier", "--data", TINY, "--label", "shape", "--out", "o", "--reweight", "none,bogus"],
+         "--reweight must be one of"),
+        (["compare", "--data", TINY, "--label", "shape", "--out", "o", "--seeds", "0,x"], "--seeds must be integers"),
+        (["audit", "--data", TINY, "--out", "o"], "Missing option '--model'"),
+    ],
+    ids=["engine", "serve-engine", "device", "precision", "estimator", "augment-method", "reweight", "seeds",
+         "missing"],
+)
+def test_invalid_choices_are_one_line_errors(tmp_path, args, fragment):
+    proc = debias(*args, cwd=tmp_path)
+    assert_one_line_error(proc, fragment)
+    assert not list(tmp_path.iterdir())  # refused before anything ran
+
+
+def test_choice_enums_match_the_library():
+    """The CLI's Enums repeat library constants (so that --help does not import torch): they must agree."""
+    from debias.density.rarity import RARITY_ESTIMATORS
+    from debias.pipelines import augment, cli, train_classifier
+    from debias.runtime.device import PRECISIONS
+    from debias.training.classifier import OBJECTIVES
+
+    values = cli._values
+    assert values(cli.Precision) == list(PRECISIONS)
+    assert values(cli.Estimator) == list(RARITY_ESTIMATORS)
+    assert values(cli.Method) == list(train_classifier.METHODS)
+    assert values(cli.AugmentMethod) == list(augment.METHODS)
+    assert set(values(cli.Stage1Loss)) <= set(OBJECTIVES)
+    assert parse("train-classifier", "--data", "d", "--label", "l", "--out", "o")["reweight"] == [
+        train_classifier.DEFAULT_METHOD
+    ]
+
+
+def test_enum_options_reach_the_command_as_plain_strings():
+    params = parse("audit", "--model", "m", "--data", "d", "--out", "o", "--combine", "max", "--dims", "active",
+                   "--estimator", "histogram-max", "--device", "cpu")
+    for name, value in [("combine", "max"), ("dims", "active"), ("estimator", "histogram-max"), ("device", "cpu"),
+                        ("engine", "local"), ("precision", "auto")]:
+        assert params[name] == value and type(params[name]) is str, name
+
+
+def test_list_options_are_repeatable_and_comma_separated():
+    from debias.pipelines.cli import split_list
+
+    base = ["--data", "d", "--label", "l", "--out", "o"]
+    a = parse("train-classifier", *base, "--eval-groups", "race,gender", "--where", "split=train,colour=red",
+              "--methods", "none,jtt", "--seeds", "0,1", "--oracle-groups", "race,gender", "--subsample",
+              "colour=red:0.1,shape=circle:0.5")
+    b = parse("train-classifier", *base, "--eval-groups", "race", "--eval-groups", "gender", "--where", "split=train",
+              "--where", "colour=red", "--reweight", "none", "--reweight", "jtt", "--seed", "0", "--seed", "1",
+              "--oracle-groups", "race", "--oracle-groups", "gender", "--subsample", "colour=red:0.1",
+              "--subsample", "shape=circle:0.5")
+    assert a == b
+    assert a["eval_groups"] == ["race", "gender"] and a["where"] == ["split=train", "colour=red"]
+    assert a["reweight"] == ["none", "jtt"] and a["seeds"] == [0, 1]
+    audit = parse("audit", "--model", "m", "--data", "d", "--out", "o", "--group-by", "group,shape", "--group-by", "x")
+    assert audit["group_by"] == ["group", "shape", "x"]
+    # COL=VALUE lists: a comma starts a new item only before another COL=...
+    assert split_list(["name=Smith, J.,split=train", " a=1 ,,"], pairs=True) == ["name=Smith, J.", "split=train", "a=1"]
+    assert split_list(None) == [] and split_list(["a,,b", "c"]) == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("command", ["audit", "serve"])
+def test_engine_help_shows_the_install_command_of_the_ray_extra(command):
+    proc = subprocess.run([sys.executable, "-m", "debias", command, "--help"], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "250"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert 'pip install -e ".[ray]"' in proc.stdout
+
+
+# Command lines from the README: each must still parse, with these values.
+README_COMMANDS = [
+    ("train --data SOURCE --where COL=VALUE --where split=train --label COL --out RUN_DIR --epochs 10 --image-size 64 "
+     "--latent-dim 32 --beta 1.0 --batch-size 128 --device cpu --seed 0 --resume --vae-class a --channels 3",
+     {"where": ["COL=VALUE", "split=train"], "device": "cpu", "resume": True}),
+    ("train --data faces/manifest.csv --out runs/faces --batch-size 256 --image-size 32 --beta 32", {"beta": 32.0}),
+    ("audit --model RUN_DIR --data SOURCE --where split=train --out DIR --group-by race,gender --estimator knn-recon "
+     "--n-neighbors 5 --temperature auto --target-ess 0.5 --bins 10 --alpha 0.001 --dims all --whiten --open",
+     {"group_by": ["race", "gender"], "estimator": "knn-recon", "open_browser": True}),
+    ("audit --model RUN_DIR --data SOURCE --out DIR --estimator histogram-max --no-whiten --dims active",
+     {"estimator": "histogram-max", "whiten": False, "dims": "active"}),
+    ("audit --model runs/demo/model --data builtin:shapes --out runs/demo/audit --group-by group --open",
+     {"group_by": ["group"]}),
+    ("audit --model RUN_DIR --data SOURCE --out DIR --engine ray --address auto --actors 2 --gpus-per-actor 0.5",
+     {"engine": "ray", "actors": 2}),
+    ("demo --out runs/demo --epochs 12 --n 4000", {"n": 4000}),
+    ("score --model RUN_DIR --data SOURCE --where split=test --out DIR --target-fpr 0.05 --heatmaps 3 "
+     "--fit-data SOURCE --fit-where split=train --refit", {"fit_where": ["split=train"], "refit": True}),
+    ("serve --model RUN_DIR --host 127.0.0.1 --port 8000 --max-batch-size 64 --max-wait-ms 2 --audit DIR --workers 2",
+     {"workers": 2, "engine": "local", "log_level": "info"}),
+    ("serve --model RUN_DIR --engine ray --replicas 2 --gpus-per-replica 0.5 --address auto", {"engine": "ray"}),
+    ("train-classifier --data faces/manifest.csv --label gender --where split=train --eval-where split=test "
+     "--eval-groups race,gender --out runs/gender",
+     {"reweight": ["cluster-errors"], "seeds": [0], "eval_groups": ["race", "gender"], "eval_where": ["split=test"]}),
+    ("train-classifier --data faces/manifest.csv --label gender --reweight dbvae --out runs/gender-dbvae --device cpu",
+     {"reweight": ["dbvae"]}),
+    ("train-classifier --data d --label l --out o --reweight two-stage --weights AUDIT_DIR/scores.parquet "
+     "--subsample colour=red:0.1 --val-fraction 0.2 --no-weighted-selection --stage1-epochs 4 --clusters 8 "
+     "--rarity-ess 0.25 --rarity-k 20 --rarity-dims 32 --jtt-epochs 2 --jtt-upweight auto --vae-weight 0.001 "
+     "--warmup-epochs 1 --per-class --select last --stage1-loss gce --combine max",
+     {"reweight": ["two-stage"], "subsample": ["colour=red:0.1"], "select": "last", "stage1_loss": "gce"}),
+    ("compare --data faces/manifest.csv --label gender --where split=train --eval-where split=test "
+     "--eval-groups race,gender --methods none,cluster-errors,jtt --seeds 0,1,2,3,4 --out runs/compare "
+     "--oracle-groups race,gender",
+     {"reweight": ["none", "cluster-errors", "jtt"], "seeds": [0, 1, 2, 3, 4], "oracle_groups": ["race", "gender"]}),
+    ("compare --data d --label l --out o", {"reweight": ["none", "cluster-errors", "jtt"], "seeds": [0, 1, 2, 3, 4]}),
+    ("augment --method gan --data faces/manifest.csv --where split=train --label gender "
+     "--weights runs/audit/scores.parquet --n 2000 --out runs/aug-gan --epochs 20 --image-size 64 "
+     "--merge-with faces/manifest.csv --no-diffaugment --balanced-labels --ema-decay 0.99 --d-lr 0.001",
+     {"method": "gan", "n": 2000}),
+    ("augment --method cyclegan --data SOURCE --weights runs/audit/scores.parquet --from common --to rare "
+     "--rare-quantile 0.1 --n-images 500 --out runs/aug-rare --n-blocks 3 --max-steps 10 --max-minutes 1",
+     {"method": "cyclegan", "n": 500, "from_": "common"}),
+    ("quality --real faces/manifest.csv --real-where split=train --synthetic runs/aug-gan --features runs/vae "
+     "--out runs/aug-gan/quality --group-by race --label gender --k 3 --kid-subset-size 1000 --kid-subsets 100 "
+     "--cas-epochs 10 --device auto --seed 0",
+     {"real_where": ["split=train"], "group_by": "race"}),
+]
+
+
+@pytest.mark.parametrize("line, expected", README_COMMANDS, ids=[c[0].split()[0] for c in README_COMMANDS])
+def test_readme_command_lines_still_parse(line, expected):
+    command, *args = line.split()
+    params = parse(command, *args)
+    for name, value in expected.items():
+        assert params[name] == value, name
+
+
+def test_train_classifier_with_two_methods_writes_the_comparison_and_compare_is_its_alias(tmp_path):
+    """Several --reweight methods: one run per method in OUT/runs/ and the comparison outputs. `compare` with the same
+    options, written as the README writes it, is the same code: it finds every run finished and retrains nothing."""
+    out = tmp_path / "cmp"
+    args = ["--data", "builtin:spurious?n=400", "--label", "label", "--where", "split=train", "--eval-where",
+            "split=test", "--eval-groups", "colour", "--epochs", "1", "--out", str(out), "-q", *TRAIN_ARGS,
+            "--device", "cpu"]
+    proc = debias("train-classifier", *args, "--reweight", "none", "--reweight", "jtt")
+    assert proc.returncode == 0, proc.stderr
+    for name in ("comparison.md", "comparison.json", "groups_colour.png", "runs/none/seed0/metrics.json",
+                 "runs/jtt/seed0/metrics.json"):
+        assert (out / name).is_file(), name
+    assert not (out / "metrics.json").exists()  # not a single run
+    summary = json.loads((out / "comparison.json").read_text())
+    assert list(summary["methods"]) == ["none", "jtt"] and "jtt" in summary["deltas_vs_none"]
+    assert "| worst colour accuracy |" in proc.stdout and f"outputs in {out}" in proc.stdout
+
+    stamp = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/classifier.pt")}
+    proc = debias("compare", *args, "--methods", "none,jtt", "--seeds", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert "reusing" not in proc.stdout  # -q
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/classifier.pt")} == stamp
+    assert json.loads((out / "comparison.json").read_text())["methods"].keys() == summary["methods"].keys()

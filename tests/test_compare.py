@@ -124,8 +124,8 @@ def test_cli_train_classifier_prints_the_group_table(tmp_path, monkeypatch, caps
         (["--reweight", "two-stage"], "--weights"),
         (["--reweight", "none", "--subsample", "colour=red"], "--subsample"),
         (["--reweight", "none", "--eval-groups", "nosuch"], "nosuch"),
-        (["--reweight", "dbvae", "--combine", "sum"], "--combine must be product or max"),
-        (["--stage1-loss", "mse"], "--stage1-loss must be ce or gce"),
+        (["--reweight", "dbvae", "--combine", "sum"], "--combine must be one of product, max"),
+        (["--stage1-loss", "mse"], "--stage1-loss must be one of ce, gce"),
     ],
     ids=["unknown-method", "two-stage-without-weights", "bad-subsample", "unknown-group", "bad-combine", "bad-loss"],
 )
