@@ -294,7 +294,7 @@ def test_version():
         (["train-classifier", "--data", TINY, "--label", "shape", "--out", "o", "--reweight", "none,bogus"],
          "--reweight must be one of"),
         (["compare", "--data", TINY, "--label", "shape", "--out", "o", "--seeds", "0,x"], "--seeds must be integers"),
-        (["audit", "--data", TINY, "--out", "o"], "Missing option '--model'"),
+        (["audit", "--data", TINY, "--out", "o"], "give --model RUN_DIR (a trained model) or --embeddings FILE"),
     ],
     ids=["engine", "serve-engine", "device", "precision", "estimator", "augment-method", "reweight", "seeds",
          "missing"],
