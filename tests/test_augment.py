@@ -385,7 +385,7 @@ def test_bad_options_are_debias_errors(tmp_path, job, fragment):
 @pytest.mark.parametrize(
     "args, fragment",
     [
-        (["--method", "diffusion"], "--method must be gan or cyclegan"),
+        (["--method", "diffusion"], "--method must be one of gan, cyclegan"),
         (["--method", "cyclegan", "--from", "red"], "needs --from A --to B"),
     ],
     ids=["method", "cyclegan-without-to"],

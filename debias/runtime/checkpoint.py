@@ -101,7 +101,8 @@ RESUMABLE_CHANGES = ("epochs", "device", "max_steps", "max_minutes")
 
 
 def resume_identity(config: Any) -> dict[str, Any]:
-    """A training config dataclass as a checkpoint stores it for the resume check: every field but
-    :data:`RESUMABLE_CHANGES`, tuples as lists (what a checkpoint gives back)."""
-    d = {k: v for k, v in asdict(config).items() if k not in RESUMABLE_CHANGES}
+    """A training config as a checkpoint stores it for the resume check: every field but
+    :data:`RESUMABLE_CHANGES`, tuples as lists (what a checkpoint gives back). ``config`` is the dataclass, or the dict
+    an earlier checkpoint stored (checkpoints written before every loop stored this form kept all fields)."""
+    d = {k: v for k, v in (config if isinstance(config, dict) else asdict(config)).items() if k not in RESUMABLE_CHANGES}
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}

@@ -29,53 +29,40 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from debias import __version__
 from debias.data.tensors import ImageTensor
 from debias.errors import DebiasError
 from debias.models import ConvVAE, VAEConfig, vae_loss
-from debias.runtime.checkpoint import (
-    atomic_write_table,
-    load_checkpoint,
-    save_checkpoint,
-)
+from debias.runtime.checkpoint import load_checkpoint, save_checkpoint
 from debias.runtime.device import autocast
 from debias.runtime.distributed import (
     DistContext,
     ModelWithLoss,
-    all_reduce_sum,
-    barrier,
     broadcast_object,
     init_distributed,
     per_rank_batch,
-    record_rows,
-    seed_rank_noise,
-    shard,
     wrap,
 )
 from debias.runtime.progress import epoch_line, progress_bar
+from debias.training.run_dir import EpochMeter, open_run, optimizer_step, run_record
 from debias.training.sampling import Scheme, draw_epoch
+from debias.training.vae import TrainConfig
 
-CHECKPOINT = "checkpoint.pt"
 CLASSIFIER = "classifier.pt"
 OBJECTIVES = ("ce", "dbvae", "gce")
 
 
 @dataclass
-class ClassifierTrainConfig:
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-3
-    seed: int = 0
-    device: str = "auto"
+class ClassifierTrainConfig(TrainConfig):
+    """The VAE's training options (same fields, same defaults), then the classifier's objective and selection."""
+
     objective: str = "ce"  # "ce" or "dbvae" (paper Eq. 5)
     vae_weight: float = 0.001  # dbvae: weight of the VAE term next to the cross-entropy (see dbvae_loss)
     select: str = "best"  # "best" validation accuracy, or "last" epoch
@@ -181,82 +168,57 @@ def train_classifier(
     """Train (or resume) one classifier; ``meta`` (data description, label, method, ...) is stored with it and a
     resume on different data or options is refused. ``ctx``: the torchrun context (default: joined here from the
     environment; single-process without torchrun)."""
-    out = Path(out_dir)
-    ckpt_path = out / CHECKPOINT
     if model_config.n_classes < 2:
         raise DebiasError("a classifier needs a label with at least two classes")
-    if ckpt_path.exists() and not resume:
-        raise DebiasError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
     ctx = ctx or init_distributed(config.device)
     device = ctx.device
     local_batch = per_rank_batch(config.batch_size, ctx)
-    progress = progress and ctx.is_main
-    barrier(ctx)  # every rank has looked at the run folder before rank 0 writes to it
+    run = open_run(out_dir, run_record(model_config, config, meta=meta), resume=resume, ctx=ctx, seed=config.seed,
+                   progress=progress, history_name="history.csv")
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     # channels_last: oneDNN (CPU) and cuDNN convolutions run faster on NHWC, which is also how the images are cached
     # (measured ~25 % per training step on CPU for both objectives, benchmarks/reweight_cost.py).
     model = ConvVAE(model_config).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    start_epoch, history = 0, []
     best: dict[str, Any] = {"epoch": 0, "val_accuracy": -1.0, "model": None}
     weight_sum = np.zeros(len(train))  # sum over epochs of the sampling probabilities, for the report
+    if run.resumed is not None:
+        model.load_state_dict(run.resumed["model"])
+        optimizer.load_state_dict(run.resumed["optimizer"])
+        best = dict(run.resumed["best"])
+        if "weight_sum" in run.resumed:
+            weight_sum = run.resumed["weight_sum"].numpy().astype(np.float64)
 
-    if resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, map_location=device)
-        for key, now in (("meta", meta), ("model_config", model_config.to_dict())):
-            if ckpt[key] != now:
-                diff = sorted(k for k in set(ckpt[key]) | set(now) if ckpt[key].get(k) != now.get(k))
-                raise DebiasError(f"cannot resume {out}: the data or options differ from the checkpoint's ({diff})")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_epoch, history, best = int(ckpt["epoch"]), list(ckpt["history"]), dict(ckpt["best"])
-        if "weight_sum" in ckpt:
-            weight_sum = ckpt["weight_sum"].numpy().astype(np.float64)
-        if progress:
-            print(f"resuming {out} after epoch {start_epoch}")
-
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
     loss_fn = functools.partial(classifier_loss, objective=config.objective, vae_weight=config.vae_weight)
     # The cross-entropy objective never runs the decoder: DDP must be told, or it waits for the decoder's gradients.
     step = wrap(ModelWithLoss(model, loss_fn), ctx, find_unused_parameters=config.objective == "ce")
     y_all = torch.as_tensor(y_train, dtype=torch.long)
     n = len(train)
-    for epoch in range(start_epoch, config.epochs):
-        # Seeds derived from the epoch make a resumed run draw the same rows and noise as an uninterrupted one.
-        epoch_seed = config.seed * 100_003 + epoch
-        torch.manual_seed(epoch_seed)
-        rng = np.random.default_rng([config.seed, epoch])
+    for epoch in range(run.start_epoch, config.epochs):
+        rng = run.seed_epoch(epoch)
         t0 = time.perf_counter()
         # DB-VAE: re-encode + refit the histograms (Algorithm 1); rank 0's result, the same on every rank.
         weights, winfo = broadcast_object(scheme.weights(epoch, model) if ctx.is_main else None, ctx)
         order = draw_epoch(weights, n, rng)  # the same global epoch on every rank (same seed, same weights)
         weight_sum += (1.0 / n) if weights is None else weights
-        seed_rank_noise(epoch_seed, ctx)
-        rows = shard(order, ctx)
-        record_rows(out.name, epoch, rows, ctx)
+        rows = run.shard(epoch, order, run.out.name)
         t1 = time.perf_counter()
         step.train()
-        sums: dict[str, float] = {}
+        meter = EpochMeter()
         label = f"{description}epoch {epoch + 1}/{config.epochs}"
-        with progress_bar(label, total=len(rows) * ctx.world_size, enabled=progress) as bar:
+        with progress_bar(label, total=len(rows) * ctx.world_size, enabled=run.progress) as bar:
             for start in range(0, len(rows), local_batch):
                 idx = rows[start : start + local_batch]
                 x = train.batch(idx).to(device, non_blocking=True)
                 y = y_all[idx].to(device, non_blocking=True)
                 with autocast(device):
                     loss, parts = step(x, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()  # DDP averages the gradients over the ranks here
-                optimizer.step()
-                for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + v * len(idx)
-                sums["rows"] = sums.get("rows", 0.0) + len(idx)
+                optimizer_step(optimizer, loss)
+                meter.add(parts, len(idx))
                 bar.advance(len(idx) * ctx.world_size, loss=parts["loss"])
         t2 = time.perf_counter()
-        totals = all_reduce_sum(sums, ctx)  # rank 0 logs the means over every rank's rows
-        seen = totals.pop("rows")
+        means, _ = meter.means(ctx)  # rank 0 logs the means over every rank's rows
         val_acc = None
         if val is not None and len(val) and ctx.is_main:
             val_acc = selection_accuracy(predict_proba(model, val), y_val, val_weights)
@@ -264,7 +226,7 @@ def train_classifier(
         t3 = time.perf_counter()
         row = {
             "epoch": epoch + 1,
-            **{k: v / seen for k, v in totals.items()},
+            **means,
             "val_accuracy": val_acc,
             **winfo,
             "weights_s": t1 - t0,  # re-encoding, density fit and drawing the epoch's rows
@@ -272,52 +234,25 @@ def train_classifier(
             "epoch_s": t2 - t0,  # weights + training passes; validation is timed apart
             "val_s": t3 - t2,
         }
-        history.append(row)
+        run.history.append(row)
         if val_acc is not None and val_acc > best["val_accuracy"]:
             best = {"epoch": epoch + 1, "val_accuracy": val_acc, "model": _cpu_copy(model)}
-        if not ctx.is_main:
-            continue
-        save_checkpoint(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch + 1,
-                "model_config": model_config.to_dict(),
-                "train_config": asdict(config),
-                "meta": meta,
-                "history": history,
-                "best": best,
-                "weight_sum": torch.from_numpy(weight_sum),
-                "version": __version__,
-            },
-            ckpt_path,
-        )
-        atomic_write_table(pd.DataFrame(history), out / "history.csv")
-        if progress:
-            print(_epoch_line(description, row))
+        if ctx.is_main:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "best": best,
+                     "weight_sum": torch.from_numpy(weight_sum)}
+            save_checkpoint(run.checkpoint_state(epoch + 1, state), run.checkpoint)
+        run.end_epoch(_epoch_line(description, row))
 
     selected = config.epochs
     if config.select == "best" and best["model"] is not None:
         model.load_state_dict(best["model"])
         selected = int(best["epoch"])
     model.eval()
-    path = out / CLASSIFIER
-    if ctx.is_main:
-        save_checkpoint(
-            {
-                "model": model.state_dict(),  # the plain module's weights: loads without DDP or torchrun
-                "model_config": model_config.to_dict(),
-                "meta": meta,
-                "history": history,
-                "selected_epoch": selected,
-                "version": __version__,
-            },
-            path,
-        )
-    barrier(ctx)  # the other ranks may read classifier.pt once this returns
+    # The plain module's weights: the classifier loads without DDP or torchrun.
+    path = run.finish(CLASSIFIER, {"model": model.state_dict(), "selected_epoch": selected})
     mean_weights = weight_sum / weight_sum.sum() if weight_sum.sum() > 0 else np.full(n, 1.0 / max(n, 1))
     return TrainedClassifier(
-        model=model, history=history, selected_epoch=selected, path=path, mean_weights=mean_weights
+        model=model, history=run.history, selected_epoch=selected, path=path, mean_weights=mean_weights
     )
 
 

@@ -19,33 +19,30 @@ RUN_DIR layout:
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from debias import __version__
 from debias.data import ImageSet
-from debias.errors import DebiasError
 from debias.models.cyclegan import CycleGANConfig, PatchDiscriminator, ResnetGenerator
 from debias.runtime import distributed as dist
-from debias.runtime.checkpoint import (
-    load_checkpoint,
-    resume_identity,
-    save_checkpoint,
-    write_json,
-)
+from debias.runtime.checkpoint import load_checkpoint, save_checkpoint
 from debias.runtime.device import autocast
 from debias.runtime.progress import TrainingClock, epoch_line, progress_bar
 from debias.training.gan import save_image_grid, to_uint8
+from debias.training.run_dir import (
+    EpochMeter,
+    find_artifact,
+    open_run,
+    optimizer_step,
+    run_record,
+)
 from debias.training.vae import DataDescription
 
-CHECKPOINT = "checkpoint.pt"
 GENERATORS = "generators.pt"
 
 
@@ -130,13 +127,13 @@ def train_cyclegan(
     progress: bool = True,
 ) -> Path:
     """Train (or resume) and return the path of generators.pt."""
-    out = Path(out_dir)
-    ckpt_path = out / CHECKPOINT
-    if ckpt_path.exists() and not resume:
-        raise DebiasError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
     ctx = dist.init_distributed(config.device)
     device = ctx.device
     batch_size = dist.per_rank_batch(config.batch_size, ctx)  # --batch-size is the global batch
+    run = open_run(
+        out_dir, run_record(model_config, config, data=asdict(data_desc)), resume=resume, ctx=ctx, seed=config.seed,
+        progress=progress, config={"model": model_config.to_dict(), "train": asdict(config), "data": asdict(data_desc)},
+    )
 
     torch.manual_seed(config.seed)
     g_ab, g_ba = ResnetGenerator(model_config).to(device), ResnetGenerator(model_config).to(device)
@@ -146,50 +143,35 @@ def train_cyclegan(
     sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, linear_decay(config.epochs))
     sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, linear_decay(config.epochs))
     pool_a, pool_b = ImagePool(config.pool_size), ImagePool(config.pool_size)  # fakes of A and of B
-    start_epoch, history = 0, []
-
-    if resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, map_location=device)
-        _check_resumable(ckpt, out, data_desc, model_config, config)
-        for net, key in ((g_ab, "g_ab"), (g_ba, "g_ba"), (d_a, "d_a"), (d_b, "d_b")):
-            net.load_state_dict(ckpt[key])
-        opt_g.load_state_dict(ckpt["opt_g"])
-        opt_d.load_state_dict(ckpt["opt_d"])
-        start_epoch, history = int(ckpt["epoch"]), list(ckpt["history"])
+    if run.resumed is not None:
+        for part, key in ((g_ab, "g_ab"), (g_ba, "g_ba"), (d_a, "d_a"), (d_b, "d_b"), (opt_g, "opt_g"), (opt_d, "opt_d")):
+            part.load_state_dict(run.resumed[key])
         # The schedule is a function of the epoch (and of --epochs, which a resume may change): set it from them.
         for sched in (sched_g, sched_d):
-            sched.last_epoch = start_epoch
+            sched.last_epoch = run.start_epoch
             for group, base_lr, factor in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
-                group["lr"] = base_lr * factor(start_epoch)  # what LambdaLR computes after start_epoch steps
-        pool_a.load_state_dict(ckpt["pool_a"], device)
-        pool_b.load_state_dict(ckpt["pool_b"], device)
-        if ctx.is_main:
-            print(f"resuming {out} after epoch {start_epoch}")
+                group["lr"] = base_lr * factor(run.start_epoch)  # what LambdaLR computes after start_epoch steps
+        pool_a.load_state_dict(run.resumed["pool_a"], device)
+        pool_b.load_state_dict(run.resumed["pool_b"], device)
 
     gab_t, gba_t, da_t, db_t = (dist.wrap(m, ctx) for m in (g_ab, g_ba, d_a, d_b))
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json({"model": model_config.to_dict(), "train": asdict(config), "data": asdict(data_desc)}, out / "config.json")
     k = min(config.grid_size, len(domain_a), len(domain_b))
     grid_a = domain_a.batch(np.arange(k)).mul(2).sub(1)
     grid_b = domain_b.batch(np.arange(k)).mul(2).sub(1)
 
     steps_per_epoch = -(-len(dist.shard(np.arange(max(len(domain_a), len(domain_b))), ctx)) // batch_size)
-    clock = TrainingClock("CycleGAN", steps_per_epoch, config.epochs - start_epoch, max_steps=config.max_steps,
-                          max_minutes=config.max_minutes, report=progress and ctx.is_main)
-    for epoch in range(start_epoch, config.epochs):
-        torch.manual_seed(config.seed * 100_003 + epoch)
+    clock = TrainingClock("CycleGAN", steps_per_epoch, config.epochs - run.start_epoch, max_steps=config.max_steps,
+                          max_minutes=config.max_minutes, report=run.progress)
+    for epoch in range(run.start_epoch, config.epochs):
+        run.seed_epoch(epoch)
         rows_a, rows_b = epoch_pairs(len(domain_a), len(domain_b), config.seed, epoch)
-        rows_a, rows_b = dist.shard(rows_a, ctx), dist.shard(rows_b, ctx)
-        dist.record_rows("cyclegan-a", epoch, rows_a, ctx)
-        dist.record_rows("cyclegan-b", epoch, rows_b, ctx)
-        dist.seed_rank_noise(config.seed * 100_003 + epoch, ctx)  # each rank its own image-pool draws
+        # Each rank its own image-pool draws from here on (seeding it twice over is seeding it once).
+        rows_a, rows_b = run.shard(epoch, rows_a, "cyclegan-a"), run.shard(epoch, rows_b, "cyclegan-b")
         for m in (g_ab, g_ba, d_a, d_b):
             m.train()
-        sums: dict[str, float] = {}
-        t0 = time.perf_counter()
-        done, stopped = 0, None
-        with progress_bar(f"CycleGAN epoch {epoch + 1}/{config.epochs}", total=len(rows_a), enabled=progress and ctx.is_main) as bar:
+        meter = EpochMeter()
+        stopped = None
+        with progress_bar(f"CycleGAN epoch {epoch + 1}/{config.epochs}", total=len(rows_a), enabled=run.progress) as bar:
             for start in range(0, len(rows_a), batch_size):
                 real_a = _batch(domain_a, rows_a[start : start + batch_size], device)
                 real_b = _batch(domain_b, rows_b[start : start + batch_size], device)
@@ -205,9 +187,7 @@ def train_cyclegan(
                 cycle = F.l1_loss(rec_a.float(), real_a) + F.l1_loss(rec_b.float(), real_b)
                 identity = F.l1_loss(idt_b.float(), real_b) + F.l1_loss(idt_a.float(), real_a)
                 g_loss = adv + config.lambda_cycle * cycle + config.lambda_identity * identity
-                opt_g.zero_grad(set_to_none=True)
-                g_loss.backward()
-                opt_g.step()
+                optimizer_step(opt_g, g_loss)
 
                 # Discriminators: real -> 1, pooled fakes -> 0, each loss halved as in the paper.
                 fake_b_pool = pool_b.query(fake_b.detach().float())
@@ -217,9 +197,7 @@ def train_cyclegan(
                     pa_real, pa_fake = da_t(torch.cat([real_a, fake_a_pool])).float().split(b)
                 d_b_loss = 0.5 * (F.mse_loss(pb_real, torch.ones_like(pb_real)) + F.mse_loss(pb_fake, torch.zeros_like(pb_fake)))
                 d_a_loss = 0.5 * (F.mse_loss(pa_real, torch.ones_like(pa_real)) + F.mse_loss(pa_fake, torch.zeros_like(pa_fake)))
-                opt_d.zero_grad(set_to_none=True)
-                (d_a_loss + d_b_loss).backward()
-                opt_d.step()
+                optimizer_step(opt_d, d_a_loss + d_b_loss)
 
                 parts = {
                     "g_loss": g_loss.item(),
@@ -229,10 +207,8 @@ def train_cyclegan(
                     "d_a": d_a_loss.item(),
                     "d_b": d_b_loss.item(),
                 }
-                for key, v in parts.items():
-                    sums[key] = sums.get(key, 0.0) + v * b
+                meter.add(parts, b)
                 bar.advance(b, g=parts["g_loss"], cyc=parts["cycle"], d_a=parts["d_a"], d_b=parts["d_b"])
-                done += b
                 clock.tick()
                 if dist.any_rank(clock.exhausted, ctx):
                     stopped = clock.stop_reason or "another process's budget"
@@ -240,65 +216,23 @@ def train_cyclegan(
         lr = opt_g.param_groups[0]["lr"]  # this epoch's rate, before the schedule moves on
         sched_g.step()
         sched_d.step()
-        elapsed = time.perf_counter() - t0
-        reduced = dist.all_reduce_sum({**sums, "_rows": float(done)}, ctx)  # all ranks' totals
-        total = reduced.pop("_rows")
-        sums = {k: reduced[k] for k in sums}
-        row = {
-            "epoch": epoch + 1,
-            **{key: v / total for key, v in sums.items()},
-            "lr": lr,
-            "pairs_per_s": total / elapsed,
-            "seconds": elapsed,
-        }
+        elapsed = meter.seconds
+        means, seen = meter.means(ctx)  # all ranks' totals
+        row = {"epoch": epoch + 1, **means, "lr": lr, "pairs_per_s": seen / elapsed, "seconds": elapsed}
         if stopped:
             row["stopped_by"] = stopped
-        history.append(row)
+        run.history.append(row)
         if ctx.is_main:
-            save_checkpoint(
-                {
-                    "g_ab": g_ab.state_dict(),
-                    "g_ba": g_ba.state_dict(),
-                    "d_a": d_a.state_dict(),
-                    "d_b": d_b.state_dict(),
-                    "opt_g": opt_g.state_dict(),
-                    "opt_d": opt_d.state_dict(),
-                    "pool_a": pool_a.state_dict(),
-                    "pool_b": pool_b.state_dict(),
-                    "epoch": epoch + 1,
-                    "model_config": model_config.to_dict(),
-                    "train_config": resume_identity(config),
-                    "data": asdict(data_desc),
-                    "history": history,
-                    "version": __version__,
-                },
-                ckpt_path,
-            )
-            pd.DataFrame(history).to_csv(out / "loss.csv", index=False)
-            _save_samples(g_ab, g_ba, grid_a, grid_b, out / "samples" / f"epoch_{epoch + 1:03d}.png")
-            if progress:
-                print(epoch_line(row))
-            if stopped:
-                print(clock.stopped_line(stopped, epoch + 1, int(total), "pairs"))
-        dist.barrier(ctx)
+            state = {"g_ab": g_ab.state_dict(), "g_ba": g_ba.state_dict(), "d_a": d_a.state_dict(),
+                     "d_b": d_b.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+                     "pool_a": pool_a.state_dict(), "pool_b": pool_b.state_dict()}
+            save_checkpoint(run.checkpoint_state(epoch + 1, state), run.checkpoint)
+            _save_samples(g_ab, g_ba, grid_a, grid_b, run.out / "samples" / f"epoch_{epoch + 1:03d}.png")
+        run.end_epoch(epoch_line(row), clock.stopped_line(stopped, epoch + 1, int(seen), "pairs") if stopped else None)
         if stopped:
             break
 
-    path = out / GENERATORS
-    if ctx.is_main:
-        save_checkpoint(
-            {
-                "g_ab": g_ab.state_dict(),
-                "g_ba": g_ba.state_dict(),
-                "model_config": model_config.to_dict(),
-                "data": asdict(data_desc),
-                "history": history,
-                "version": __version__,
-            },
-            path,
-        )
-    dist.barrier(ctx)
-    return path
+    return run.finish(GENERATORS, {"g_ab": g_ab.state_dict(), "g_ba": g_ba.state_dict()})
 
 
 def _batch(data: ImageSet, rows: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -314,25 +248,9 @@ def _save_samples(g_ab: ResnetGenerator, g_ba: ResnetGenerator, a: torch.Tensor,
     save_image_grid(to_uint8(rows), path, columns=len(a))
 
 
-def _check_resumable(
-    ckpt: dict[str, Any], out: Path, data_desc: DataDescription, model_config: CycleGANConfig, config: CycleGANTrainConfig
-) -> None:
-    if ckpt["data"]["fingerprint"] != data_desc.fingerprint:
-        raise DebiasError(f"cannot resume {out}: it was trained on other data or other domains")
-    if ckpt["model_config"] != model_config.to_dict():
-        raise DebiasError(f"cannot resume {out}: the model options differ from the checkpoint's")
-    if ckpt["train_config"] != resume_identity(config):
-        raise DebiasError(f"cannot resume {out}: the training options (other than --epochs) differ from the checkpoint's")
-
-
 def load_generators(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[ResnetGenerator, ResnetGenerator, dict[str, Any]]:
     """G_AB and G_BA of a finished run, in eval mode, and the stored metadata."""
-    run = Path(run_dir)
-    path = run / GENERATORS if run.is_dir() else run
-    if not path.exists():
-        if (run / CHECKPOINT).exists():
-            raise DebiasError(f"{run} has a checkpoint but no {GENERATORS}: training did not finish; resume it with --resume")
-        raise DebiasError(f"no trained CycleGAN at {run}")
+    path = find_artifact(run_dir, GENERATORS, f"no trained CycleGAN at {run_dir}")
     meta = load_checkpoint(path, map_location=device)
     config = CycleGANConfig(**meta["model_config"])
     nets = []

@@ -25,35 +25,33 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from debias import __version__
 from debias.data import ImageSet
 from debias.errors import DebiasError
 from debias.models.dcgan import DCGANConfig, Discriminator, Generator
 from debias.runtime import distributed as dist
-from debias.runtime.checkpoint import (
-    load_checkpoint,
-    resume_identity,
-    save_checkpoint,
-    write_json,
-)
+from debias.runtime.checkpoint import load_checkpoint, save_checkpoint
 from debias.runtime.device import autocast
 from debias.runtime.progress import TrainingClock, epoch_line, progress_bar
 from debias.training.diffaugment import DiffAugmentConfig, diff_augment
+from debias.training.run_dir import (
+    EpochMeter,
+    find_artifact,
+    open_run,
+    optimizer_step,
+    run_record,
+)
 from debias.training.sampling import draw_epoch
 from debias.training.vae import DataDescription
 
-CHECKPOINT = "checkpoint.pt"
 GENERATOR = "generator.pt"
 
 
@@ -85,10 +83,6 @@ def epoch_rows(weights: np.ndarray | None, n: int, seed: int, epoch: int) -> np.
 
     Seeded by (seed, epoch) only, so every rank of a distributed run and a resumed run draw the same order."""
     return draw_epoch(weights, n, np.random.default_rng([seed, epoch]))
-
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return seed * 100_003 + epoch
 
 
 @torch.no_grad()
@@ -140,10 +134,6 @@ def train_gan(
 ) -> Path:
     """Train (or resume) and return the path of generator.pt. ``labels``: class indices, for a conditional model;
     ``weights``: sampling probabilities of the rows (None: uniform)."""
-    out = Path(out_dir)
-    ckpt_path = out / CHECKPOINT
-    if ckpt_path.exists() and not resume:
-        raise DebiasError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
     if (labels is not None) != bool(model_config.n_classes):
         raise DebiasError("labels must be given exactly when the model is conditional")
     ctx = dist.init_distributed(config.device)
@@ -151,6 +141,11 @@ def train_gan(
     n = len(data)
     digest = weights_digest(weights)
     batch_size = dist.per_rank_batch(config.batch_size, ctx)  # --batch-size is the global batch
+    run = open_run(
+        out_dir, run_record(model_config, config, data=asdict(data_desc), weights=digest), resume=resume, ctx=ctx,
+        seed=config.seed, progress=progress,
+        config={"model": model_config.to_dict(), "train": asdict(config), "data": asdict(data_desc), "weights": digest},
+    )
 
     torch.manual_seed(config.seed)
     generator = Generator(model_config).to(device)
@@ -158,27 +153,14 @@ def train_gan(
     ema = copy.deepcopy(generator).eval()
     opt_g = torch.optim.Adam(generator.parameters(), lr=config.lr, betas=config.betas)
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.d_lr or config.lr, betas=config.betas)
-    start_epoch, step, history = 0, 0, []
-
-    if resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, map_location=device)
-        _check_resumable(ckpt, out, data_desc, model_config, config, digest)
-        generator.load_state_dict(ckpt["generator"])
-        discriminator.load_state_dict(ckpt["discriminator"])
-        ema.load_state_dict(ckpt["ema"])
-        opt_g.load_state_dict(ckpt["opt_g"])
-        opt_d.load_state_dict(ckpt["opt_d"])
-        start_epoch, step, history = int(ckpt["epoch"]), int(ckpt["step"]), list(ckpt["history"])
-        if ctx.is_main:
-            print(f"resuming {out} after epoch {start_epoch}")
+    step = 0
+    if run.resumed is not None:
+        for part, key in ((generator, "generator"), (discriminator, "discriminator"), (ema, "ema"), (opt_g, "opt_g"),
+                          (opt_d, "opt_d")):
+            part.load_state_dict(run.resumed[key])
+        step = int(run.resumed["step"])
 
     g_train, d_train = dist.wrap(generator, ctx), dist.wrap(discriminator, ctx)
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(
-            {"model": model_config.to_dict(), "train": asdict(config), "data": asdict(data_desc), "weights": digest},
-            out / "config.json",
-        )
     y_all = torch.tensor(labels, dtype=torch.long) if labels is not None else None
     # Fixed noise and labels for the sample grids: the same images evolve from epoch to epoch.
     grid_noise = torch.Generator().manual_seed(config.seed + 1)
@@ -186,19 +168,17 @@ def train_gan(
     grid_y = grid_labels(model_config, config.grid_size)
 
     steps_per_epoch = -(-len(dist.shard(np.arange(n), ctx)) // batch_size)
-    clock = TrainingClock("GAN", steps_per_epoch, config.epochs - start_epoch, max_steps=config.max_steps,
-                          max_minutes=config.max_minutes, report=progress and ctx.is_main)
-    for epoch in range(start_epoch, config.epochs):
-        torch.manual_seed(_epoch_seed(config.seed, epoch))
-        rows = dist.shard(epoch_rows(weights, n, config.seed, epoch), ctx)
-        dist.record_rows("gan", epoch, rows, ctx)
-        dist.seed_rank_noise(_epoch_seed(config.seed, epoch), ctx)  # each rank its own z and augmentations
+    clock = TrainingClock("GAN", steps_per_epoch, config.epochs - run.start_epoch, max_steps=config.max_steps,
+                          max_minutes=config.max_minutes, report=run.progress)
+    for epoch in range(run.start_epoch, config.epochs):
+        run.seed_epoch(epoch)
+        # Each rank its own z and augmentations from here on.
+        rows = run.shard(epoch, epoch_rows(weights, n, config.seed, epoch), "gan")
         generator.train()
         discriminator.train()
-        sums: dict[str, float] = {}
-        t0 = time.perf_counter()
-        done, stopped = 0, None
-        with progress_bar(f"GAN epoch {epoch + 1}/{config.epochs}", total=len(rows), enabled=progress and ctx.is_main) as bar:
+        meter = EpochMeter()
+        stopped = None
+        with progress_bar(f"GAN epoch {epoch + 1}/{config.epochs}", total=len(rows), enabled=run.progress) as bar:
             for start in range(0, len(rows), batch_size):
                 idx = np.sort(rows[start : start + batch_size])  # sorted reads suit the memmap
                 real = data.batch(idx).to(device, non_blocking=True).mul_(2).sub_(1)
@@ -215,18 +195,14 @@ def train_gan(
                     # Minibatch-std groups of gcd(b, 4) consecutive images never straddle the real/fake boundary.
                     logits = d_train(_augment(both, config.augment), y2, group_size=math.gcd(b, 4)).float()
                 d_loss = F.softplus(-logits[:b]).mean() + F.softplus(logits[b:]).mean()
-                opt_d.zero_grad(set_to_none=True)
-                d_loss.backward()
-                opt_d.step()
+                optimizer_step(opt_d, d_loss)
 
                 # Generator: make D call its (augmented) samples real; the non-saturating loss of Goodfellow et al.
                 z = torch.randn(b, model_config.z_dim, device=device)
                 with autocast(device):
                     g_logits = d_train(_augment(g_train(z, y), config.augment), y, group_size=math.gcd(b, 4)).float()
                 g_loss = F.softplus(-g_logits).mean()
-                opt_g.zero_grad(set_to_none=True)
-                g_loss.backward()
-                opt_g.step()
+                optimizer_step(opt_g, g_loss)
                 update_ema(ema, generator, config.ema_decay, step)
                 step += 1
 
@@ -236,67 +212,30 @@ def train_gan(
                     "d_real": torch.sigmoid(logits[:b]).mean().item(),
                     "d_fake": torch.sigmoid(logits[b:]).mean().item(),
                 }
-                for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + v * b
+                meter.add(parts, b)
                 bar.advance(b, d=parts["d_loss"], g=parts["g_loss"])
-                done += b
                 clock.tick()
                 if dist.any_rank(clock.exhausted, ctx):
                     stopped = clock.stop_reason or "another process's budget"
                     break
-        elapsed = time.perf_counter() - t0
-        reduced = dist.all_reduce_sum({**sums, "_rows": float(done)}, ctx)  # all ranks' totals
-        total = reduced.pop("_rows")
-        sums = {k: reduced[k] for k in sums}
-        row = {"epoch": epoch + 1, **{k: v / total for k, v in sums.items()}, "images_per_s": total / elapsed, "seconds": elapsed}
+        elapsed = meter.seconds
+        means, seen = meter.means(ctx)  # all ranks' totals
+        row = {"epoch": epoch + 1, **means, "images_per_s": seen / elapsed, "seconds": elapsed}
         if stopped:
             row["stopped_by"] = stopped
-        history.append(row)
+        run.history.append(row)
         if ctx.is_main:
-            save_checkpoint(
-                {
-                    "generator": generator.state_dict(),
-                    "discriminator": discriminator.state_dict(),
-                    "ema": ema.state_dict(),
-                    "opt_g": opt_g.state_dict(),
-                    "opt_d": opt_d.state_dict(),
-                    "epoch": epoch + 1,
-                    "step": step,
-                    "model_config": model_config.to_dict(),
-                    "train_config": resume_identity(config),
-                    "data": asdict(data_desc),
-                    "weights": digest,
-                    "history": history,
-                    "version": __version__,
-                },
-                ckpt_path,
-            )
-            pd.DataFrame(history).to_csv(out / "loss.csv", index=False)
+            state = {"generator": generator.state_dict(), "discriminator": discriminator.state_dict(),
+                     "ema": ema.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "step": step}
+            save_checkpoint(run.checkpoint_state(epoch + 1, state), run.checkpoint)
             with torch.no_grad():
                 grid = to_uint8(ema(grid_z.to(device), _to(grid_y, device)))
-            save_image_grid(grid, out / "samples" / f"epoch_{epoch + 1:03d}.png")
-            if progress:
-                print(epoch_line(row))
-            if stopped:
-                print(clock.stopped_line(stopped, epoch + 1, int(total), "images"))
-        dist.barrier(ctx)
+            save_image_grid(grid, run.out / "samples" / f"epoch_{epoch + 1:03d}.png")
+        run.end_epoch(epoch_line(row), clock.stopped_line(stopped, epoch + 1, int(seen), "images") if stopped else None)
         if stopped:
             break
 
-    path = out / GENERATOR
-    if ctx.is_main:
-        save_checkpoint(
-            {
-                "generator": ema.state_dict(),
-                "model_config": model_config.to_dict(),
-                "data": asdict(data_desc),
-                "history": history,
-                "version": __version__,
-            },
-            path,
-        )
-    dist.barrier(ctx)
-    return path
+    return run.finish(GENERATOR, {"generator": ema.state_dict()})
 
 
 def _augment(x: torch.Tensor, config: DiffAugmentConfig) -> torch.Tensor:
@@ -307,32 +246,9 @@ def _to(y: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
     return y.to(device) if y is not None else None
 
 
-def _check_resumable(
-    ckpt: dict[str, Any],
-    out: Path,
-    data_desc: DataDescription,
-    model_config: DCGANConfig,
-    config: GANTrainConfig,
-    digest: str,
-) -> None:
-    if ckpt["data"]["fingerprint"] != data_desc.fingerprint:
-        raise DebiasError(f"cannot resume {out}: it was trained on other data")
-    if ckpt["model_config"] != model_config.to_dict():
-        raise DebiasError(f"cannot resume {out}: the model options differ from the checkpoint's")
-    if ckpt["train_config"] != resume_identity(config):
-        raise DebiasError(f"cannot resume {out}: the training options (other than --epochs) differ from the checkpoint's")
-    if ckpt["weights"] != digest:
-        raise DebiasError(f"cannot resume {out}: the sampling weights differ from the checkpoint's")
-
-
 def load_generator(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[Generator, dict[str, Any]]:
     """The trained (EMA) generator in eval mode and its stored metadata."""
-    run = Path(run_dir)
-    path = run / GENERATOR if run.is_dir() else run
-    if not path.exists():
-        if (run / CHECKPOINT).exists():
-            raise DebiasError(f"{run} has a checkpoint but no {GENERATOR}: training did not finish; resume it with --resume")
-        raise DebiasError(f"no trained generator at {run}")
+    path = find_artifact(run_dir, GENERATOR, f"no trained generator at {run_dir}")
     meta = load_checkpoint(path, map_location=device)
     model = Generator(DCGANConfig(**meta["model_config"]))
     model.load_state_dict(meta["generator"])

@@ -1,9 +1,9 @@
 """The VAE / DB-VAE training loop: one epoch after another, a checkpoint after each, resumable after a crash.
 
 RUN_DIR layout:
-    checkpoint.pt  model + optimizer + epoch + configs + data fingerprint + loss history (rewritten atomically
-                   after every epoch; ``resume=True`` continues from it)
-    model.pt       the trained model for audits and scoring (weights, model config, data description)
+    checkpoint.pt  model + optimizer + epoch + configs + data description + loss history (rewritten atomically
+                   after every epoch; ``resume=True`` continues from it: :mod:`debias.training.run_dir`)
+    model.pt       the trained model for audits and scoring (weights, model config, data description, history)
     config.json    the model and training configuration, human readable
     loss.csv       one row per epoch: loss parts, images/s
     loss.png       the loss curve
@@ -16,7 +16,6 @@ the files above and shows progress.
 from __future__ import annotations
 
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,27 +24,27 @@ import numpy as np
 import pandas as pd
 import torch
 
-from debias import __version__
 from debias.data import ImageSet
 from debias.errors import DebiasError
 from debias.models import ConvVAE, VAEConfig, vae_loss
-from debias.runtime.checkpoint import load_checkpoint, save_checkpoint, write_json
+from debias.runtime.checkpoint import load_checkpoint, save_checkpoint
 from debias.runtime.device import autocast, effective_precision
 from debias.runtime.distributed import (
     DistContext,
     ModelWithLoss,
-    all_reduce_sum,
-    barrier,
     init_distributed,
     per_rank_batch,
-    record_rows,
-    seed_rank_noise,
-    shard,
     wrap,
 )
 from debias.runtime.progress import epoch_line, progress_bar
+from debias.training.run_dir import (
+    EpochMeter,
+    find_artifact,
+    open_run,
+    optimizer_step,
+    run_record,
+)
 
-CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
 
 
@@ -97,117 +96,57 @@ def train_vae(
 ) -> Path:
     """Train (or resume training) and return the path of model.pt. ``ctx``: the torchrun context (default: joined
     here from the environment; single-process without torchrun)."""
-    out = Path(out_dir)
-    ckpt_path = out / CHECKPOINT
     ctx = ctx or init_distributed(config.device)
     device = ctx.device
     local_batch = per_rank_batch(config.batch_size, ctx)
-    progress = progress and ctx.is_main
-    if ckpt_path.exists() and not resume:
-        raise DebiasError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
-    # Every rank has read the checkpoint state above before rank 0 writes anything below.
-    barrier(ctx)
+    run = open_run(
+        out_dir, run_record(model_config, config, data=asdict(data_desc)), resume=resume, ctx=ctx, seed=config.seed,
+        progress=progress,
+        config={"model": model_config.to_dict(), "train": {**asdict(config), "precision": effective_precision(device)},
+                "data": asdict(data_desc)},
+    )
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     model = ConvVAE(model_config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    start_epoch, history = 0, []
+    if run.resumed is not None:
+        model.load_state_dict(run.resumed["model"])
+        optimizer.load_state_dict(run.resumed["optimizer"])
 
-    if resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, map_location=device)
-        if ckpt["data"]["fingerprint"] != data_desc.fingerprint:
-            raise DebiasError(
-                f"cannot resume {out}: it was trained on other data (fingerprint {ckpt['data']['fingerprint']}, "
-                f"now {data_desc.fingerprint})"
-            )
-        if ckpt["model_config"] != model_config.to_dict():
-            raise DebiasError(f"cannot resume {out}: the model options differ from the checkpoint's")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_epoch, history = int(ckpt["epoch"]), list(ckpt["history"])
-        if progress:
-            print(f"resuming {out} after epoch {start_epoch}")
-    elif resume and progress:
-        print(f"no checkpoint in {out}; starting a new run")
-
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(
-            {"model": model_config.to_dict(), "train": {**asdict(config), "precision": effective_precision(device)},
-             "data": asdict(data_desc)}, out / "config.json"
-        )
     step = wrap(ModelWithLoss(model, vae_loss), ctx)  # every parameter takes part in the VAE / DB-VAE loss
     y_all = torch.from_numpy(labels) if labels is not None else None
     n = len(data)
-
-    for epoch in range(start_epoch, config.epochs):
-        # Seeds derived from the epoch number make a resumed run see the same batches as an uninterrupted one.
-        epoch_seed = config.seed * 100_003 + epoch
-        torch.manual_seed(epoch_seed)
-        order = torch.randperm(n).numpy()  # the same global order on every rank
-        seed_rank_noise(epoch_seed, ctx)
-        rows = shard(order, ctx)
-        record_rows("vae", epoch, rows, ctx)
+    for epoch in range(run.start_epoch, config.epochs):
+        run.seed_epoch(epoch)
+        rows = run.shard(epoch, torch.randperm(n).numpy(), "vae")  # the same global order on every rank
         step.train()
-        sums: dict[str, float] = {}
-        t0 = time.perf_counter()
-        with progress_bar(f"epoch {epoch + 1}/{config.epochs}", total=len(rows) * ctx.world_size, enabled=progress) as bar:
+        meter = EpochMeter()
+        with progress_bar(f"epoch {epoch + 1}/{config.epochs}", total=len(rows) * ctx.world_size, enabled=run.progress) as bar:
             for start in range(0, len(rows), local_batch):
                 idx = np.sort(rows[start : start + local_batch])  # sorted reads suit the memmap
                 x = data.batch(idx).to(device, non_blocking=True)
                 y = y_all[idx].to(device) if y_all is not None else None
                 with autocast(device):
                     loss, parts = step(x, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()  # DDP averages the gradients over the ranks here
-                optimizer.step()
-                for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + v * len(idx)
-                sums["rows"] = sums.get("rows", 0.0) + len(idx)
+                optimizer_step(optimizer, loss)
+                meter.add(parts, len(idx))
                 bar.advance(len(idx) * ctx.world_size, loss=parts["loss"])
-        elapsed = time.perf_counter() - t0
-        totals = all_reduce_sum(sums, ctx)  # rank 0 logs the means over every rank's rows
-        seen = totals.pop("rows")
-        row = {"epoch": epoch + 1, **{k: v / seen for k, v in totals.items()}, "images_per_s": seen / elapsed}
-        history.append(row)
-        if not ctx.is_main:
-            continue
-        save_checkpoint(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch + 1,
-                "model_config": model_config.to_dict(),
-                "train_config": asdict(config),
-                "data": asdict(data_desc),
-                "history": history,
-                "version": __version__,
-            },
-            ckpt_path,
-        )
-        _write_history(history, out)
-        if progress:
-            print(epoch_line(row))
+        elapsed = meter.seconds
+        means, seen = meter.means(ctx)  # rank 0 logs the means over every rank's rows
+        row = {"epoch": epoch + 1, **means, "images_per_s": seen / elapsed}
+        run.history.append(row)
+        if ctx.is_main:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+            save_checkpoint(run.checkpoint_state(epoch + 1, state), run.checkpoint)
+            _plot_history(run.history, run.out)
+        run.end_epoch(epoch_line(row))
 
-    model_path = out / MODEL
-    if ctx.is_main:
-        save_checkpoint(
-            {
-                "model": model.state_dict(),  # the plain module's weights: loads without DDP or torchrun
-                "model_config": model_config.to_dict(),
-                "data": asdict(data_desc),
-                "history": history,
-                "version": __version__,
-            },
-            model_path,
-        )
-    barrier(ctx)  # the other ranks may read model.pt once this returns
-    return model_path
+    # The plain module's weights: the model loads without DDP or torchrun.
+    return run.finish(MODEL, {"model": model.state_dict()})
 
 
-def _write_history(history: list[dict[str, Any]], out: Path) -> None:
+def _plot_history(history: list[dict[str, Any]], out: Path) -> None:
     df = pd.DataFrame(history)
-    df.to_csv(out / "loss.csv", index=False)
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6, 3.5))
@@ -225,12 +164,7 @@ def _write_history(history: list[dict[str, Any]], out: Path) -> None:
 
 def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[ConvVAE, dict[str, Any]]:
     """A trained model in eval mode and its stored metadata (model_config, data, history)."""
-    run = Path(run_dir)
-    path = run / MODEL if run.is_dir() else run
-    if not path.exists():
-        if (run / CHECKPOINT).exists():
-            raise DebiasError(f"{run} has a checkpoint but no {MODEL}: training did not finish; resume it with --resume")
-        raise DebiasError(f"no trained model at {run} (expected {MODEL} from 'debias train')")
+    path = find_artifact(run_dir, MODEL, f"no trained model at {run_dir} (expected {MODEL} from 'debias train')")
     meta = load_checkpoint(path, map_location=device)
     model = model_from_checkpoint(meta, path)
     model.to(device).eval()
