@@ -19,7 +19,7 @@ import pandas as pd
 from PIL import Image
 
 from debias.density.estimators import LatentHistogramDensity
-from debias.runtime.checkpoint import write_json
+from debias.runtime.checkpoint import atomic_write_bytes, write_json
 
 BROWSER_FORMAT = 1
 #: Thumbnails per end of the rarity ranking; a few hundred small PNGs at most, so no sprite is needed.
@@ -69,7 +69,7 @@ def write_browser_assets(
         old.unlink()
     rows = np.asarray(sorted(set(rarest) | set(typical)), dtype=np.int64)
     for row, image in zip(rows.tolist(), pixels(rows) if len(rows) else []):
-        (thumbs / f"{row}.png").write_bytes(thumbnail_png(image))
+        atomic_write_bytes(thumbnail_png(image), thumbs / f"{row}.png")
     meta = {
         "format": BROWSER_FORMAT,
         "k": k,

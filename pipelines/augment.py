@@ -30,6 +30,7 @@ from debias.errors import DebiasError
 from debias.models.cyclegan import CycleGANConfig, default_n_blocks
 from debias.models.dcgan import DCGANConfig
 from debias.runtime import distributed as dist
+from debias.runtime.checkpoint import atomic_write_table
 from debias.runtime.device import autocast, resolve_device
 from debias.runtime.progress import progress_bar
 from debias.training.cyclegan import (
@@ -404,9 +405,7 @@ def _write_pngs(images: np.ndarray, paths: list[Path]) -> None:
 
 
 def _write_csv(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)  # a reader never sees half a manifest
+    atomic_write_table(df, path)  # a reader never sees half a manifest
 
 
 def merge_manifests(original: Path, synthetic: Path, where: list[str] | None = None) -> pd.DataFrame:

@@ -29,7 +29,7 @@ from debias.pipelines.train_classifier import (
     job_signature,
     run_train_classifier,
 )
-from debias.runtime.checkpoint import atomic_write_text, write_json
+from debias.runtime.checkpoint import atomic_savefig, atomic_write_text, write_json
 
 BASELINE = "none"
 ORACLE_LABEL = "oracle (reads groups; reference)"
@@ -316,7 +316,7 @@ def plot_groups(summary: dict[str, Any], grouping: str, path: Path) -> None:
     ax.set_title(f"accuracy per {grouping} (mean ± std over seeds)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_savefig(fig, path, dpi=100)
 
 
 def _file_safe(name: str) -> str:

@@ -27,7 +27,7 @@ from debias.density.calibration import drift_report
 from debias.density.detector import open_detector
 from debias.density.encoding import encode_batch
 from debias.density.heatmaps import heatmap_png
-from debias.runtime.checkpoint import atomic_write_table, write_json
+from debias.runtime.checkpoint import atomic_write_bytes, atomic_write_table, write_json
 from debias.runtime.device import resolve_device
 
 
@@ -111,6 +111,6 @@ def _write_heatmaps(det, data, scores: pd.DataFrame, folder: Path, k: int) -> li
         source = re.sub(r"\.(png|jpe?g|webp|bmp|gif|tiff?)$", "", str(scores["path"].iloc[row]), flags=re.IGNORECASE)
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", source)[-80:]
         name = f"{j + 1:03d}_{stem}.png"
-        (folder / name).write_bytes(heatmap_png(x[j].numpy(), recon[j].numpy()))
+        atomic_write_bytes(heatmap_png(x[j].numpy(), recon[j].numpy()), folder / name)
         names.append(name)
     return names

@@ -33,6 +33,8 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import NullFormatter
 from PIL import Image
 
+from debias.runtime.checkpoint import atomic_write_text
+
 __all__ = ["AuditReport", "GroupFinding", "RowsFinding", "Thumb", "write_report", "render_html", "image_grid", "figure_to_data_uri"]
 
 
@@ -740,10 +742,5 @@ def render_html(report: AuditReport) -> str:
 def write_report(report: AuditReport, path: str | Path) -> Path:
     """Write `report` as one self-contained HTML file (parents created) and return its path."""
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    text = render_html(report)
-    # Write to a sibling temp file then rename, so a crash never leaves a half report behind.
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(out)
+    atomic_write_text(render_html(report), out)  # a crash never leaves half a report behind
     return out

@@ -25,6 +25,7 @@ from debias.reports.audit import (
     image_grid_data,
     summary_rows,
 )
+from debias.runtime.checkpoint import atomic_write_text
 
 __all__ = ["GroupImages", "QualityPage", "render_quality_html", "write_quality_html"]
 
@@ -175,8 +176,5 @@ def render_quality_html(page: QualityPage) -> str:
 def write_quality_html(page: QualityPage, path: str | Path) -> Path:
     """Write the page atomically (temporary sibling, then rename) and return its path."""
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(render_quality_html(page), encoding="utf-8")
-    tmp.replace(out)
+    atomic_write_text(render_quality_html(page), out)
     return out

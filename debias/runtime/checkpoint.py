@@ -77,6 +77,16 @@ def atomic_write_text(text: str, path: str | Path) -> None:
     _atomic_write(Path(path), lambda f: f.write(text.encode("utf-8")))
 
 
+def atomic_write_bytes(data: bytes, path: str | Path) -> None:
+    _atomic_write(Path(path), lambda f: f.write(data))
+
+
+def atomic_savefig(fig: Any, path: str | Path, **savefig_options: Any) -> None:
+    """A matplotlib figure as a file (format from the suffix), written atomically."""
+    fmt = Path(path).suffix.lstrip(".") or "png"
+    _atomic_write(Path(path), lambda f: fig.savefig(f, format=fmt, **savefig_options))
+
+
 def atomic_write_table(table: Any, path: str | Path) -> None:
     """A DataFrame as Parquet or CSV (by the suffix), written atomically: a reader never sees half a table."""
     p = Path(path)

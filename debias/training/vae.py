@@ -27,7 +27,7 @@ import torch
 from debias.data import ImageSet
 from debias.errors import DebiasError
 from debias.models import ConvVAE, VAEConfig, vae_loss
-from debias.runtime.checkpoint import load_checkpoint, save_checkpoint
+from debias.runtime.checkpoint import atomic_savefig, load_checkpoint, save_checkpoint
 from debias.runtime.device import autocast, effective_precision
 from debias.runtime.distributed import (
     DistContext,
@@ -159,7 +159,7 @@ def _plot_history(history: list[dict[str, Any]], out: Path) -> None:
     ax.set_title("training loss")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=100)
+    atomic_savefig(fig, out / "loss.png", dpi=100)
 
 
 def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[ConvVAE, dict[str, Any]]:
@@ -227,7 +227,6 @@ def fit_vae_on(
     """Pick the model for ``data`` (a beta-VAE, or a DB-VAE with a class head when ``label`` names a column) and
     train it into ``out``: what `debias train` and :func:`debias.train_vae` both run. Rows without a label are
     reported and left out. Returns the path of model.pt."""
-    show = progress and (ctx is None or ctx.is_main)
     labels, classes, vae_class_index, n_unlabelled = None, [], None, 0
     if label is not None:
         if label not in data.table.columns:
@@ -258,4 +257,4 @@ def fit_vae_on(
         n_skipped=len(data.skipped), label=label, n_unlabelled=n_unlabelled,
     )
     return train_vae(data, model_config, config, out, data_desc=desc, labels=labels, resume=resume,
-                     progress=show if ctx is None else progress, ctx=ctx)
+                     progress=progress, ctx=ctx)
