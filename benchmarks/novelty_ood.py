@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from debias.data import ImageSet, load_images  # noqa: E402
-from debias.density.detector import DEFAULT_CALIBRATION_FRACTION, open_detector
+from debias.data.splits import DEFAULT_CALIBRATION_FRACTION
+from debias.density.detector import open_detector
 from debias.density.encoding import encode_images  # noqa: E402
 from debias.density.novelty import (  # noqa: E402
     DEFAULT_STATISTICS,

@@ -31,8 +31,8 @@ from sklearn.utils.validation import check_is_fitted
 from debias.data import ImageSet
 from debias.data import load_images as _load_images
 from debias.data.inputs import ImagesLike, as_image_set, where_list
+from debias.data.splits import DEFAULT_CALIBRATION_FRACTION
 from debias.density.detector import (
-    DEFAULT_CALIBRATION_FRACTION,
     DEFAULT_TARGET_FPR,
     EmbeddingDetector,
     fit_detector,
@@ -83,11 +83,14 @@ def train_vae(
     lr: float = 1e-3,
     seed: int = 0,
     device: str = "auto",
+    calibration_fraction: float = DEFAULT_CALIBRATION_FRACTION,
     resume: bool = False,
     progress: bool = True,
 ) -> ConvVAE:
     """Train a beta-VAE (a DB-VAE with a class head when ``label`` names a column) into the run directory ``out``,
-    as `debias train` does (checkpoint per epoch, ``resume=True`` continues), and return the trained model."""
+    as `debias train` does (checkpoint per epoch, ``resume=True`` continues), and return the trained model.
+    ``calibration_fraction`` of the images are held out of training; a :class:`NoveltyDetector` loaded from the run
+    (:meth:`NoveltyDetector.load`) calibrates on them."""
     if isinstance(images, ImageSet):
         data = images if image_size in (None, images.image_size) else as_image_set(images, image_size, images.channels)
     elif isinstance(images, (str, Path)):
@@ -96,7 +99,7 @@ def train_vae(
         data = as_image_set(images, image_size or 64, _channels_of(images))
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device)
     path = fit_vae_on(data, Path(out), config, latent_dim=latent_dim, beta=beta, width=width, label=label,
-                      resume=resume, progress=progress)
+                      source=data.source, calibration_fraction=calibration_fraction, resume=resume, progress=progress)
     return load_vae(path.parent)
 
 

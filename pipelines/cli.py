@@ -296,6 +296,10 @@ def train(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.auto,
     seed: int = 0,
+    calibration_fraction: Annotated[
+        float, typer.Option(min=0.0, max=0.5, help="Share of the images held out of training, on which `debias "
+                            "score` and the service calibrate the novelty p-values (0 = train on all).")
+    ] = 0.2,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -315,6 +319,7 @@ def train(
         beta=beta,
         width=width,
         train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device),
+        calibration_fraction=calibration_fraction,
         resume=resume,
         progress=not quiet,
     )

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from debias.data import load_images
+from debias.data.splits import DEFAULT_CALIBRATION_FRACTION
 from debias.runtime.distributed import DistContext, distributed_job
 from debias.training.vae import TrainConfig, fit_vae_on
 
@@ -23,6 +24,7 @@ class TrainJob:
     beta: float = 1.0
     width: int = 32
     train: TrainConfig = field(default_factory=TrainConfig)
+    calibration_fraction: float = DEFAULT_CALIBRATION_FRACTION  # held out of training for the novelty calibration
     resume: bool = False
     progress: bool = True
 
@@ -40,6 +42,7 @@ def _run_train(job: TrainJob, ctx: DistContext) -> Path:
     data = load_images(job.data, where=job.where, image_size=job.image_size, channels=job.channels, progress=progress)
     return fit_vae_on(
         data, job.out, job.train, latent_dim=job.latent_dim, beta=job.beta, width=job.width, label=job.label,
-        vae_class=job.vae_class, source=job.data, where=list(job.where), resume=job.resume, progress=job.progress,
+        vae_class=job.vae_class, source=job.data, where=list(job.where), calibration_fraction=job.calibration_fraction,
+        resume=job.resume, progress=job.progress,
         ctx=ctx,
     )

@@ -539,7 +539,7 @@ def print_group_table(metrics: dict[str, Any], console: Console | None = None) -
             worst = group == g["worst_group"]
             acc = f"{row['accuracy']:.1%}" + (" (worst)" if worst else "")
             table.add_row(name if i == 0 else "", group, str(row["n"]), f"[bold red]{acc}[/]" if worst else acc)
-        table.add_row("", f"[dim]variance of accuracies[/]", "", f"[dim]{g['accuracy_variance']:.5f}[/]", end_section=True)
+        table.add_row("", "[dim]variance of accuracies[/]", "", f"[dim]{g['accuracy_variance']:.5f}[/]", end_section=True)
     console.print(table)
     if metrics["groupings"]:
         finest = list(metrics["groupings"])[-1]

@@ -409,3 +409,23 @@ def test_feature_matrix_round_trip(run, data):
     np.testing.assert_array_equal(pixel_column(X2), pixel)
     for a, b in zip(split_features(X2), (mu, logvar, recon)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_the_detector_calibrates_on_the_images_training_held_out(run):
+    """`debias train` keeps a seeded 20 % out of training; the detector fitted on the model's own data calibrates on
+    exactly those images (never seen by the model), and on a random part when the data changed."""
+    from debias.data.splits import calibration_split
+    from debias.runtime.checkpoint import load_checkpoint
+
+    meta = load_checkpoint(run / "model.pt")["data"]
+    assert meta["calibration_fraction"] == 0.2 and meta["n_calibration"] == 60 and meta["n_images"] == 300
+    (run / NOVELTY_FILE).unlink(missing_ok=True)
+    det = open_detector(run, progress=False)
+    assert det.card["calibration_held_out_of_training"] and det.card["calibration_size"] == 60
+    # the calibration scores are those of the held-out rows, recomputed here
+    data = load_images(meta["source"], image_size=det.image_size, channels=det.channels, progress=False)
+    _, held_out = calibration_split(len(data), 0.2, meta["calibration_seed"])
+    novelty = det.score_dataset(data.subset(held_out), progress=False).novelty
+    np.testing.assert_allclose(np.sort(novelty), np.sort(det.calibrator.scores_), rtol=1e-6, atol=1e-9)
+    refit = open_detector(run, progress=False, fit_data=meta["source"], refit=True)
+    assert not refit.card["calibration_held_out_of_training"]  # --fit-data: a random split of those images

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -27,6 +28,7 @@ import torch
 
 from debias import __version__
 from debias.data import ImageSet, load_images
+from debias.data.splits import DEFAULT_CALIBRATION_FRACTION, calibration_split
 from debias.density.calibration import ConformalCalibrator
 from debias.density.encoding import Encoded, encode_batch, encode_images
 from debias.density.estimators import LatentHistogramDensity
@@ -45,7 +47,6 @@ NOVELTY_FILE = "novelty.pt"
 # 3: + pixel_density, fisher (issue 16); 2: posterior_knn + recon_error, l1; 1: mahalanobis of five statistics.
 # A file of another format is refitted, not read.
 FORMAT_VERSION = 3
-DEFAULT_CALIBRATION_FRACTION = 0.2
 DEFAULT_TARGET_FPR = 0.05
 
 
@@ -190,16 +191,12 @@ def fit_detector(
 ) -> FittedDetector:
     """Encode ``data``, fit the scorer on a random ``1 - calibration_fraction`` of it and calibrate on the rest."""
     n = len(data)
-    n_cal = int(round(n * calibration_fraction))
-    if not 0 < calibration_fraction < 1 or n_cal < 1 or n - n_cal < 2:
-        raise DebiasError(
-            f"cannot split {n} images into a fit part and a calibration part of {calibration_fraction:.0%}: "
-            "need at least 3 images and a fraction in (0, 1)"
-        )
+    try:
+        fit_rows, cal_rows = calibration_split(n, calibration_fraction, seed)
+    except ValueError as exc:
+        raise DebiasError(f"{exc}: need at least 3 images and a fraction in (0, 1)") from None
     t0 = time.perf_counter()
     enc = encode_images(model, data, batch_size=batch_size, progress=progress, description="encoding (novelty fit)")
-    order = np.random.default_rng(seed).permutation(n)
-    cal_rows, fit_rows = order[:n_cal], order[n_cal:]
     scorer = scorer if scorer is not None else NoveltyScorer()
     pixel_density, pixel = None, None
     if PIXEL_STATISTICS & set(scorer.statistics):
@@ -270,11 +267,21 @@ def open_detector(
         det = _load(path, model, sha)
     if det is None:
         data = _fit_source(model, meta, fit_data, fit_where, progress)
+        split = {}
+        trained = meta.get("data", {})
+        if fit_data is None and trained.get("calibration_fraction", 0) > 0:
+            if data.fingerprint == trained.get("fingerprint"):
+                # the rows `debias train` held out of the model's training: calibrate on exactly those
+                split = {"calibration_fraction": trained["calibration_fraction"], "seed": trained["calibration_seed"]}
+            elif progress:
+                print("warning: the model's training data changed since training; calibrating on a random part of it "
+                      "(the model may have seen those images)", file=sys.stderr)
         det = fit_detector(
             model, data, meta=meta, model_sha256=sha, target_fpr=target_fpr or DEFAULT_TARGET_FPR,
-            batch_size=batch_size, progress=progress,
+            batch_size=batch_size, progress=progress, **split,
         )
-        det.card["fitted_on"]["where"] = list(fit_where if fit_data is not None else meta["data"].get("where", []))
+        det.card["calibration_held_out_of_training"] = bool(split)
+        det.card["fitted_on"]["where"] = list((fit_where or []) if fit_data is not None else meta["data"].get("where", []))
         det.save(path, sha)
     det.card["run"] = model_path.parent.name
     if target_fpr is not None and target_fpr != det.calibrator.target_fpr:

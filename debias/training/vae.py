@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 
 from debias.data import ImageSet
+from debias.data.splits import calibration_split
 from debias.errors import DebiasError
 from debias.models import ConvVAE, VAEConfig, vae_loss
 from debias.runtime.checkpoint import atomic_savefig, load_checkpoint, save_checkpoint
@@ -68,6 +69,11 @@ class DataDescription:
     n_skipped: int
     label: str | None = None
     n_unlabelled: int = 0  # rows left out because their label was missing
+    # rows held out of training for the novelty detector's calibration (debias.data.splits.calibration_split of
+    # n_images rows with this fraction and seed); 0 = none held out
+    calibration_fraction: float = 0.0
+    calibration_seed: int = 0
+    n_calibration: int = 0
 
 
 def encode_labels(values: pd.Series, classes: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
@@ -220,13 +226,16 @@ def fit_vae_on(
     vae_class: str | None = None,
     source: str | None = None,
     where: list[str] | None = None,
+    calibration_fraction: float = 0.0,
     resume: bool = False,
     progress: bool = True,
     ctx: DistContext | None = None,
 ) -> Path:
     """Pick the model for ``data`` (a beta-VAE, or a DB-VAE with a class head when ``label`` names a column) and
     train it into ``out``: what `debias train` and :func:`debias.train_vae` both run. Rows without a label are
-    reported and left out. Returns the path of model.pt."""
+    reported and left out. ``calibration_fraction`` of the rows (seeded by ``config.seed``) are held out of training
+    for the novelty detector's conformal calibration (:func:`debias.data.splits.calibration_split`). Returns the
+    path of model.pt."""
     labels, classes, vae_class_index, n_unlabelled = None, [], None, 0
     if label is not None:
         if label not in data.table.columns:
@@ -252,9 +261,24 @@ def fit_vae_on(
         image_size=data.image_size, channels=data.channels, latent_dim=latent_dim, beta=beta, width=width,
         n_classes=len(classes), classes=classes, vae_class=vae_class_index,
     )
+    fingerprint, n_all, n_cal = data.fingerprint, len(data), 0
+    if calibration_fraction >= 0.5:
+        raise DebiasError(f"--calibration-fraction must be below 0.5, got {calibration_fraction}")
+    if calibration_fraction > 0:
+        try:
+            train_rows, cal_rows = calibration_split(len(data), calibration_fraction, config.seed)
+        except ValueError:  # too few images to spare any: train on all, the detector calibrates on seen images
+            if ctx is None or ctx.is_main:
+                print(f"{len(data)} images are too few to hold out {calibration_fraction:.0%} for the novelty "
+                      "calibration; training on all of them", file=sys.stderr)
+        else:
+            data, n_cal = data.subset(train_rows), len(cal_rows)
+            labels = labels[train_rows] if labels is not None else None
     desc = DataDescription(
-        source=source or data.source, where=list(where or []), fingerprint=data.fingerprint, n_images=len(data),
+        source=source or data.source, where=list(where or []), fingerprint=fingerprint, n_images=n_all,
         n_skipped=len(data.skipped), label=label, n_unlabelled=n_unlabelled,
+        calibration_fraction=float(calibration_fraction) if n_cal else 0.0, calibration_seed=config.seed,
+        n_calibration=n_cal,
     )
     return train_vae(data, model_config, config, out, data_desc=desc, labels=labels, resume=resume,
                      progress=progress, ctx=ctx)
