@@ -24,8 +24,10 @@ install-dev: $(VENV)/.installed-dev
 demo: $(VENV)/.installed
 	$(VENV)/bin/debias demo --out runs/demo
 
+# Two pytest workers, each file in one worker (--dist loadfile: a file's fixtures and servers stay together): many
+# tests wait on subprocesses, servers and torchrun, so the suite takes about two thirds of the time on 2 cores.
 test: $(VENV)/.installed-dev
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) runs

@@ -188,6 +188,7 @@ def fpr_heldout(args: argparse.Namespace) -> None:
     from sklearn.metrics import roc_auc_score
 
     from debias.data.splits import calibration_split
+    from debias.density.calibration import ConformalCalibrator
     from debias.density.detector import fit_detector
 
     torch.set_num_threads(args.threads)
@@ -210,20 +211,32 @@ def fpr_heldout(args: argparse.Namespace) -> None:
         res_in, res_ood = det.score_dataset(inn, progress=False), det.score_dataset(ood, progress=False)
         auroc = roc_auc_score(np.r_[np.zeros(len(inn)), np.ones(len(ood))], np.r_[res_in.novelty, res_ood.novelty])
         old = before.get(case, {}).get("results", {}).get("debias novelty (shipped default)", {})
-        row = {"case": case, "n_in": len(inn), "fpr": float(res_in.is_novel.mean()), "tpr": float(res_ood.is_novel.mean()),
-               "auroc": float(auroc), "fpr_before": old.get("fpr_in"), "auroc_before": old.get("auroc"),
-               "seconds": time.perf_counter() - t0}
+        # One calibration draw moves the threshold too (sd ~ sqrt(a (1 - a) / n_cal)). Every image of the pool
+        # (held-out calibration + test) is new to the model and to the fitted score, so re-splitting the pool at
+        # random many times gives the realised FPR averaged over calibration draws: 0.05 if nothing is biased.
+        cal = np.asarray(det.calibrator.scores_)
+        pool = np.r_[cal, res_in.novelty]
+        rng = np.random.default_rng(1)
+        draws = []
+        for _ in range(400):
+            perm = rng.permutation(len(pool))
+            c = ConformalCalibrator(target_fpr=0.05).fit(pool[perm[: len(cal)]])
+            draws.append(float(c.is_novel(pool[perm[len(cal):]]).mean()))
+        row = {"case": case, "n_in": len(inn), "n_cal": len(cal), "fpr": float(res_in.is_novel.mean()),
+               "fpr_mean_over_draws": float(np.mean(draws)), "fpr_sd_over_draws": float(np.std(draws)),
+               "tpr": float(res_ood.is_novel.mean()), "auroc": float(auroc), "fpr_before": old.get("fpr_in"),
+               "auroc_before": old.get("auroc"), "seconds": time.perf_counter() - t0}
         rows.append(row)
         print(json.dumps(row), flush=True)
     sd = lambda n: 1.5 * float(np.sqrt(0.05 * 0.95 / n))  # noqa: E731
-    print("\n| case | realised FPR, calibration held out of training | before (the model saw it) | 1.5 sd bar | within | "
-          "AUROC | before | TPR at 5 % |\n|---|---|---|---|---|---|---|---|")
+    print("\n| case | realised FPR, calibration held out | before (calibrated on seen images) | 1.5 sd bar (test count) "
+          "| within | mean over 400 calibration draws (sd) | AUROC | before | TPR at 5 % |\n|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        bar = 0.05 + sd(r["n_in"])
         fb = "–" if r["fpr_before"] is None else f"{r['fpr_before']:.3f}"
         ab = "–" if r["auroc_before"] is None else f"{r['auroc_before']:.3f}"
-        print(f"| {r['case']} | {r['fpr']:.3f} | {fb} | {0.05 - sd(r['n_in']):.3f}-{bar:.3f} | "
-              f"{'yes' if abs(r['fpr'] - 0.05) <= sd(r['n_in']) else 'no'} | {r['auroc']:.3f} | {ab} | {r['tpr']:.3f} |")
+        print(f"| {r['case']} | {r['fpr']:.3f} | {fb} | {0.05 - sd(r['n_in']):.3f}-{0.05 + sd(r['n_in']):.3f} | "
+              f"{'yes' if abs(r['fpr'] - 0.05) <= sd(r['n_in']) else 'no'} | {r['fpr_mean_over_draws']:.3f} "
+              f"({r['fpr_sd_over_draws']:.3f}) | {r['auroc']:.3f} | {ab} | {r['tpr']:.3f} |")
 
 
 def main() -> None:

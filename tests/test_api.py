@@ -3,7 +3,6 @@ scikit-learn behaviour (clone, NotFittedError, sign convention), bring-your-own 
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -124,14 +123,14 @@ def test_bring_your_own_embeddings(trained) -> None:
         audit.score_samples(imgs)
 
 
-def test_the_example_script_runs(tmp_path: Path) -> None:
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "audit_and_score.py"), "--data", "builtin:shapes?n=300&rare=0.05",
-         "--epochs", "1", "--width", "8", "--out", str(tmp_path / "run")],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "rarest training images" in out.stdout and "called novel" in out.stdout
+def test_the_example_script_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", ["audit_and_score.py", "--data", "builtin:shapes?n=300&rare=0.05", "--epochs", "1",
+                                      "--width", "8", "--out", str(tmp_path / "run")])
+    runpy.run_path(str(ROOT / "examples" / "audit_and_score.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "rarest training images" in out and "called novel" in out
 
 
 def test_the_readme_python_api_block_runs_verbatim(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -158,9 +157,17 @@ def test_the_readme_python_api_block_runs_verbatim(tmp_path: Path, monkeypatch: 
     assert (tmp_path / "det" / "novelty.pt").is_file() and (tmp_path / "runs" / "faces" / "model.pt").is_file()
 
 
-def test_audit_cli_takes_embeddings_keyed_by_path(trained, tmp_path: Path) -> None:
+def test_audit_cli_takes_embeddings_keyed_by_path(trained, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import pandas as pd
     import torchvision
+
+    from debias.pipelines.cli import main
+
+    def cli(*args: str) -> tuple[int, str, str]:  # the console script, in-process
+        with pytest.raises(SystemExit) as stop:
+            main(list(args))
+        out, err = capsys.readouterr()
+        return int(stop.value.code or 0), out, err
 
     imgs, _, _ = trained
     net = torchvision.models.resnet18(weights=None, num_classes=16).eval()
@@ -168,16 +175,15 @@ def test_audit_cli_takes_embeddings_keyed_by_path(trained, tmp_path: Path) -> No
     with torch.inference_mode():
         emb = net(imgs.batch(np.arange(len(imgs)))).numpy()
     pd.DataFrame({"path": imgs.table["path"], "embedding": list(emb)}).iloc[:-10].to_parquet(tmp_path / "e.parquet")
-    cmd = [sys.executable, "-m", "debias", "audit", "--embeddings", str(tmp_path / "e.parquet"), "--data", SOURCE,
-           "--out", str(tmp_path / "audit"), "--group-by", "rare", "-q"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
+    args = ["audit", "--embeddings", str(tmp_path / "e.parquet"), "--data", SOURCE, "--out", str(tmp_path / "audit"),
+            "--group-by", "rare", "-q"]
+    code, out, err = cli(*args)
+    assert code == 0, err
     scores = pd.read_parquet(tmp_path / "audit" / "scores.parquet")
     assert len(scores) == len(imgs) - 10 and scores["weight"].sum() == pytest.approx(1.0)
-    assert "rows without one" in out.stdout and not (tmp_path / "audit" / "report.html").exists()
-    both = subprocess.run(cmd + ["--model", str(tmp_path)], capture_output=True, text=True, timeout=300)
-    assert both.returncode == 2 and both.stderr.count("\n") == 1 and "one of the two" in both.stderr
-    bad = pd.DataFrame({"file": ["a"], "x": [1.0]})
-    bad.to_parquet(tmp_path / "bad.parquet")
-    out = subprocess.run(cmd[:5] + [str(tmp_path / "bad.parquet")] + cmd[6:], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 2 and "needs a 'path' column" in out.stderr
+    assert "rows without one" in out and not (tmp_path / "audit" / "report.html").exists()
+    code, _, err = cli(*args, "--model", str(tmp_path))
+    assert code == 2 and err.count("\n") == 1 and "one of the two" in err
+    pd.DataFrame({"file": ["a"], "x": [1.0]}).to_parquet(tmp_path / "bad.parquet")
+    code, _, err = cli(*args[:2], str(tmp_path / "bad.parquet"), *args[3:])
+    assert code == 2 and "needs a 'path' column" in err

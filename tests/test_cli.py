@@ -422,7 +422,7 @@ def test_train_classifier_with_two_methods_writes_the_comparison_and_compare_is_
     """Several --reweight methods: one run per method in OUT/runs/ and the comparison outputs. `compare` with the same
     options, written as the README writes it, is the same code: it finds every run finished and retrains nothing."""
     out = tmp_path / "cmp"
-    args = ["--data", "builtin:spurious?n=400", "--label", "label", "--where", "split=train", "--eval-where",
+    args = ["--data", "builtin:spurious?n=200", "--label", "label", "--where", "split=train", "--eval-where",
             "split=test", "--eval-groups", "colour", "--epochs", "1", "--out", str(out), "-q", *TRAIN_ARGS,
             "--device", "cpu"]
     proc = debias("train-classifier", *args, "--reweight", "none", "--reweight", "jtt")
