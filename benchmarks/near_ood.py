@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from debias.data import ImageSet, load_images  # noqa: E402
-from debias.data.splits import DEFAULT_CALIBRATION_FRACTION  # noqa: E402
+from debias.data.splits import DEFAULT_CALIBRATION_FRACTION, calibration_split  # noqa: E402
 from debias.models import VAEConfig  # noqa: E402
 from debias.training.vae import DataDescription, TrainConfig, load_model, train_vae  # noqa: E402
 
@@ -145,9 +145,8 @@ def cache(args: argparse.Namespace) -> None:
         t_train = time.perf_counter() - t0
         model, _ = load_model(run_dir, "cpu")
         n = len(train)
-        order = np.random.default_rng(0).permutation(n)  # the split fit_detector makes
-        n_cal = int(round(n * DEFAULT_CALIBRATION_FRACTION))
-        split = {"fit": np.sort(order[n_cal:]), "cal": np.sort(order[:n_cal])}
+        fit_rows, cal_rows = calibration_split(n, DEFAULT_CALIBRATION_FRACTION, 0)  # the split fit_detector makes
+        split = {"fit": fit_rows, "cal": cal_rows}
         arrays = {}
         for part, data in (("fit", train.subset(split["fit"])), ("cal", train.subset(split["cal"])),
                            ("in", inn), ("ood", ood)):
@@ -187,7 +186,6 @@ def fpr_heldout(args: argparse.Namespace) -> None:
     model that saw its calibration images (``analyse``'s analysis.json)."""
     from sklearn.metrics import roc_auc_score
 
-    from debias.data.splits import calibration_split
     from debias.density.calibration import ConformalCalibrator
     from debias.density.detector import fit_detector
 

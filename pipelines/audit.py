@@ -166,9 +166,7 @@ def run_embeddings_audit(job: AuditJob, embeddings: Path) -> AuditResult:
     fit = fit_audit_rarity(X, np.zeros(len(X)), estimator, job.density, job.n_neighbors)
     scores = kept.assign(rarity=fit.rarity, weight=fit.weights)
     scores["rarity_rank"] = scores["rarity"].rank(ascending=False, method="first").astype(int)
-    groups = {col: group_stats(scores, [col]) for col in job.group_by}
-    if len(job.group_by) > 1:
-        groups[" x ".join(job.group_by)] = group_stats(scores, job.group_by)
+    groups = group_tables(scores, job.group_by)
     summary: dict[str, Any] = {
         "embeddings": str(embeddings),
         "embedding_dim": int(X.shape[1]),
@@ -205,9 +203,7 @@ def write_audit(job: AuditJob, model: ConvVAE, meta: dict[str, Any], rows: Encod
         scores["predicted_label"] = [cfg.classes[i] for i in probs.argmax(1)]
         scores["predicted_probability"] = probs.max(1)
 
-    groups = {col: group_stats(scores, [col]) for col in job.group_by}
-    if len(job.group_by) > 1:
-        groups[" x ".join(job.group_by)] = group_stats(scores, job.group_by)
+    groups = group_tables(scores, job.group_by)
 
     kl = kl_per_dim(enc)
     summary: dict[str, Any] = {
@@ -241,6 +237,14 @@ def write_audit(job: AuditJob, model: ConvVAE, meta: dict[str, Any], rows: Encod
     if job.report:
         write_report(_report(model, rows.pixels, enc, density, scores, groups, summary, kl), job.out / "report.html")
     return AuditResult(scores=scores, summary=summary, out=job.out)
+
+
+def group_tables(scores: pd.DataFrame, group_by: list[str]) -> dict[str, pd.DataFrame]:
+    """Per-group statistics for each --group-by column, and for their cross product ("a x b") when several."""
+    groups = {col: group_stats(scores, [col]) for col in group_by}
+    if len(group_by) > 1:
+        groups[" x ".join(group_by)] = group_stats(scores, group_by)
+    return groups
 
 
 def group_table(name: str, groups: dict[str, dict[str, float]], highlight: str | None = None) -> Any:

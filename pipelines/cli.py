@@ -340,6 +340,18 @@ def _temperature(value: str) -> float | str:
 
 
 
+def _print_group_tables(groups: dict[str, Any]) -> None:
+    """The audit's per-group tables in the terminal, sorted by weight ratio (nothing without --group-by)."""
+    if not groups:
+        return
+    from rich.console import Console
+
+    from debias.pipelines.audit import group_table
+
+    for name, table in groups.items():
+        Console().print(group_table(name, table))
+
+
 @app.command()
 def audit(
     data: DataOpt,
@@ -428,13 +440,7 @@ def audit(
 
         result = run_embeddings_audit(job, embeddings)
         s = result.summary
-        if s["groups"]:
-            from rich.console import Console
-
-            from debias.pipelines.audit import group_table
-
-            for name, groups in s["groups"].items():
-                Console().print(group_table(name, groups))
+        _print_group_tables(s["groups"])
         typer.echo(
             f"audited {s['n_scored']} embeddings ({s['n_without_embedding']} rows without one) with "
             f"{s['rarity_estimator']} rarity; effective sample size {s['effective_sample_size']:.0f} "
@@ -448,13 +454,7 @@ def audit(
     else:
         result = run_audit(job)
     s = result.summary
-    if s["groups"]:
-        from rich.console import Console
-
-        from debias.pipelines.audit import group_table
-
-        for name, groups in s["groups"].items():
-            Console().print(group_table(name, groups))
+    _print_group_tables(s["groups"])
     typer.echo(
         f"audited {s['n_images']} images ({s['n_skipped']} skipped) with {s['rarity_estimator']} rarity; effective "
         f"sample size {s['effective_sample_size']:.0f} ({s['effective_sample_fraction']:.0%}; untempered inverse "

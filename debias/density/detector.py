@@ -428,12 +428,11 @@ def fit_embedding_detector(
     calibration_fraction: float = DEFAULT_CALIBRATION_FRACTION, seed: int = 0,
 ) -> EmbeddingDetector:
     """Fit the kNN score on a random ``1 - calibration_fraction`` of the rows and calibrate on the rest."""
-    n = len(embeddings)
-    n_cal = int(round(n * calibration_fraction))
-    if not 0 < calibration_fraction < 1 or n_cal < 1 or n - n_cal < 2:
-        raise DebiasError(f"cannot split {n} embeddings into a fit part and a calibration part of {calibration_fraction:.0%}")
-    order = np.random.default_rng(seed).permutation(n)
+    try:
+        fit_rows, cal_rows = calibration_split(len(embeddings), calibration_fraction, seed)
+    except ValueError as exc:
+        raise DebiasError(str(exc).replace("images", "embeddings")) from None
     X = EmbeddingDetector.features(embeddings)
-    scorer = NoveltyScorer(statistics=("posterior_knn",), one_sided=("posterior_knn",)).fit(X[order[n_cal:]])
-    calibrator = ConformalCalibrator(target_fpr=target_fpr).fit(scorer.novelty(X[order[:n_cal]]))
+    scorer = NoveltyScorer(statistics=("posterior_knn",), one_sided=("posterior_knn",)).fit(X[fit_rows])
+    calibrator = ConformalCalibrator(target_fpr=target_fpr).fit(scorer.novelty(X[cal_rows]))
     return EmbeddingDetector(scorer, calibrator)
