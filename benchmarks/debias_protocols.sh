@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-out/debias}
 SEEDS=${SEEDS:-0,1,2,3,4}
 PROTOCOLS=${PROTOCOLS:-"tint patch blur natural spurious"}
-METHODS=${METHODS:-none,cluster-errors,rarity,jtt}
+METHODS=${METHODS:-none,auto,cluster-errors,lff,rarity,jtt}
 DEBIAS=${DEBIAS:-.venv/bin/debias}
 COMMON=(--label gender --where split=train --eval-where split=test --image-size 32 --width 16 --epochs 8
         --seeds "$SEEDS" --methods "$METHODS" --quiet)

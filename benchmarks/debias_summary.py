@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-ORDER = ["none", "cluster-errors", "rarity", "jtt", "dbvae", "oracle"]
+ORDER = ["none", "auto", "cluster-errors", "lff", "rarity", "jtt", "dbvae", "oracle"]
 
 
 def fmt(s: dict | None, scale: float = 100.0, digits: int = 1) -> str:

@@ -6,7 +6,9 @@ exceptions stay wrong while the model learns, hard rows come and go. A fresh mod
 the error set upsampled as JTT does ((1 - e) / e), its epoch chosen by validation accuracy weighted the same way.
 Label-free: the label and the first model only. Group columns are read for the evaluation only.
 
-    OMP_NUM_THREADS=1 python benchmarks/persistent_errors.py blur,tint,patch,natural 0,1,2,3,4 4
+    OMP_NUM_THREADS=1 python benchmarks/persistent_errors.py blur,tint,patch,natural 0,1,2,3,4 4 [ROWS.jsonl]
+
+A fourth argument appends every row as a JSON line to that file (for benchmarks/debias_frontier.py).
 
 Needs the protocols (benchmarks/cue_protocols.py) in bench-out/debias/cues/ and the stored runs of
 benchmarks/debias_protocols.sh in bench-out/debias/PROTOCOL/runs/ (ERM, oracle, JTT, cluster-errors), to which it
@@ -82,6 +84,10 @@ for proto in sys.argv[1].split(","):
                    gap_jtt=gap(ref["jtt"][0]), gap_ce=gap(ref["cluster-errors"][0]), acc_none=ref["none"][1],
                    acc_ce=ref["cluster-errors"][1], n_err=int(pf.sum()), ess=float(1 / ((w / w.sum()) ** 2).sum() / len(w)))
         out_rows.append(row)
+        if len(sys.argv) > 4:
+            with open(sys.argv[4], "a") as f:
+                f.write(json.dumps({"protocol": proto, "variant": "jtt on persistent errors", "seed": seed,
+                                    "accuracy": float(ok.mean()), "worst": float(worst)}) + "\n")
         print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
 df = pd.DataFrame(out_rows)
 print(df.groupby("proto")[["acc", "worst", "gap", "gap_jtt", "gap_ce", "acc_none", "acc_ce", "ess"]].mean().round(3).to_string())

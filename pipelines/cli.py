@@ -24,7 +24,7 @@ Conventions, the same for every command:
 ``train-classifier`` trains one classifier, or, given several ``--reweight`` methods and/or several ``--seeds``
 (or ``--oracle-groups``), runs each method x seed with the same options and writes the side-by-side comparison
 (pipelines/compare.py). ``compare`` is an alias of it that always writes the comparison and defaults to
-``--reweight none,cluster-errors,jtt --seeds 0,1,2,3,4``: both are one function with one set of options.
+``--reweight none,auto,jtt --seeds 0,1,2,3,4``: both are one function with one set of options.
 """
 
 from __future__ import annotations
@@ -115,7 +115,9 @@ class Stage1Loss(str, Enum):
 class Method(str, Enum):
     """--reweight: debias.pipelines.train_classifier.METHODS"""
 
+    auto = "auto"
     cluster_errors = "cluster-errors"
+    lff = "lff"
     rarity = "rarity"
     none = "none"
     dbvae = "dbvae"
@@ -495,10 +497,11 @@ _ReweightOpt = Annotated[
     Optional[list[str]],
     typer.Option(
         "--reweight", "--methods", callback=_methods, metavar="METHOD",
-        help="How each epoch's rows are drawn, one of: cluster-errors (default: a first model's error rate per cluster / "
-        "cluster density), rarity (inverse density in a first model's features), none (ERM), dbvae (DB-VAE "
-        f"Algorithm 1), two-stage (--weights) or jtt. Several ({_PAIRS}; --methods is the same option): one run per "
-        "method x seed and a side-by-side comparison.",
+        help="How each epoch's rows are drawn, one of: auto (default: lff when a bias-amplified first model's losses "
+        "concentrate on few rows, else cluster-errors), cluster-errors (a first model's error rate per cluster / "
+        "cluster density), lff (Learning from Failure's relative difficulty), rarity (inverse density in a first "
+        f"model's features), none (ERM), dbvae (DB-VAE Algorithm 1), two-stage (--weights) or jtt. Several ({_PAIRS}; "
+        "--methods is the same option): one run per method x seed and a side-by-side comparison.",
     ),
 ]
 _SeedsOpt = Annotated[
@@ -568,13 +571,18 @@ _ClsJttUp = Annotated[
     str, typer.Option(help="jtt: how many times the error set is upsampled, or auto: (1 - error rate) / error rate.")
 ]
 _ClsStage1Epochs = Annotated[
-    int, typer.Option(min=1, help="cluster-errors, rarity: epochs of the first (plain) model whose features weigh rows.")
+    int, typer.Option(min=1, help="auto, cluster-errors, lff, rarity: epochs of the first model, which weighs the rows.")
 ]
 _ClsStage1Loss = Annotated[
-    Stage1Loss,
-    typer.Option(callback=_plain, help="cluster-errors, rarity: ce, or gce (a bias-amplified first model, as in LfF)."),
+    Optional[Stage1Loss],
+    typer.Option(callback=_plain, help="auto, cluster-errors, lff, rarity: the first model's loss, ce or gce "
+                 "(bias-amplified, as in LfF). Default: gce for auto and lff, ce for the others."),
 ]
-_ClsClusters = Annotated[int, typer.Option(min=1, help="cluster-errors: k-means clusters per class.")]
+_ClsClusters = Annotated[int, typer.Option(min=1, help="cluster-errors (and auto without a shortcut): k-means clusters "
+                                            "per class.")]
+_ClsAutoGate = Annotated[float, typer.Option(
+    min=0.0, max=1.0, help="auto: train as lff when the biased first model's first-epoch weights have an effective "
+    "sample size of at most this fraction of the rows (a shortcut); otherwise as cluster-errors.")]
 _ClsRarityEss = Annotated[
     float, typer.Option(min=0.0, max=1.0, help="rarity: effective sample size of the weights within each class / n.")
 ]
@@ -649,6 +657,7 @@ def _classifier_job(out: Path, method: str, seed: int, opts: dict) -> object:
         stage1_epochs=opts["stage1_epochs"],
         stage1_loss=opts["stage1_loss"],
         clusters=opts["clusters"],
+        auto_gate=opts["auto_gate"],
         rarity_ess=opts["rarity_ess"],
         rarity_k=opts["rarity_k"],
         rarity_dims=opts["rarity_dims"],
@@ -690,7 +699,7 @@ def train_classifier(
     data: DataOpt,
     label: _LabelOpt,
     out: _ClsOut,
-    reweight: _ReweightOpt = ["cluster-errors"],  # noqa: B006 (typer copies defaults)
+    reweight: _ReweightOpt = ["auto"],  # noqa: B006 (typer copies defaults)
     seeds: _SeedsOpt = ["0"],  # noqa: B006
     oracle_groups: _OracleOpt = None,
     where: WhereOpt = None,
@@ -720,8 +729,9 @@ def train_classifier(
     jtt_epochs: _ClsJttEpochs = 2,
     jtt_upweight: _ClsJttUp = "auto",
     stage1_epochs: _ClsStage1Epochs = 4,
-    stage1_loss: _ClsStage1Loss = Stage1Loss.ce,
+    stage1_loss: _ClsStage1Loss = None,
     clusters: _ClsClusters = 8,
+    auto_gate: _ClsAutoGate = 0.35,
     rarity_ess: _ClsRarityEss = 0.25,
     rarity_k: _ClsRarityK = 20,
     rarity_dims: _ClsRarityDims = 32,
@@ -745,7 +755,7 @@ def compare(**opts: Any) -> None:
 
 
 # compare is train-classifier's function with two other defaults: the same options, defined once above.
-_COMPARE_DEFAULTS = {"reweight": ["none", "cluster-errors", "jtt"], "seeds": ["0", "1", "2", "3", "4"]}
+_COMPARE_DEFAULTS = {"reweight": ["none", "auto", "jtt"], "seeds": ["0", "1", "2", "3", "4"]}
 _signature = inspect.signature(train_classifier, eval_str=True)
 compare.__signature__ = _signature.replace(  # type: ignore[attr-defined]
     parameters=[p.replace(default=_COMPARE_DEFAULTS.get(p.name, p.default)) for p in _signature.parameters.values()]
@@ -753,7 +763,7 @@ compare.__signature__ = _signature.replace(  # type: ignore[attr-defined]
 app.command(
     "compare",
     help="Alias of train-classifier that always writes the comparison (runs/, comparison.md/.json, groups_*.png); "
-    "defaults: --methods none,cluster-errors,jtt --seeds 0,1,2,3,4.",
+    "defaults: --methods none,auto,jtt --seeds 0,1,2,3,4.",
 )(compare)
 
 

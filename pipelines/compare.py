@@ -39,7 +39,7 @@ ORACLE_LABEL = "oracle (reads groups; reference)"
 class CompareJob:
     base: ClassifierJob  # template; method, seed and out are set per run
     out: Path
-    methods: list[str] = field(default_factory=lambda: ["none", "cluster-errors", "jtt"])
+    methods: list[str] = field(default_factory=lambda: ["none", "auto", "jtt"])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     # Group columns for the oracle reference: group-balanced sampling that reads them, run beside the methods as the
     # ceiling of what resampling can reach. With it (and ERM among the methods) every method also reports the share

@@ -1,7 +1,12 @@
 """`debias train-classifier`: train a label classifier with one of the sampling methods and evaluate it per group.
 
 Methods (``--reweight``):
-    cluster-errors  the default. A first model is trained plainly for ``stage1_epochs``; each class's rows are
+    auto       the default. A bias-amplified first model (generalized cross-entropy, ``stage1_epochs``) is trained; if
+               its losses concentrate on few rows (the ESS of LfF's first-epoch weights at most ``auto_gate`` × n: an
+               easy cue explains most labels, a shortcut), the second model is trained as ``lff``; otherwise with
+               ``cluster-errors``' weights in the same first model's features, which stay near uniform on data
+               without a shortcut. Label-free: the gate reads the label and the first model only.
+    cluster-errors  A first model is trained plainly for ``stage1_epochs``; each class's rows are
                clustered in its feature space, and a fresh model is trained on draws ∝ the first model's error rate
                on a row's cluster ÷ the cluster's size (inverse cluster density), half of each class's draws kept as in
                the data (:class:`debias.training.sampling.ClusterErrorWeights`). The epoch is chosen by validation accuracy
@@ -15,6 +20,10 @@ Methods (``--reweight``):
     two-stage  fixed weights from an earlier audit (``--weights DIR/scores.parquet``, joined on ``path``).
     jtt        Just Train Twice, Liu et al. (ICML 2021): ``jtt_epochs`` of ERM, then a fresh model trained with the
                rows the first one misclassified upsampled ``jtt_upweight`` times.
+    lff        Learning from Failure, Nam et al. (NeurIPS 2020): a bias-amplified first model (generalized
+               cross-entropy, ``stage1_epochs``) is frozen; every epoch of the second model draws half of each class's
+               rows ∝ the relative difficulty L_B / (L_B + L_D) (:class:`debias.training.sampling.RelativeDifficulty`).
+               Strongest label-free method on the blur protocol, but it upweights hard examples on natural data.
 
 ``oracle`` is a reference, not a method: group-balanced sampling over ``oracle_groups`` (`debias compare
 --oracle-groups`), the ceiling that any resampling can reach.
@@ -58,6 +67,7 @@ from debias.training.classifier import (
     ClassifierTrainConfig,
     ImageTensor,
     predict_proba,
+    row_losses,
     train_classifier,
 )
 from debias.training.sampling import (
@@ -65,17 +75,20 @@ from debias.training.sampling import (
     ClusterErrorWeights,
     DBVAEAdaptive,
     Fixed,
+    RelativeDifficulty,
     Uniform,
     audit_weights,
     encode_features,
+    first_epoch_concentration,
     jtt_upweight_auto,
     jtt_weights,
+    mix_within_classes,
 )
 from debias.training.vae import encode_labels, vae_config
 
-METHODS = ("cluster-errors", "rarity", "none", "dbvae", "two-stage", "jtt")
-DEFAULT_METHOD = "cluster-errors"
-FIRST_MODEL_METHODS = ("cluster-errors", "rarity")  # weigh rows in the feature space of a first, plain model
+METHODS = ("auto", "cluster-errors", "lff", "rarity", "none", "dbvae", "two-stage", "jtt")
+DEFAULT_METHOD = "auto"
+FIRST_MODEL_METHODS = ("auto", "cluster-errors", "lff", "rarity")  # weigh rows with a first model trained beforehand
 # A reference, not a method: group-balanced sampling that reads the group columns (``oracle_groups``). `compare`
 # runs it beside the methods to show the ceiling that resampling can reach; it is never a --reweight choice.
 ORACLE = "oracle"
@@ -86,7 +99,7 @@ class ClassifierJob:
     data: str
     label: str
     out: Path
-    method: str = "cluster-errors"
+    method: str = DEFAULT_METHOD
     where: list[str] = field(default_factory=list)
     eval_where: list[str] = field(default_factory=list)  # empty: evaluate on the validation rows
     eval_groups: list[str] = field(default_factory=list)
@@ -112,8 +125,9 @@ class ClassifierJob:
     jtt_upweight: float | str = "auto"  # lambda_up, or "auto": (1 - error rate) / error rate
     # cluster-errors, rarity: weights from the features of a first model trained plainly for stage1_epochs
     stage1_epochs: int = 4
-    stage1_loss: str = "ce"  # or "gce": a bias-amplified first model (LfF's generalized cross-entropy)
-    clusters: int = 8  # cluster-errors: k-means clusters per class
+    stage1_loss: str | None = None  # "ce" or "gce" (bias-amplified, LfF's); None: gce for lff, ce for the others
+    clusters: int = 8  # cluster-errors (and auto's fallback): k-means clusters per class
+    auto_gate: float = 0.35  # auto: lff when the biased first model's weights have an ESS at most this fraction
     rarity_ess: float = 0.25  # rarity: effective sample size of the weights within each class, as a fraction
     rarity_k: int = 20  # rarity: neighbours of the kNN density
     rarity_dims: int = 32  # both: leading principal axes of the features kept
@@ -200,8 +214,10 @@ def _run_train_classifier(job: ClassifierJob, ctx: DistContext) -> ClassifierRes
         raise DebiasError("--val-fraction must be in [0, 1)")
     if job.jtt_upweight != "auto" and not (isinstance(job.jtt_upweight, (int, float)) and job.jtt_upweight >= 1):
         raise DebiasError(f"--jtt-upweight must be 'auto' or a number >= 1, got {job.jtt_upweight!r}")
-    if job.stage1_loss not in ("ce", "gce"):
+    if job.stage1_loss not in (None, "ce", "gce"):
         raise DebiasError(f"--stage1-loss must be ce or gce, got {job.stage1_loss!r}")
+    if not 0 < job.auto_gate <= 1:
+        raise DebiasError(f"--auto-gate must be in (0, 1], got {job.auto_gate}")
     if min(job.stage1_epochs, job.clusters, job.rarity_k, job.rarity_dims) < 1 or not 0 < job.rarity_ess <= 1:
         raise DebiasError("--stage1-epochs, --clusters, --rarity-k and --rarity-dims must be >= 1, --rarity-ess in (0, 1]")
     if job.out.joinpath("metrics.json").exists() and not job.resume:
@@ -295,7 +311,7 @@ def _run_train_classifier(job: ClassifierJob, ctx: DistContext) -> ClassifierRes
         # A first model, trained plainly for a few epochs, gives the feature space both methods weigh rows in.
         first = train_classifier(
             model_config,
-            replace(train_cfg, epochs=job.stage1_epochs, select="last", objective=job.stage1_loss),
+            replace(train_cfg, epochs=job.stage1_epochs, select="last", objective=stage1_loss(job)),
             train_images,
             y_fit,
             Uniform(len(fit_rows)),
@@ -306,28 +322,20 @@ def _run_train_classifier(job: ClassifierJob, ctx: DistContext) -> ClassifierRes
             description="stage 1 ",
             ctx=ctx,
         )
-        payload = None
         t_weights = time.perf_counter()
-        if ctx.is_main:  # rank 0's weights on every rank, so that all ranks draw the same epochs
-            feats = encode_features(first.model, train_images.batch, len(fit_rows))
-            feats_val = encode_features(first.model, val_images.batch, len(val_rows))
-            if job.method == "rarity":
-                est: Any = ClassRarity(
-                    lambda: KNNDensity(n_neighbors=job.rarity_k, n_components=job.rarity_dims),
-                    target_ess=job.rarity_ess,
-                ).fit(feats, y_fit)
-            else:
-                errors = predict_proba(first.model, train_images).argmax(1) != y_fit
-                est = ClusterErrorWeights(job.clusters, job.rarity_dims, seed=job.train.seed).fit(feats, y_fit, errors)
-                extra["first_model"] = {"error_rate": float(errors.mean())}
-            payload = (est.weights_, est.weights(feats_val, y_val) if len(val_rows) else np.zeros(0))
-        w, w_val = broadcast_object(payload, ctx)
-        # The first model's cost, for the method's cost per epoch: its epochs plus the encoding and the density fit.
-        extra.setdefault("first_model", {}).update(
-            {"epochs": job.stage1_epochs, "epoch_s": [h["epoch_s"] for h in first.history],
-             "weights_s": time.perf_counter() - t_weights}
-        )  # fmt: skip
-        scheme = Fixed(job.method, w)
+        # rank 0's weights on every rank, so that all ranks draw the same epochs
+        payload = _first_model_weights(job, first.model, train_images, val_images, y_fit, y_val) if ctx.is_main else None
+        kind, w, w_val, info = broadcast_object(payload, ctx)
+        extra["first_model"] = {**info, "epochs": job.stage1_epochs, "epoch_s": [h["epoch_s"] for h in first.history],
+                                "weights_s": time.perf_counter() - t_weights}  # its cost, for the cost per epoch
+        if job.method == "auto" and progress:
+            print(f"auto: {kind} (the biased first model's weights have an ESS of {info['first_epoch_ess']:.2f} n; "
+                  f"{'at most' if kind == 'lff' else 'above'} the gate {job.auto_gate:g} n"
+                  f"{': a shortcut is likely' if kind == 'lff' else ': no shortcut seen'})")
+        if kind == "lff":  # w: the biased model's losses; the weights are recomputed every epoch from the new model
+            scheme = RelativeDifficulty(w, lambda model: row_losses(model, train_images, y_fit), y_fit)
+        else:
+            scheme = Fixed(job.method, w)
         if job.weighted_selection:
             selection_weights = w_val
     else:  # jtt: an ERM model for jtt_epochs, then its training errors upsampled in a second, fresh training
@@ -491,14 +499,55 @@ def _method_options(job: ClassifierJob) -> dict[str, Any]:
     if job.method in FIRST_MODEL_METHODS:
         opts = {
             "stage1_epochs": job.stage1_epochs,
-            "stage1_loss": job.stage1_loss,
+            "stage1_loss": stage1_loss(job),
             "dims": job.rarity_dims,
             "weighted_selection": job.weighted_selection,
         }
         if job.method == "rarity":
             return {**opts, "rarity_ess": job.rarity_ess, "rarity_k": job.rarity_k}
+        if job.method == "lff":
+            return {k: v for k, v in opts.items() if k != "dims"}
+        if job.method == "auto":
+            return {**opts, "clusters": job.clusters, "auto_gate": job.auto_gate}
         return {**opts, "clusters": job.clusters}
     return {}
+
+
+def _first_model_weights(
+    job: ClassifierJob, model: Any, train: ImageTensor, val: ImageTensor, y_fit: np.ndarray, y_val: np.ndarray
+) -> tuple[str, np.ndarray, np.ndarray, dict[str, Any]]:
+    """What the first model gives the second training: (kind, w, w_val, info). kind "lff": w are the biased model's
+    losses (the weights follow every epoch); otherwise w are fixed sampling weights. w_val weighs the validation rows
+    for the epoch choice. ``auto`` reads how concentrated the biased model's losses are and picks lff or
+    cluster-errors (:func:`debias.training.sampling.first_epoch_concentration`)."""
+    info: dict[str, Any] = {}
+    kind = job.method
+    if job.method in ("lff", "auto"):
+        losses = row_losses(model, train, y_fit)
+        val_errors = predict_proba(model, val).argmax(1) != y_val
+        info["error_rate"] = float((losses > np.log(2)).mean()) if len(losses) else 0.0
+        if job.method == "auto":
+            info["first_epoch_ess"] = first_epoch_concentration(losses, y_fit)
+            info["gate"] = job.auto_gate
+            kind = info["chose"] = "lff" if info["first_epoch_ess"] <= job.auto_gate else "cluster-errors"
+        if kind == "lff":  # validation: half of each class's weight on the rows the biased model gets wrong
+            return kind, losses, mix_within_classes(val_errors.astype(np.float64), y_val, 0.5), info
+    feats = encode_features(model, train.batch, len(train))
+    feats_val = encode_features(model, val.batch, len(val))
+    if kind == "rarity":
+        est: Any = ClassRarity(
+            lambda: KNNDensity(n_neighbors=job.rarity_k, n_components=job.rarity_dims), target_ess=job.rarity_ess
+        ).fit(feats, y_fit)
+    else:
+        errors = predict_proba(model, train).argmax(1) != y_fit
+        est = ClusterErrorWeights(job.clusters, job.rarity_dims, seed=job.train.seed).fit(feats, y_fit, errors)
+        info["error_rate"] = float(errors.mean())
+    return kind, est.weights_, est.weights(feats_val, y_val) if len(y_val) else np.zeros(0), info
+
+
+def stage1_loss(job: ClassifierJob) -> str:
+    """The first model's objective: as given, else the bias-amplifying GCE for lff and plain CE for the others."""
+    return job.stage1_loss or ("gce" if job.method in ("lff", "auto") else "ce")
 
 
 def _selection_text(job: ClassifierJob, weighted: bool) -> str:

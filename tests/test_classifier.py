@@ -118,7 +118,7 @@ def test_eval_groups_never_reach_training(tmp_path):
     train = ClassifierTrainConfig(epochs=1, batch_size=64, seed=2, device="cpu")
     kw = dict(eval_groups=["colour", "group"], where=["split=train"], eval_where=["split=test"], train=train)
     # the adaptive weights, JTT's error set and the first model's clusters and errors all come from the model alone
-    for method in ("dbvae", "jtt", "cluster-errors", "rarity"):
+    for method in ("dbvae", "jtt", "auto", "cluster-errors", "rarity", "lff"):
         a = run_train_classifier(tiny_job(tmp_path / f"{method}_a", method, data=str(tmp_path / "a.csv"), **kw))
         b = run_train_classifier(tiny_job(tmp_path / f"{method}_b", method, data=str(tmp_path / "b.csv"), **kw))
         assert_same_weights(weights_of(a.out), weights_of(b.out))
@@ -185,17 +185,16 @@ def test_dbvae_loss_weights_the_vae_term():
     assert dbvae_loss(model, x, y, w)[0].item() == pytest.approx(ce.item() + w * (joint - ce).item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("method", ["cluster-errors", "rarity"])
+@pytest.mark.parametrize("method", ["cluster-errors", "rarity", "lff"])
 def test_first_model_methods_run_end_to_end_with_weighted_selection(tmp_path, method):
-    """The default method and the density-only one on a tiny set: a first model, weights that favour the off-colour
-    rows, the epoch chosen by the weighted validation accuracy, and the report with what the debiaser did."""
-    from debias.training.classifier import selection_accuracy
-
+    """The default method, the density-only one and LfF on a tiny set: a first model, weights that favour the
+    off-colour rows, the epoch chosen by the weighted validation accuracy, and the report with what the debiaser did."""
     res = run_train_classifier(tiny_job(tmp_path / method, method, train=ClassifierTrainConfig(
         epochs=2, batch_size=64, seed=1, device="cpu")))
     m = res.metrics
     assert (tmp_path / method / "stage1" / "classifier.pt").is_file()
     assert m["config"]["method_options"]["weighted_selection"] is True
+    assert m["config"]["method_options"]["stage1_loss"] == ("gce" if method == "lff" else "ce")
     val = [h["val_accuracy"] for h in m["history"]]
     assert m["selected_epoch"] == int(np.argmax(val)) + 1
     assert all(h["ess_fraction"] < 1.0 for h in m["history"])  # the draws are weighted, not uniform
@@ -208,6 +207,20 @@ def test_first_model_methods_run_end_to_end_with_weighted_selection(tmp_path, me
         assert fragment in html, fragment
     assert html.count('<img class="px"') == 64  # 32 most upweighted images per class
     assert "<script" not in html
+
+
+@pytest.mark.parametrize(("gate", "chosen"), [(1.0, "lff"), (1e-6, "cluster-errors")])
+def test_auto_trains_as_lff_below_the_gate_and_as_cluster_errors_above(tmp_path, gate, chosen):
+    """The default reads how concentrated the biased first model's losses are (the ESS of LfF's first-epoch weights)
+    and trains the second model either way: LfF's weights change from epoch to epoch, cluster-errors' do not."""
+    res = run_train_classifier(tiny_job(tmp_path / "run", "auto", auto_gate=gate, train=ClassifierTrainConfig(
+        epochs=2, batch_size=64, seed=1, device="cpu")))
+    first = res.metrics["first_model"]
+    assert first["chose"] == chosen and first["gate"] == gate and 0 < first["first_epoch_ess"] <= 1
+    ess = [h["ess_fraction"] for h in res.metrics["history"]]
+    assert all(e < 1.0 for e in ess)
+    assert (ess[0] != ess[1]) == (chosen == "lff")
+    assert f"auto chose {chosen}:" in (res.out / "report.html").read_text()
 
 
 def test_report_escapes_values_from_the_data(tmp_path):

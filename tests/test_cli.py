@@ -383,7 +383,7 @@ README_COMMANDS = [
     ("serve --model RUN_DIR --engine ray --replicas 2 --gpus-per-replica 0.5 --address auto", {"engine": "ray"}),
     ("train-classifier --data faces/manifest.csv --label gender --where split=train --eval-where split=test "
      "--eval-groups race,gender --out runs/gender",
-     {"reweight": ["cluster-errors"], "seeds": [0], "eval_groups": ["race", "gender"], "eval_where": ["split=test"]}),
+     {"reweight": ["auto"], "seeds": [0], "eval_groups": ["race", "gender"], "eval_where": ["split=test"]}),
     ("train-classifier --data faces/manifest.csv --label gender --reweight dbvae --out runs/gender-dbvae --device cpu",
      {"reweight": ["dbvae"]}),
     ("train-classifier --data d --label l --out o --reweight two-stage --weights AUDIT_DIR/scores.parquet "
@@ -395,7 +395,7 @@ README_COMMANDS = [
      "--eval-groups race,gender --methods none,cluster-errors,jtt --seeds 0,1,2,3,4 --out runs/compare "
      "--oracle-groups race,gender",
      {"reweight": ["none", "cluster-errors", "jtt"], "seeds": [0, 1, 2, 3, 4], "oracle_groups": ["race", "gender"]}),
-    ("compare --data d --label l --out o", {"reweight": ["none", "cluster-errors", "jtt"], "seeds": [0, 1, 2, 3, 4]}),
+    ("compare --data d --label l --out o", {"reweight": ["none", "auto", "jtt"], "seeds": [0, 1, 2, 3, 4]}),
     ("augment --method gan --data faces/manifest.csv --where split=train --label gender "
      "--weights runs/audit/scores.parquet --n 2000 --out runs/aug-gan --epochs 20 --image-size 64 "
      "--merge-with faces/manifest.csv --no-diffaugment --balanced-labels --ema-decay 0.99 --d-lr 0.001",

@@ -153,7 +153,7 @@ def test_cli_dbvae_density_options_reach_the_run(tmp_path, monkeypatch, capsys):
     assert (density["combine"], density["bins"], density["whiten"], density["dims"]) == ("max", 7, False, "active")
 
 
-def test_cli_default_method_is_cluster_errors_and_its_options_reach_the_run(tmp_path, monkeypatch, capsys):
+def test_cli_default_method_is_auto_and_its_options_reach_the_run(tmp_path, monkeypatch, capsys):
     from debias.training.classifier import load_classifier
 
     out = tmp_path / "run"
@@ -165,8 +165,11 @@ def test_cli_default_method_is_cluster_errors_and_its_options_reach_the_run(tmp_
     )
     assert code == 0, stderr
     meta = load_classifier(out)[1]["meta"]
-    assert meta["method"] == "cluster-errors"
+    assert meta["method"] == "auto"
     assert meta["method_options"]["clusters"] == 3 and meta["method_options"]["stage1_epochs"] == 1
+    assert meta["method_options"]["stage1_loss"] == "gce" and meta["method_options"]["auto_gate"] == 0.35
+    chose = json.loads((out / "metrics.json").read_text())["first_model"]["chose"]
+    assert chose in ("lff", "cluster-errors")
     assert "share of the draws per colour x label" in stdout and (out / "report.html").is_file()
 
 

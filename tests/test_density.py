@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
-from sklearn.base import clone
 
 from debias.density.estimators import LatentHistogramDensity, effective_sample_size
 

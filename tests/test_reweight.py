@@ -210,3 +210,48 @@ def test_cluster_error_weights_hand_computed():
     # no errors at all: the weights are the data's
     flat = ClusterErrorWeights(n_clusters=2, n_components=2).fit(X, y, np.zeros(100, dtype=bool)).weights_
     assert flat == pytest.approx(np.full(100, 0.01))
+
+
+def test_mix_within_classes_hand_computed():
+    """Class 0 (3 rows, share 0.6): half its draws ∝ scores 1, 1, 2, half even; class 1 (2 rows) all scores 0: even."""
+    from debias.training.sampling import mix_within_classes
+
+    w = mix_within_classes(np.array([1.0, 1.0, 2.0, 0.0, 0.0]), np.array([0, 0, 0, 1, 1]), 0.5)
+    in_class0 = 0.5 * np.array([0.25, 0.25, 0.5]) + 0.5 / 3
+    assert w == pytest.approx(np.r_[0.6 * in_class0, 0.2, 0.2])
+    with pytest.raises(DebiasError):
+        mix_within_classes(np.ones(2), np.zeros(2), 1.5)
+
+
+def test_relative_difficulty_favours_rows_the_biased_model_fails_and_the_new_one_learns():
+    """LfF's W = L_B / (L_B + L_D), each loss over its class maximum, D's losses a moving average over epochs. Row 0:
+    B right, D right; row 1: B wrong, D right (a cue's exception D has learned); row 2: both wrong (a hard row)."""
+    from debias.training.sampling import RelativeDifficulty
+
+    y = np.zeros(3, dtype=int)
+    bias = np.array([0.1, 2.0, 2.0])
+    epochs = iter([np.array([0.7, 0.7, 0.7]), np.array([0.1, 0.1, 2.0])])
+    scheme = RelativeDifficulty(bias, lambda model: next(epochs), y, mix=1.0, ema=0.5)
+    p0, info0 = scheme.weights(0, None)
+    lb = bias / 2.0
+    assert p0 == pytest.approx(lb / (lb + 1.0) / (lb / (lb + 1.0)).sum())  # D untrained: its losses all equal
+    p1, _ = scheme.weights(1, None)
+    ld = np.array([0.4, 0.4, 1.35]) / 1.35  # the moving average 0.5 * 0.7 + 0.5 * now, over its maximum
+    expect = lb / (lb + ld)
+    assert p1 == pytest.approx(expect / expect.sum())
+    assert p1[1] > p1[2] > p1[0]
+    assert 0 < info0["ess_fraction"] <= 1
+
+
+def test_first_epoch_concentration_is_low_when_few_rows_carry_the_loss():
+    """A biased model that fits 95 rows of a class (loss 0.01) and fails 5 (loss 3): LfF's first-epoch weights sit on
+    the 5, an ESS near the group-balanced one; the same total loss spread over every row gives an ESS near 1."""
+    from debias.training.sampling import first_epoch_concentration, mix_within_classes
+
+    y = np.zeros(100, dtype=int)
+    concentrated = np.r_[np.full(95, 0.01), np.full(5, 3.0)]
+    w = concentrated / 3.0
+    p = mix_within_classes(w / (w + 1.0), y, 0.5)
+    assert first_epoch_concentration(concentrated, y) == pytest.approx(1 / np.sum(p**2) / 100)
+    assert first_epoch_concentration(concentrated, y) < 0.3
+    assert first_epoch_concentration(np.full(100, 0.5), y) == pytest.approx(1.0)

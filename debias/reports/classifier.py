@@ -37,10 +37,27 @@ METHOD_BLURBS = {
     "jtt": "Just Train Twice (Liu et al. 2021): the rows a first model got wrong are drawn more often.",
     "rarity": "Inverse density within each class in the feature space of a first (ERM) model: rows that are rare "
     "for their class are drawn more often. No error signal.",
-    "rarity-jtt": "Within each class, the rows a first model got wrong and those it got right are drawn equally often; "
-    "inside each of the two, rows are drawn in inverse proportion to their density in that model's feature space.",
+    "cluster-errors": "Each class's rows are clustered in a first model's features; a cluster is drawn more often "
+    "the more of its rows the first model got wrong, in proportion to its error rate (half of each class's draws stay "
+    "as in the data).",
+    "lff": "Learning from Failure (Nam et al. 2020): every epoch, the rows a bias-amplified first model fails and the "
+    "model being trained gets right are drawn more often (relative difficulty; half of each class's draws stay "
+    "uniform).",
     "oracle": "Reference, not a method: group-balanced sampling that reads the group columns.",
 }
+
+
+def method_blurb(metrics: dict[str, Any]) -> str:
+    """One sentence on what the method did; for ``auto``, which method it chose and why."""
+    first = metrics.get("first_model") or {}
+    if metrics["method"] == "auto" and "chose" in first:
+        why = (f"the bias-amplified first model's losses concentrate on few rows (ESS of its weights "
+               f"{first['first_epoch_ess']:.2f} n, at most the gate {first['gate']:g} n): a shortcut is likely"
+               if first["chose"] == "lff" else
+               f"the bias-amplified first model's losses are spread (ESS of its weights {first['first_epoch_ess']:.2f} n, "
+               f"above the gate {first['gate']:g} n): no shortcut seen")
+        return f"auto chose {first['chose']}: {why}. " + METHOD_BLURBS[first["chose"]]
+    return METHOD_BLURBS.get(metrics["method"], "")
 
 
 def weight_shares(
@@ -121,7 +138,7 @@ def render_report(
         csp=PAGE_CSP,
         css=PAGE_CSS,
         method=metrics["method"],
-        method_blurb=METHOD_BLURBS.get(metrics["method"], ""),
+        method_blurb=method_blurb(metrics),
         accuracy=metrics["accuracy"],
         worst=metrics.get("worst_group_accuracy"),
         worst_group=_worst_group(metrics),

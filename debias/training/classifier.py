@@ -148,6 +148,12 @@ def predict_proba(model: ConvVAE, images: ImageTensor, batch_size: int = 512) ->
     return torch.cat(out).numpy().astype(np.float64)
 
 
+def row_losses(model: ConvVAE, images: ImageTensor, y: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """Each row's cross-entropy -log p(y | x) under ``model`` (eval mode), float64."""
+    p = predict_proba(model, images, batch_size)[np.arange(len(y)), np.asarray(y)]
+    return -np.log(np.clip(p, 1e-12, 1.0))
+
+
 def train_classifier(
     model_config: VAEConfig,
     config: ClassifierTrainConfig,
@@ -191,8 +197,8 @@ def train_classifier(
             weight_sum = run.resumed["weight_sum"].numpy().astype(np.float64)
 
     loss_fn = functools.partial(classifier_loss, objective=config.objective, vae_weight=config.vae_weight)
-    # The cross-entropy objective never runs the decoder: DDP must be told, or it waits for the decoder's gradients.
-    step = wrap(ModelWithLoss(model, loss_fn), ctx, find_unused_parameters=config.objective == "ce")
+    # The cross-entropy objectives (ce, gce) never run the decoder: DDP must be told, or it waits for its gradients.
+    step = wrap(ModelWithLoss(model, loss_fn), ctx, find_unused_parameters=config.objective != "dbvae")
     y_all = torch.as_tensor(y_train, dtype=torch.long)
     n = len(train)
     for epoch in range(run.start_epoch, config.epochs):

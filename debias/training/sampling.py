@@ -272,6 +272,83 @@ class ClassRarity:
         return w
 
 
+def mix_within_classes(scores: np.ndarray, y: np.ndarray, mix: float) -> np.ndarray:
+    """Probabilities: within each class, ``mix`` of the class's draws ∝ ``scores`` (non-negative) and the rest spread
+    evenly over its rows; every class keeps its share of the rows. A class whose scores are all 0 is drawn evenly."""
+    scores, y = np.asarray(scores, dtype=np.float64), np.asarray(y)
+    if not 0.0 <= mix <= 1.0:
+        raise DebiasError(f"mix must be in [0, 1], got {mix}")
+    w = np.zeros(len(y))
+    for k in np.unique(y):
+        rows = y == k
+        s = scores[rows]
+        part = s / s.sum() if s.sum() > 0 else np.full(rows.sum(), 1.0 / rows.sum())
+        w[rows] = (mix * part + (1.0 - mix) / rows.sum()) * rows.mean()
+    return w / w.sum()
+
+
+def first_epoch_concentration(bias_losses: np.ndarray, y: np.ndarray, mix: float = 0.5) -> float:
+    """How concentrated a biased model's losses are: the effective sample size, as a fraction of the rows, of the
+    relative-difficulty weights of :class:`RelativeDifficulty` before the second model has learned anything (its
+    losses all equal, so W = L_B / (L_B + 1) with L_B over its class maximum).
+
+    LfF's premise is a bias that is easier to learn than the task: a model trained with the generalized
+    cross-entropy then fits the rows that agree with the cue almost perfectly and fails the few that do not, and the
+    weights sit on those few (measured: 0.15-0.21 on four cue protocols, 0.08 on the built-in spurious set, with the
+    oracle's group balancing at 0.08-0.19). Without such a cue the biased model is unsure of many rows and the weights
+    stay spread (0.48-0.56 on natural UTKFace). docs/benchmarks.md, issue 12, session 8."""
+    lb = np.asarray(bias_losses, dtype=np.float64).copy()
+    y = np.asarray(y)
+    for k in np.unique(y):
+        rows = y == k
+        lb[rows] /= max(lb[rows].max(), 1e-12)
+    p = mix_within_classes(lb / (lb + 1.0), y, mix)
+    return float(1.0 / np.sum(p**2) / len(p))
+
+
+class RelativeDifficulty:
+    """LfF's relative difficulty (Nam et al., NeurIPS 2020, Eq. 3) as per-epoch sampling weights.
+
+    A biased model B (the first model, trained with the generalized cross-entropy so that it leans on the easiest cue)
+    is frozen; at the start of every epoch the model being trained, D, is scored on the training rows, and
+
+        W(x) = L_B(x) / (L_B(x) + L_D(x))
+
+    with L the cross-entropy, L_D an exponential moving average over epochs (LfF's ``ema``), each divided by its
+    class's maximum as LfF does. A row B gets wrong and D gets right weighs most (a cue's exception D has learned);
+    a row both get wrong (a hard example) weighs about half as much; a row B gets right weighs little. ``mix`` of each
+    class's draws follows W, the rest is uniform, and every class keeps its share.
+
+    Differences from the paper, both for the CPU budget: B is trained first and frozen instead of alongside D, and W
+    is refreshed once per epoch instead of per batch. On resume the moving average restarts from that epoch's losses.
+    """
+
+    name = "lff"
+
+    def __init__(
+        self, bias_losses: np.ndarray, losses: Callable[[ConvVAE], np.ndarray], y: np.ndarray,
+        mix: float = 0.5, ema: float = 0.7,
+    ) -> None:
+        self.bias_losses = np.asarray(bias_losses, dtype=np.float64)
+        self.losses = losses
+        self.y = np.asarray(y)
+        self.mix = mix
+        self.ema = ema
+        self.average: np.ndarray | None = None
+
+    def weights(self, epoch: int, model: ConvVAE) -> tuple[np.ndarray, dict[str, Any]]:
+        t0 = time.perf_counter()
+        now = np.asarray(self.losses(model), dtype=np.float64)
+        self.average = now if self.average is None else self.ema * self.average + (1.0 - self.ema) * now
+        lb, ld = self.bias_losses.copy(), self.average.copy()
+        for k in np.unique(self.y):
+            rows = self.y == k
+            lb[rows] /= max(lb[rows].max(), 1e-12)
+            ld[rows] /= max(ld[rows].max(), 1e-12)
+        p = mix_within_classes(lb / (lb + ld + 1e-8), self.y, self.mix)
+        return p, {**_info(p, len(p)), "encode_s": time.perf_counter() - t0}
+
+
 class ClusterErrorWeights:
     """The default debiasing weights: inverse cluster density times a first model's error rate, within each class.
 
