@@ -571,7 +571,8 @@ _ClsJttUp = Annotated[
     str, typer.Option(help="jtt: how many times the error set is upsampled, or auto: (1 - error rate) / error rate.")
 ]
 _ClsStage1Epochs = Annotated[
-    int, typer.Option(min=1, help="auto, cluster-errors, lff, rarity: epochs of the first model, which weighs the rows.")
+    int, typer.Option(min=1, help="auto, cluster-errors, lff, rarity: epochs of the first model, which weighs the "
+                      "rows.")
 ]
 _ClsStage1Loss = Annotated[
     Optional[Stage1Loss],
@@ -588,12 +589,14 @@ _ClsRarityEss = Annotated[
 ]
 _ClsRarityK = Annotated[int, typer.Option(min=1, help="rarity: neighbours of the kNN density.")]
 _ClsRarityDims = Annotated[
-    int, typer.Option(min=1, help="cluster-errors, rarity: leading principal axes of the first model's features.")
+    int, typer.Option(min=1, help="cluster-errors (and auto's), rarity: leading principal axes of the first model's "
+                      "features.")
 ]
 _ClsWeightedSelection = Annotated[
     bool,
     typer.Option(
-        help="cluster-errors, rarity, oracle: keep the epoch with the best validation accuracy weighted by the "
+        help="auto, cluster-errors, lff, rarity, oracle: keep the epoch with the best validation accuracy weighted by "
+        "the "
         "method's own sampling weights (label-free); --no-weighted-selection uses plain validation accuracy."
     ),
 ]

@@ -123,7 +123,7 @@ class ClassifierJob:
     # jtt
     jtt_epochs: int = 2
     jtt_upweight: float | str = "auto"  # lambda_up, or "auto": (1 - error rate) / error rate
-    # cluster-errors, rarity: weights from the features of a first model trained plainly for stage1_epochs
+    # auto, cluster-errors, lff, rarity: weights from a first model trained for stage1_epochs
     stage1_epochs: int = 4
     stage1_loss: str | None = None  # "ce" or "gce" (bias-amplified, LfF's); None: gce for lff, ce for the others
     clusters: int = 8  # cluster-errors (and auto's fallback): k-means clusters per class
@@ -131,7 +131,7 @@ class ClassifierJob:
     rarity_ess: float = 0.25  # rarity: effective sample size of the weights within each class, as a fraction
     rarity_k: int = 20  # rarity: neighbours of the kNN density
     rarity_dims: int = 32  # both: leading principal axes of the features kept
-    # best epoch by validation accuracy weighted by the method's own weights (cluster-errors, rarity, oracle)
+    # best epoch by validation accuracy weighted by the method's own weights (first-model methods and the oracle)
     weighted_selection: bool = True
     resume: bool = False
     progress: bool = True
@@ -324,7 +324,9 @@ def _run_train_classifier(job: ClassifierJob, ctx: DistContext) -> ClassifierRes
         )
         t_weights = time.perf_counter()
         # rank 0's weights on every rank, so that all ranks draw the same epochs
-        payload = _first_model_weights(job, first.model, train_images, val_images, y_fit, y_val) if ctx.is_main else None
+        payload = None
+        if ctx.is_main:
+            payload = _first_model_weights(job, first.model, train_images, val_images, y_fit, y_val)
         kind, w, w_val, info = broadcast_object(payload, ctx)
         extra["first_model"] = {**info, "epochs": job.stage1_epochs, "epoch_s": [h["epoch_s"] for h in first.history],
                                 "weights_s": time.perf_counter() - t_weights}  # its cost, for the cost per epoch

@@ -54,7 +54,8 @@ def method_blurb(metrics: dict[str, Any]) -> str:
         why = (f"the bias-amplified first model's losses concentrate on few rows (ESS of its weights "
                f"{first['first_epoch_ess']:.2f} n, at most the gate {first['gate']:g} n): a shortcut is likely"
                if first["chose"] == "lff" else
-               f"the bias-amplified first model's losses are spread (ESS of its weights {first['first_epoch_ess']:.2f} n, "
+               f"the bias-amplified first model's losses are spread (ESS of its weights "
+               f"{first['first_epoch_ess']:.2f} n, "
                f"above the gate {first['gate']:g} n): no shortcut seen")
         return f"auto chose {first['chose']}: {why}. " + METHOD_BLURBS[first["chose"]]
     return METHOD_BLURBS.get(metrics["method"], "")
