@@ -55,7 +55,7 @@ from debias.density.estimators import KNNDensity
 from debias.density.rarity import DensityOptions
 from debias.errors import DebiasError
 from debias.evaluation.classifier_metrics import CROSS, classification_metrics
-from debias.reports.classifier import weight_shares, write_report
+from debias.reports.classifier import auto_choice, weight_shares, write_report
 from debias.runtime.checkpoint import atomic_write_table, write_json
 from debias.runtime.distributed import (
     DistContext,
@@ -125,7 +125,7 @@ class ClassifierJob:
     jtt_upweight: float | str = "auto"  # lambda_up, or "auto": (1 - error rate) / error rate
     # auto, cluster-errors, lff, rarity: weights from a first model trained for stage1_epochs
     stage1_epochs: int = 4
-    stage1_loss: str | None = None  # "ce" or "gce" (bias-amplified, LfF's); None: gce for lff, ce for the others
+    stage1_loss: str | None = None  # "ce" or "gce" (bias-amplified, LfF's); None: gce for auto and lff, else ce
     clusters: int = 8  # cluster-errors (and auto's fallback): k-means clusters per class
     auto_gate: float = 0.35  # auto: lff when the biased first model's weights have an ESS at most this fraction
     rarity_ess: float = 0.25  # rarity: effective sample size of the weights within each class, as a fraction
@@ -308,7 +308,7 @@ def _run_train_classifier(job: ClassifierJob, ctx: DistContext) -> ClassifierRes
         if job.weighted_selection:
             selection_weights = group_balanced_weights(table.iloc[val_rows], job.oracle_groups)
     elif job.method in FIRST_MODEL_METHODS:
-        # A first model, trained plainly for a few epochs, gives the feature space both methods weigh rows in.
+        # A first model (plain, or bias-amplified for auto and lff) trained for a few epochs weighs the rows.
         first = train_classifier(
             model_config,
             replace(train_cfg, epochs=job.stage1_epochs, select="last", objective=stage1_loss(job)),
@@ -331,9 +331,7 @@ def _run_train_classifier(job: ClassifierJob, ctx: DistContext) -> ClassifierRes
         extra["first_model"] = {**info, "epochs": job.stage1_epochs, "epoch_s": [h["epoch_s"] for h in first.history],
                                 "weights_s": time.perf_counter() - t_weights}  # its cost, for the cost per epoch
         if job.method == "auto" and progress:
-            print(f"auto: {kind} (the biased first model's weights have an ESS of {info['first_epoch_ess']:.2f} n; "
-                  f"{'at most' if kind == 'lff' else 'above'} the gate {job.auto_gate:g} n"
-                  f"{': a shortcut is likely' if kind == 'lff' else ': no shortcut seen'})")
+            print(auto_choice(info))
         if kind == "lff":  # w: the biased model's losses; the weights are recomputed every epoch from the new model
             scheme = RelativeDifficulty(w, lambda model: row_losses(model, train_images, y_fit), y_fit)
         else:

@@ -47,17 +47,23 @@ METHOD_BLURBS = {
 }
 
 
+def auto_choice(first_model: dict[str, Any]) -> str:
+    """Which method ``auto`` chose and why, in one sentence (the run's print and its report)."""
+    ess, gate = first_model["first_epoch_ess"], first_model["gate"]
+    if first_model["chose"] == "lff":
+        why = (f"the bias-amplified first model's losses concentrate on few rows (ESS of its weights {ess:.2f} n, "
+               f"at most the gate {gate:g} n): a shortcut is likely")
+    else:
+        why = (f"the bias-amplified first model's losses are spread (ESS of its weights {ess:.2f} n, above the gate "
+               f"{gate:g} n): no shortcut seen")
+    return f"auto chose {first_model['chose']}: {why}."
+
+
 def method_blurb(metrics: dict[str, Any]) -> str:
     """One sentence on what the method did; for ``auto``, which method it chose and why."""
     first = metrics.get("first_model") or {}
     if metrics["method"] == "auto" and "chose" in first:
-        why = (f"the bias-amplified first model's losses concentrate on few rows (ESS of its weights "
-               f"{first['first_epoch_ess']:.2f} n, at most the gate {first['gate']:g} n): a shortcut is likely"
-               if first["chose"] == "lff" else
-               f"the bias-amplified first model's losses are spread (ESS of its weights "
-               f"{first['first_epoch_ess']:.2f} n, "
-               f"above the gate {first['gate']:g} n): no shortcut seen")
-        return f"auto chose {first['chose']}: {why}. " + METHOD_BLURBS[first["chose"]]
+        return auto_choice(first) + " " + METHOD_BLURBS[first["chose"]]
     return METHOD_BLURBS.get(metrics["method"], "")
 
 

@@ -287,6 +287,16 @@ def mix_within_classes(scores: np.ndarray, y: np.ndarray, mix: float) -> np.ndar
     return w / w.sum()
 
 
+def over_class_maximum(values: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``values`` divided by their maximum within each class (LfF's normalisation of the per-row losses)."""
+    out = np.asarray(values, dtype=np.float64).copy()
+    y = np.asarray(y)
+    for k in np.unique(y):
+        rows = y == k
+        out[rows] /= max(out[rows].max(), 1e-12)
+    return out
+
+
 def first_epoch_concentration(bias_losses: np.ndarray, y: np.ndarray, mix: float = 0.5) -> float:
     """How concentrated a biased model's losses are: the effective sample size, as a fraction of the rows, of the
     relative-difficulty weights of :class:`RelativeDifficulty` before the second model has learned anything (its
@@ -294,14 +304,10 @@ def first_epoch_concentration(bias_losses: np.ndarray, y: np.ndarray, mix: float
 
     LfF's premise is a bias that is easier to learn than the task: a model trained with the generalized
     cross-entropy then fits the rows that agree with the cue almost perfectly and fails the few that do not, and the
-    weights sit on those few (measured: 0.15-0.21 on four cue protocols, 0.08 on the built-in spurious set, with the
-    oracle's group balancing at 0.08-0.19). Without such a cue the biased model is unsure of many rows and the weights
+    weights sit on those few (measured: 0.15-0.21 on the three face cue protocols, 0.07-0.08 on the built-in spurious
+    set, near the oracle's group balancing at 0.18-0.20 and 0.08). Without such a cue the biased model is unsure of many rows and the weights
     stay spread (0.48-0.56 on natural UTKFace). docs/benchmarks.md, issue 12, session 8."""
-    lb = np.asarray(bias_losses, dtype=np.float64).copy()
-    y = np.asarray(y)
-    for k in np.unique(y):
-        rows = y == k
-        lb[rows] /= max(lb[rows].max(), 1e-12)
+    lb = over_class_maximum(bias_losses, y)
     p = mix_within_classes(lb / (lb + 1.0), y, mix)
     return float(1.0 / np.sum(p**2) / len(p))
 
@@ -340,17 +346,14 @@ class RelativeDifficulty:
         t0 = time.perf_counter()
         now = np.asarray(self.losses(model), dtype=np.float64)
         self.average = now if self.average is None else self.ema * self.average + (1.0 - self.ema) * now
-        lb, ld = self.bias_losses.copy(), self.average.copy()
-        for k in np.unique(self.y):
-            rows = self.y == k
-            lb[rows] /= max(lb[rows].max(), 1e-12)
-            ld[rows] /= max(ld[rows].max(), 1e-12)
+        lb, ld = over_class_maximum(self.bias_losses, self.y), over_class_maximum(self.average, self.y)
         p = mix_within_classes(lb / (lb + ld + 1e-8), self.y, self.mix)
         return p, {**_info(p, len(p)), "encode_s": time.perf_counter() - t0}
 
 
 class ClusterErrorWeights:
-    """The default debiasing weights: inverse cluster density times a first model's error rate, within each class.
+    """cluster-errors' weights (``auto``'s choice without a shortcut): inverse cluster density times a first model's
+    error rate, within each class.
 
     Each class's rows are clustered (k-means, ``n_clusters``, on the leading ``n_components`` principal axes of a
     first model's features): a coarse density Q(c) = n_c / n_k, a histogram whose cells follow the data. Half of the
