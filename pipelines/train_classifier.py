@@ -66,6 +66,7 @@ from debias.runtime.distributed import (
 from debias.training.classifier import (
     ClassifierTrainConfig,
     ImageTensor,
+    cross_entropy_of,
     predict_proba,
     row_losses,
     train_classifier,
@@ -522,10 +523,14 @@ def _first_model_weights(
     cluster-errors (:func:`debias.training.sampling.first_epoch_concentration`)."""
     info: dict[str, Any] = {}
     kind = job.method
+    # one pass of the first model over the training rows serves the losses (lff, auto) and the errors (cluster-errors)
+    probs = predict_proba(model, train) if kind != "rarity" else None
+    if probs is not None:
+        errors = probs.argmax(1) != y_fit
+        info["error_rate"] = float(errors.mean()) if len(errors) else 0.0
     if job.method in ("lff", "auto"):
-        losses = row_losses(model, train, y_fit)
+        losses = cross_entropy_of(probs, y_fit)
         val_errors = predict_proba(model, val).argmax(1) != y_val
-        info["error_rate"] = float((losses > np.log(2)).mean()) if len(losses) else 0.0
         if job.method == "auto":
             info["first_epoch_ess"] = first_epoch_concentration(losses, y_fit)
             info["gate"] = job.auto_gate
@@ -539,9 +544,7 @@ def _first_model_weights(
             lambda: KNNDensity(n_neighbors=job.rarity_k, n_components=job.rarity_dims), target_ess=job.rarity_ess
         ).fit(feats, y_fit)
     else:
-        errors = predict_proba(model, train).argmax(1) != y_fit
         est = ClusterErrorWeights(job.clusters, job.rarity_dims, seed=job.train.seed).fit(feats, y_fit, errors)
-        info["error_rate"] = float(errors.mean())
     return kind, est.weights_, est.weights(feats_val, y_val) if len(y_val) else np.zeros(0), info
 
 

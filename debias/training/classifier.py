@@ -150,8 +150,12 @@ def predict_proba(model: ConvVAE, images: ImageTensor, batch_size: int = 512) ->
 
 def row_losses(model: ConvVAE, images: ImageTensor, y: np.ndarray, batch_size: int = 512) -> np.ndarray:
     """Each row's cross-entropy -log p(y | x) under ``model`` (eval mode), float64."""
-    p = predict_proba(model, images, batch_size)[np.arange(len(y)), np.asarray(y)]
-    return -np.log(np.clip(p, 1e-12, 1.0))
+    return cross_entropy_of(predict_proba(model, images, batch_size), y)
+
+
+def cross_entropy_of(probs: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Each row's -log p(y | x) from (n, n_classes) probabilities, clipped away from log 0."""
+    return -np.log(np.clip(probs[np.arange(len(y)), np.asarray(y)], 1e-12, 1.0))
 
 
 def train_classifier(
