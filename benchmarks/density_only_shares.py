@@ -70,12 +70,12 @@ def main() -> None:
     probs = predict_proba(model, images)
     rows: dict[str, dict[str, float]] = {"uniform (ERM)": shares(np.ones(len(fit)), groups)}
     for ess in (0.5, 0.25, 0.1):
-        w = ClassRarity(lambda: KNNDensity(20, 32), target_ess=ess).fit(feats, yf).weights_
+        w = ClassRarity(lambda n: KNNDensity(20, 32), target_ess=ess).fit(feats, yf).weights_
         rows[f"kNN in first-model features, ESS {ess}"] = shares(w, groups)
     for K in (2, 4, 8, 16):
         rows[f"k-means cluster balancing, K {K}"] = shares(cluster_balanced(feats, yf, K), groups)
     logits = np.log(np.clip(probs, 1e-12, 1.0))
-    w = ClassRarity(lambda: KNNDensity(20, None), target_ess=0.25).fit(logits, yf).weights_
+    w = ClassRarity(lambda n: KNNDensity(20, None), target_ess=0.25).fit(logits, yf).weights_
     rows["kNN in first-model log-probabilities, ESS 0.25"] = shares(w, groups)
     if args.vae:
         from debias.density.encoding import encode_images
@@ -83,7 +83,7 @@ def main() -> None:
 
         vae, _ = load_model(args.vae)
         mu = encode_images(vae, data, progress=False).mu[fit]
-        w = ClassRarity(lambda: KNNDensity(20, None), target_ess=0.25).fit(mu, yf).weights_
+        w = ClassRarity(lambda n: KNNDensity(20, None), target_ess=0.25).fit(mu, yf).weights_
         rows["kNN in a beta-VAE's latents, ESS 0.25"] = shares(w, groups)
         w = np.zeros(len(fit))
         for k in np.unique(yf):

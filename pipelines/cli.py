@@ -577,7 +577,7 @@ _ClsStage1Epochs = Annotated[
 _ClsStage1Loss = Annotated[
     Optional[Stage1Loss],
     typer.Option(callback=_plain, help="auto, cluster-errors, lff, rarity: the first model's loss, ce or gce "
-                 "(bias-amplified, as in LfF). Default: gce for auto and lff, ce for the others."),
+                 "(bias-amplified, as in LfF). Default: gce for auto, lff and rarity, ce for the others."),
 ]
 _ClsClusters = Annotated[int, typer.Option(min=1, help="cluster-errors (and auto without a shortcut): k-means clusters "
                                             "per class.")]
@@ -587,7 +587,9 @@ _ClsAutoGate = Annotated[float, typer.Option(
 _ClsRarityEss = Annotated[
     float, typer.Option(min=0.0, max=1.0, help="rarity: effective sample size of the weights within each class / n.")
 ]
-_ClsRarityK = Annotated[int, typer.Option(min=1, help="rarity: neighbours of the kNN density.")]
+_ClsRarityK = Annotated[Optional[int], typer.Option(
+    min=1, help="rarity: neighbours of the kNN density. Default: 5 % of each class's rows (at least 20), so that a "
+    "group smaller than that reads as sparse.")]
 _ClsRarityDims = Annotated[
     int, typer.Option(min=1, help="cluster-errors (and auto's), rarity: leading principal axes of the first model's "
                       "features.")
@@ -735,8 +737,8 @@ def train_classifier(
     stage1_loss: _ClsStage1Loss = None,
     clusters: _ClsClusters = 8,
     auto_gate: _ClsAutoGate = 0.35,
-    rarity_ess: _ClsRarityEss = 0.25,
-    rarity_k: _ClsRarityK = 20,
+    rarity_ess: _ClsRarityEss = 0.1,
+    rarity_k: _ClsRarityK = None,
     rarity_dims: _ClsRarityDims = 32,
     weighted_selection: _ClsWeightedSelection = True,
     device: DeviceOpt = "auto",

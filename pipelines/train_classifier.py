@@ -11,8 +11,9 @@ Methods (``--reweight``):
                on a row's cluster ÷ the cluster's size (inverse cluster density), half of each class's draws kept as in
                the data (:class:`debias.training.sampling.ClusterErrorWeights`). The epoch is chosen by validation accuracy
                weighted by the same weights. Label-free: no group column is read.
-    rarity     inverse kNN density within each class in the same first model's feature space, tempered to
-               ``rarity_ess`` (:class:`debias.training.sampling.ClassRarity`): sampling by rarity alone, no error signal.
+    rarity     inverse kNN density within each class in a bias-amplified (GCE) first model's feature space, with
+               k = 5 % of the class's rows (``rarity_k``) and tempered to ``rarity_ess``
+               (:class:`debias.training.sampling.ClassRarity`): sampling by rarity alone, no error signal.
     none       ERM: every training row once per epoch.
     dbvae      DB-VAE, Amini et al. (AIES 2019) Algorithm 1: the classifier is the DB-VAE's own head, trained jointly
                with the VAE (Eq. 5); each epoch re-encodes the training rows, refits the latent histograms and draws
@@ -84,6 +85,7 @@ from debias.training.sampling import (
     jtt_upweight_auto,
     jtt_weights,
     mix_within_classes,
+    neighbours_for_class,
 )
 from debias.training.vae import encode_labels, vae_config
 
@@ -129,8 +131,8 @@ class ClassifierJob:
     stage1_loss: str | None = None  # "ce" or "gce" (bias-amplified, LfF's); None: gce for auto and lff, else ce
     clusters: int = 8  # cluster-errors (and auto's fallback): k-means clusters per class
     auto_gate: float = 0.35  # auto: lff when the biased first model's weights have an ESS at most this fraction
-    rarity_ess: float = 0.25  # rarity: effective sample size of the weights within each class, as a fraction
-    rarity_k: int = 20  # rarity: neighbours of the kNN density
+    rarity_ess: float = 0.1  # rarity: effective sample size of the weights within each class, as a fraction
+    rarity_k: int | None = None  # rarity: neighbours of the kNN density; None: 5 % of each class's rows, at least 20
     rarity_dims: int = 32  # both: leading principal axes of the features kept
     # best epoch by validation accuracy weighted by the method's own weights (first-model methods and the oracle)
     weighted_selection: bool = True
@@ -219,7 +221,7 @@ def _run_train_classifier(job: ClassifierJob, ctx: DistContext) -> ClassifierRes
         raise DebiasError(f"--stage1-loss must be ce or gce, got {job.stage1_loss!r}")
     if not 0 < job.auto_gate <= 1:
         raise DebiasError(f"--auto-gate must be in (0, 1], got {job.auto_gate}")
-    if min(job.stage1_epochs, job.clusters, job.rarity_k, job.rarity_dims) < 1 or not 0 < job.rarity_ess <= 1:
+    if min(job.stage1_epochs, job.clusters, job.rarity_k or 1, job.rarity_dims) < 1 or not 0 < job.rarity_ess <= 1:
         raise DebiasError("--stage1-epochs, --clusters, --rarity-k and --rarity-dims must be >= 1, --rarity-ess in (0, 1]")
     if job.out.joinpath("metrics.json").exists() and not job.resume:
         raise DebiasError(f"{job.out} already holds a finished run; choose another --out")
@@ -541,7 +543,8 @@ def _first_model_weights(
     feats_val = encode_features(model, val.batch, len(val))
     if kind == "rarity":
         est: Any = ClassRarity(
-            lambda: KNNDensity(n_neighbors=job.rarity_k, n_components=job.rarity_dims), target_ess=job.rarity_ess
+            lambda n: KNNDensity(n_neighbors=job.rarity_k or neighbours_for_class(n), n_components=job.rarity_dims),
+            target_ess=job.rarity_ess,
         ).fit(feats, y_fit)
     else:
         est = ClusterErrorWeights(job.clusters, job.rarity_dims, seed=job.train.seed).fit(feats, y_fit, errors)
@@ -549,8 +552,10 @@ def _first_model_weights(
 
 
 def stage1_loss(job: ClassifierJob) -> str:
-    """The first model's objective: as given, else the bias-amplifying GCE for lff and plain CE for the others."""
-    return job.stage1_loss or ("gce" if job.method in ("lff", "auto") else "ce")
+    """The first model's objective: as given, else the bias-amplifying GCE for auto, lff and rarity (a representation
+    in which the shortcut is the leading factor, so that the rows without it sit apart) and plain CE for
+    cluster-errors."""
+    return job.stage1_loss or ("gce" if job.method in ("lff", "auto", "rarity") else "ce")
 
 
 def _selection_text(job: ClassifierJob, weighted: bool) -> str:

@@ -158,7 +158,7 @@ def test_class_rarity_upweights_the_rare_mode_of_each_class_and_keeps_class_shar
                    rng.normal(5, 0.3, (95, 2)), rng.normal(0, 0.3, (5, 2))])
     y = np.r_[np.zeros(200), np.ones(100)].astype(int)
     rare = np.r_[np.zeros(190), np.ones(10), np.zeros(95), np.ones(5)].astype(bool)
-    est = ClassRarity(lambda: KNNDensity(n_neighbors=5, n_components=None), target_ess=0.5).fit(X, y)
+    est = ClassRarity(lambda n: KNNDensity(n_neighbors=5, n_components=None), target_ess=0.5).fit(X, y)
     w = est.weights_
     assert w.sum() == pytest.approx(1.0)
     assert w[y == 0].sum() == pytest.approx(2 / 3) and w[y == 1].sum() == pytest.approx(1 / 3)  # class shares kept
@@ -169,6 +169,23 @@ def test_class_rarity_upweights_the_rare_mode_of_each_class_and_keeps_class_shar
     # new rows are scored against their own class: a class-1 row at (0, 0) is rare, a class-0 row there is not
     wn = est.weights(np.array([[0.0, 0.0], [0.0, 0.0], [5.0, 5.0], [5.0, 5.0]]), np.array([0, 1, 1, 0]))
     assert wn[1] > wn[2] and wn[3] > wn[0]
+
+
+def test_rarity_bandwidth_grows_with_the_class_so_a_tight_rare_group_reads_as_sparse():
+    """Inverse density equalises volume: with k below a group's size, a tight group is its own dense neighbourhood.
+    The default k (5 % of the class's rows) exceeds it, and the group's rows get the most weight."""
+    from debias.density.estimators import KNNDensity
+    from debias.training.sampling import ClassRarity, neighbours_for_class
+
+    assert neighbours_for_class(2000) == 100 and neighbours_for_class(100) == 20 and neighbours_for_class(10) == 9
+    rng = np.random.default_rng(0)
+    X = np.vstack([rng.normal(0, 1.0, (1920, 2)), rng.normal(4, 0.05, (80, 2))])  # 4 % tight group at (4, 4)
+    y = np.zeros(2000, dtype=int)
+    rare = np.r_[np.zeros(1920), np.ones(80)].astype(bool)
+    small = ClassRarity(lambda n: KNNDensity(n_neighbors=5, n_components=None), target_ess=0.5).fit(X, y).weights_
+    scaled = ClassRarity(lambda n: KNNDensity(neighbours_for_class(n), n_components=None), target_ess=0.5).fit(X, y)
+    assert small[rare].sum() < rare.mean()  # k = 5: the tight group looks dense and loses draws
+    assert scaled.weights_[rare].sum() > 3 * rare.mean()  # k = 100 > 80: its k-th neighbours are far away
 
 
 def test_selection_accuracy_weights_each_class_by_the_methods_weights():

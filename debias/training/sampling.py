@@ -213,6 +213,20 @@ class DBVAEAdaptive:
         return w, {**_info(w, self.n), **info, "encode_s": t1 - t0, "fit_s": t2 - t1}
 
 
+#: rarity's default kNN bandwidth: a group smaller than this share of its class cannot be its own neighbourhood
+NEIGHBOURS_SHARE = 0.05
+
+
+def neighbours_for_class(n_rows: int, share: float = NEIGHBOURS_SHARE, minimum: int = 20) -> int:
+    """k of the kNN density within a class of ``n_rows``: ``share`` of its rows, at least ``minimum``.
+
+    Inverse density equalises volume, not groups: with a small k, a cue-conflicting group of a few hundred rows is its
+    own dense neighbourhood and keeps its small share of the draws (issue 12, "Why sampling by density alone falls
+    short"). When k exceeds the group's size, the k-th neighbour of its rows lies in the majority of the class, far
+    away, so the whole group reads as sparse. 5 % of the class covers the groups a shortcut leaves rare."""
+    return max(1, min(max(minimum, int(round(share * n_rows))), n_rows - 1))
+
+
 class ClassRarity:
     """Inverse-density sampling weights within each class: w_i ∝ p(x_i | y_i)^-T, tempered per class to an effective
     sample size of ``target_ess`` × the class's rows, every class keeping its share of the draws.
@@ -221,11 +235,12 @@ class ClassRarity:
     is common in the data as a whole (most female faces are warm) and rare among the male faces. With one density
     over all classes it looks typical (issue 12, cause 2). The label is the training label; no group column is read.
 
-    ``density``: a factory of an estimator with ``fit``, ``score_fitted`` (the fitted rows, leave-one-out) and
-    ``score_samples`` (new rows), e.g. :class:`debias.density.estimators.KNNDensity`.
+    ``density``: a factory called with the class's number of rows (so that a bandwidth can scale with the class) that
+    returns an estimator with ``fit``, ``score_fitted`` (the fitted rows, leave-one-out) and ``score_samples`` (new
+    rows), e.g. ``lambda n: KNNDensity(neighbours_for_class(n))`` (:class:`debias.density.estimators.KNNDensity`).
     """
 
-    def __init__(self, density: Callable[[], Any], target_ess: float = 0.25) -> None:
+    def __init__(self, density: Callable[[int], Any], target_ess: float = 0.25) -> None:
         if not 0 < target_ess <= 1:
             raise DebiasError(f"target ESS must be in (0, 1], got {target_ess}")
         self.density = density
@@ -240,7 +255,7 @@ class ClassRarity:
         self.rarity_ = np.zeros(len(y))
         for k in self.classes_:
             rows = np.flatnonzero(y == k)
-            est = self.density().fit(X[rows])
+            est = self.density(len(rows)).fit(X[rows])
             rarity = -est.score_fitted()
             self.estimators_[k] = est
             self.temperatures_[k] = temperature_for_ess(rarity, self.target_ess) if len(rows) > 1 else 0.0
