@@ -121,6 +121,12 @@ def run_mode(args: argparse.Namespace, mode: str, jpegs: list[bytes], workers: i
     env.pop("DEBIAS_API_KEY", None)
     cmd = [sys.executable, "-m", "debias", "serve", "--model", str(args.model), "--port", str(port), "--device",
            args.device, "--log-level", "warning", "--workers", str(workers), *MODES[mode]]
+    profile = None
+    if args.py_spy:  # sample the server's stacks (collapsed, one line per stack) for where its CPU goes
+        profile = args.profile_dir / f"server-{mode}-w{workers}-{port}.txt"
+        profile.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [args.py_spy, "record", "--format", "raw", "--rate", "250", "--nonblocking", "--subprocesses",
+               "-o", str(profile), "--", *cmd]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_ready(base, proc)
@@ -155,7 +161,7 @@ def run_mode(args: argparse.Namespace, mode: str, jpegs: list[bytes], workers: i
             "server_cpu_ms_per_image": round(1000 * (cpu1 - cpu0) / args.requests, 2),
         }
     finally:
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGINT if profile else signal.SIGTERM)  # py-spy writes its file on SIGINT
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
@@ -176,6 +182,8 @@ def main() -> None:
     ap.add_argument("--server-threads", type=int, default=1, help="torch threads of the server's model owner.")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--py-spy", help="Path of a py-spy binary: record the server's stacks while it runs (slows it).")
+    ap.add_argument("--profile-dir", type=Path, default=Path("bench-out/service-profile"))
     args = ap.parse_args()
     jpegs = load_jpegs(args.data, args.where, 512, args.send_size)
     results = [run_mode(args, m, jpegs, int(w)) for w in args.workers.split(",") for m in args.modes.split(",")]

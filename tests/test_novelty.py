@@ -313,6 +313,24 @@ def test_detector_is_stored_reloaded_and_refitted_when_the_model_changes(run):
     assert refit.card["model_sha256"] != card["model_sha256"]
 
 
+def test_cached_tables_are_not_stored_and_a_reloaded_detector_scores_the_same(run):
+    """The per-call caches (reference norms of the kNN search, sorted histogram tail tables) are rebuilt on use, never
+    written to novelty.pt; a detector loaded from the file scores exactly as the one that built them."""
+    (run / NOVELTY_FILE).unlink(missing_ok=True)
+    first = open_detector(run, progress=False)
+    x = torch.rand(5, first.channels, first.image_size, first.image_size, generator=torch.Generator().manual_seed(0))
+    before = first.score_batch(x)
+    assert hasattr(first.scorer, "_ref_sq_norms") and hasattr(first.scorer.density_, "_tail_cache")
+    np.testing.assert_allclose(first.scorer._ref_sq_norms, (first.scorer.reference_ ** 2).sum(1), rtol=1e-12)
+    first.save(run / NOVELTY_FILE, first.card["model_sha256"])
+    stored = torch.load(run / NOVELTY_FILE, weights_only=True)["scorer"]["state"]
+    assert not [k for k in stored if k.startswith("_")]
+    assert not [k for k in stored["density_"]["state"] if k.startswith("_")]
+    after = open_detector(run, progress=False).score_batch(x)
+    np.testing.assert_array_equal(after.novelty, before.novelty)
+    assert after.top_dims == before.top_dims and after.driver == before.driver
+
+
 def test_novelty_file_is_loaded_safely(run, tmp_path):
     class Evil:
         def __reduce__(self):

@@ -347,7 +347,9 @@ _ESTIMATORS: dict[str, type] = {
 
 def _pack(value: Any) -> Any:
     if type(value).__name__ in _ESTIMATORS and isinstance(value, _ESTIMATORS[type(value).__name__]):
-        return {"__estimator__": type(value).__name__, "state": {k: _pack(v) for k, v in vars(value).items()}}
+        # private attributes are caches rebuilt on use (sorted tail tables, reference norms): not stored
+        state = {k: _pack(v) for k, v in vars(value).items() if not k.startswith("_")}
+        return {"__estimator__": type(value).__name__, "state": state}
     if isinstance(value, np.ndarray):
         return {"__ndarray__": torch.from_numpy(np.ascontiguousarray(value).copy())}
     if isinstance(value, np.generic):

@@ -158,13 +158,18 @@ class LatentHistogramDensity(OutlierMixin, BaseEstimator):
         """
         idx = self._transform_bins(Z)
         out = np.empty(idx.shape, dtype=np.float64)
-        for j in range(idx.shape[1]):
-            p = self.probs_[j]
-            order = np.sort(p)
-            cum = np.cumsum(order)
+        for j, (order, cum) in enumerate(self._tail_tables()):
             # mass of bins with probability <= p[bin]
-            out[:, j] = cum[np.searchsorted(order, p[idx[:, j]], side="right") - 1]
+            out[:, j] = cum[np.searchsorted(order, self.probs_[j][idx[:, j]], side="right") - 1]
         return out
+
+    def _tail_tables(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per dimension, the bins' probabilities sorted and their running sum: computed once, not per call."""
+        key = id(self.probs_)  # refitting replaces probs_
+        if getattr(self, "_tail_key", None) != key:
+            self._tail_cache = [(np.sort(p), np.cumsum(np.sort(p))) for p in self.probs_]
+            self._tail_key = key
+        return self._tail_cache
 
     # -- internals -------------------------------------------------------------------------------------------------
     def _check_params(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 
 import torch
@@ -27,9 +28,11 @@ PRECISIONS = ("auto", "fp32", "bf16")
 _precision = "auto"  # set once per process by the CLI (--precision) or by set_precision()
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively (AMX or AVX-512-BF16), read from /proc/cpuinfo (Linux only; other
-    systems report False, so ``auto`` keeps them on float32)."""
+    systems report False, so ``auto`` keeps them on float32). Read once per process: every model call asks (the
+    service's single-image batches spent 0.4 ms a call reading the file)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
