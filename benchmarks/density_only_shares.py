@@ -15,6 +15,10 @@ Weightings, each within every class (the label is read; no group column is):
 - with ``--vae``: kNN inverse density in a separately trained beta-VAE's posterior means, and the paper's
   per-dimension histogram product there (whitened, ESS 0.25);
 - for reference, the first model's errors alone (JTT's error set, an error signal).
+
+With ``--k-grid`` (session 9): instead, the kNN weighting at k = 20, 100, 300 and 400 and at `rarity`'s default
+(5 % of each class's rows), each at ESS 0.25 and 0.1, and the two-sided (typicality) variant at k = 20: a row
+whose density is *higher* than usual for its class counts as rare too.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from debias.data.splits import validation_split
 from debias.data.tensors import ImageTensor
 from debias.density.estimators import KNNDensity, LatentHistogramDensity
 from debias.training.classifier import load_classifier, predict_proba
-from debias.training.sampling import ClassRarity, encode_features
+from debias.training.sampling import ClassRarity, encode_features, neighbours_for_class
 from debias.training.vae import encode_labels
 
 
@@ -51,12 +55,45 @@ def cluster_balanced(X: np.ndarray, y: np.ndarray, K: int) -> np.ndarray:
     return w
 
 
+class TwoSided:
+    """A kNN density whose rarity is the distance of a row's log density from its class's median, either way (robust
+    z): too dense counts as much as too sparse (the typicality view of Nalisnick et al. 2019)."""
+
+    def __init__(self, k: int) -> None:
+        self.density = KNNDensity(k, 32)
+
+    def fit(self, X: np.ndarray) -> "TwoSided":
+        fitted = self.density.fit(X).score_fitted()
+        self.median_ = np.median(fitted)
+        self.scale_ = 1.4826 * np.median(np.abs(fitted - self.median_)) + 1e-9
+        return self
+
+    def score_fitted(self) -> np.ndarray:
+        return -np.abs(self.density.score_fitted() - self.median_) / self.scale_
+
+    def score_samples(self, X: np.ndarray) -> np.ndarray:
+        return -np.abs(self.density.score_samples(X) - self.median_) / self.scale_
+
+
+def k_grid(feats: np.ndarray, yf: np.ndarray, groups: np.ndarray) -> dict[str, dict[str, float]]:
+    rows: dict[str, dict[str, float]] = {"uniform (ERM)": shares(np.ones(len(yf)), groups)}
+    for k in (20, 100, 300, 400, None):
+        for ess in (0.25, 0.1):
+            name = f"kNN, k {k}" if k else "kNN, k = 5 % of the class (`rarity`'s default)"
+            w = ClassRarity(lambda n, k=k: KNNDensity(k or neighbours_for_class(n), 32), target_ess=ess).fit(feats, yf)
+            rows[f"{name}, ESS {ess}"] = shares(w.weights_, groups)
+    w = ClassRarity(lambda n: TwoSided(20), target_ess=0.25).fit(feats, yf).weights_
+    rows["two-sided kNN (too dense is rare too), k 20, ESS 0.25"] = shares(w, groups)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--protocol", type=Path, required=True, help="folder with the protocol's manifest.csv")
     ap.add_argument("--first-model", type=Path, required=True)
     ap.add_argument("--vae", type=Path, default=None, help="a `debias train` run on the protocol's training rows")
     ap.add_argument("--seed", type=int, default=0, help="the seed of the run (its validation split)")
+    ap.add_argument("--k-grid", action="store_true", help="the neighbourhood-size screen of session 9 instead")
     args = ap.parse_args()
 
     model, ckpt = load_classifier(args.first_model)
@@ -68,6 +105,9 @@ def main() -> None:
     images = ImageTensor(data, fit)
     feats = encode_features(model, images.batch, len(fit))
     probs = predict_proba(model, images)
+    if args.k_grid:
+        print_table(k_grid(feats, yf, groups))
+        return
     rows: dict[str, dict[str, float]] = {"uniform (ERM)": shares(np.ones(len(fit)), groups)}
     for ess in (0.5, 0.25, 0.1):
         w = ClassRarity(lambda n: KNNDensity(20, 32), target_ess=ess).fit(feats, yf).weights_
@@ -93,6 +133,10 @@ def main() -> None:
     errors = (probs.argmax(1) != yf).astype(float)
     rows["reference: the first model's errors (an error signal)"] = shares(errors, groups)
 
+    print_table(rows)
+
+
+def print_table(rows: dict[str, dict[str, float]]) -> None:
     names = sorted(next(iter(rows.values())))
     print("| weighting | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))

@@ -32,7 +32,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MODES = {"on": ["--max-batch-size", "64", "--max-wait-ms", "2"], "off": ["--max-batch-size", "1", "--max-wait-ms", "0"]}
+MODES = {"on": ["--max-batch-size", "64", "--max-wait-ms", "2"], "off": ["--max-batch-size", "1", "--max-wait-ms", "0"],
+         # batching with a longer wait: fewer, larger model calls when the event loop is the bottleneck
+         "on-wait10": ["--max-batch-size", "64", "--max-wait-ms", "10"]}
 
 
 def free_port() -> int:
@@ -126,7 +128,7 @@ def run_mode(args: argparse.Namespace, mode: str, jpegs: list[bytes], workers: i
         profile = args.profile_dir / f"server-{mode}-w{workers}-{port}.txt"
         profile.parent.mkdir(parents=True, exist_ok=True)
         cmd = [args.py_spy, "record", "--format", "raw", "--rate", "250", "--nonblocking", "--subprocesses",
-               "-o", str(profile), "--", *cmd]
+               *(["--gil"] if args.profile_gil else []), "-o", str(profile), "--", *cmd]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_ready(base, proc)
@@ -184,6 +186,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--py-spy", help="Path of a py-spy binary: record the server's stacks while it runs (slows it).")
     ap.add_argument("--profile-dir", type=Path, default=Path("bench-out/service-profile"))
+    ap.add_argument("--profile-gil", action="store_true",
+                    help="py-spy samples only the thread holding the GIL: Python work, without idle waits")
     args = ap.parse_args()
     jpegs = load_jpegs(args.data, args.where, 512, args.send_size)
     results = [run_mode(args, m, jpegs, int(w)) for w in args.workers.split(",") for m in args.modes.split(",")]

@@ -63,6 +63,10 @@ class ScoringEngine:
         self.batcher: MicroBatcher | None = None
         self.gpu_jpeg = False
         self.recent: deque[float] = deque(maxlen=settings.drift_window)
+        # the novel flags of the same window and their count: the gauge is updated per request in O(images), not
+        # by re-deciding the whole window (which cost 1.5 % of the server's Python time at 64 clients)
+        self._recent_novel: deque[bool] = deque(maxlen=settings.drift_window)
+        self._novel_in_window = 0
         self.decode_budget = PixelBudget(settings.decode_budget_pixels)
         self.decode_pool = DecodePool(settings.decode_threads)
         self._loader = threading.Thread(target=self._load, name="debias-loader", daemon=True)
@@ -186,9 +190,14 @@ class ScoringEngine:
             res = await self.batcher.submit(_Payload(images, keep_recon), len(images))
         self.metrics.images.inc(len(res))
         self.metrics.novel.inc(int(res.is_novel.sum()))
-        self.recent.extend(res.novelty.tolist())
-        if self.recent and self.detector is not None:
-            self.metrics.novel_fraction.set(float(self.detector.calibrator.is_novel(np.fromiter(self.recent, float)).mean()))
+        for value, novel in zip(res.novelty.tolist(), res.is_novel.tolist()):
+            if len(self._recent_novel) == self._recent_novel.maxlen:
+                self._novel_in_window -= self._recent_novel[0]  # the flag the append below pushes out
+            self.recent.append(value)
+            self._recent_novel.append(bool(novel))
+            self._novel_in_window += bool(novel)
+        if self.recent:
+            self.metrics.novel_fraction.set(self._novel_in_window / len(self.recent))
         return res
 
     def drift(self) -> dict[str, Any]:

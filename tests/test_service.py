@@ -179,6 +179,31 @@ def test_metrics_and_drift(client):
     assert 0 <= drift["fraction_novel"] <= 1 and 0 <= drift["ks_p_value"] <= 1
 
 
+def test_novel_fraction_gauge_counts_the_drift_window_only(tmp_path):
+    """The /metrics gauge is kept by counting flags in and out of the window (O(images) per request); it must equal
+    the fraction of novel images among the last ``drift_window`` scored, as /v1/drift computes it."""
+    import asyncio
+
+    from debias.density.detector import NoveltyResults
+    from debias.service.engine import ScoringEngine
+    from debias.service.prometheus_metrics import ServiceMetrics
+
+    async def submit(payload, n):  # stands in for the model: the "images" are novelty values, novel when > 0
+        v = np.asarray(payload.images, dtype=float)
+        return NoveltyResults(novelty=v, p_value=np.where(v > 0, 0.01, 0.5), is_novel=v > 0, rarity=v,
+                              recon_error=v, top_dims=[[] for _ in v])
+
+    metrics = ServiceMetrics()
+    engine = ScoringEngine(Settings(model_dir=tmp_path, drift_window=3), metrics, submit)
+    sent: list[float] = []
+    for batch in ([1.0], [-1.0, 2.0], [-1.0], [-1.0, -2.0, 3.0], [4.0, 5.0]):
+        asyncio.run(engine.score(batch))
+        sent += batch
+        window = sent[-3:]
+        assert metrics.novel_fraction._value.get() == pytest.approx(np.mean(np.array(window) > 0))
+        assert list(engine.recent) == window
+
+
 def test_api_key(run, monkeypatch):
     monkeypatch.setenv("DEBIAS_API_KEY", "s3cret-key")
     app = create_app(Settings(model_dir=run, device="cpu"))  # the key comes from the environment
