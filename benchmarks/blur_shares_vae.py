@@ -55,7 +55,7 @@ for proto in sys.argv[1].split(","):
     rows = {"uniform": np.ones(len(yf))}
     for name, X in spaces.items():
         for e in (0.25, 0.1):
-            rows[f"knn {name} ess{e}"] = ClassRarity(lambda n: KNNDensity(20, None), target_ess=e).fit(X, yf).weights_
+            rows[f"knn {name} ess{e}"] = ClassRarity(lambda n_rows: KNNDensity(20, None), target_ess=e).fit(X, yf).weights_
         for K in (2, 4, 8):
             rows[f"kbal {name} K{K}"] = cluster_bal(X, yf, K)
         for K in (8, 16):

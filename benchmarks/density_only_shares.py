@@ -80,9 +80,9 @@ def k_grid(feats: np.ndarray, yf: np.ndarray, groups: np.ndarray) -> dict[str, d
     for k in (20, 100, 300, 400, None):
         for ess in (0.25, 0.1):
             name = f"kNN, k {k}" if k else "kNN, k = 5 % of the class (`rarity`'s default)"
-            w = ClassRarity(lambda n, k=k: KNNDensity(k or neighbours_for_class(n), 32), target_ess=ess).fit(feats, yf)
+            w = ClassRarity(lambda n_rows, k=k: KNNDensity(k or neighbours_for_class(n_rows), 32), target_ess=ess).fit(feats, yf)
             rows[f"{name}, ESS {ess}"] = shares(w.weights_, groups)
-    w = ClassRarity(lambda n: TwoSided(20), target_ess=0.25).fit(feats, yf).weights_
+    w = ClassRarity(lambda n_rows: TwoSided(20), target_ess=0.25).fit(feats, yf).weights_
     rows["two-sided kNN (too dense is rare too), k 20, ESS 0.25"] = shares(w, groups)
     return rows
 
@@ -110,12 +110,12 @@ def main() -> None:
         return
     rows: dict[str, dict[str, float]] = {"uniform (ERM)": shares(np.ones(len(fit)), groups)}
     for ess in (0.5, 0.25, 0.1):
-        w = ClassRarity(lambda n: KNNDensity(20, 32), target_ess=ess).fit(feats, yf).weights_
+        w = ClassRarity(lambda n_rows: KNNDensity(20, 32), target_ess=ess).fit(feats, yf).weights_
         rows[f"kNN in first-model features, ESS {ess}"] = shares(w, groups)
     for K in (2, 4, 8, 16):
         rows[f"k-means cluster balancing, K {K}"] = shares(cluster_balanced(feats, yf, K), groups)
     logits = np.log(np.clip(probs, 1e-12, 1.0))
-    w = ClassRarity(lambda n: KNNDensity(20, None), target_ess=0.25).fit(logits, yf).weights_
+    w = ClassRarity(lambda n_rows: KNNDensity(20, None), target_ess=0.25).fit(logits, yf).weights_
     rows["kNN in first-model log-probabilities, ESS 0.25"] = shares(w, groups)
     if args.vae:
         from debias.density.encoding import encode_images
@@ -123,7 +123,7 @@ def main() -> None:
 
         vae, _ = load_model(args.vae)
         mu = encode_images(vae, data, progress=False).mu[fit]
-        w = ClassRarity(lambda n: KNNDensity(20, None), target_ess=0.25).fit(mu, yf).weights_
+        w = ClassRarity(lambda n_rows: KNNDensity(20, None), target_ess=0.25).fit(mu, yf).weights_
         rows["kNN in a beta-VAE's latents, ESS 0.25"] = shares(w, groups)
         w = np.zeros(len(fit))
         for k in np.unique(yf):

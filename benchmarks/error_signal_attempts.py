@@ -144,7 +144,7 @@ def main() -> None:
                     w, w_val = est.weights_, est.weights(feats_val, y[val])
                 else:
                     feats, feats_val = encode_features(first.model, tr.batch, len(tr)), encode_features(first.model, va.batch, len(va))
-                    est = ClassRarity(lambda n: KNNDensity(n_neighbors=20, n_components=32), target_ess=0.25).fit(feats, y[fit])
+                    est = ClassRarity(lambda n_rows: KNNDensity(n_neighbors=20, n_components=32), target_ess=0.25).fit(feats, y[fit])
                     w, w_val = est.weights_, est.weights(feats_val, y[val])
                 if args.attempt == "bias-only":
                     scheme = Fixed("bias-only", w)

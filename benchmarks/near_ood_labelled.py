@@ -41,7 +41,13 @@ from near_ood import case_data  # noqa: E402
 
 from debias.data.splits import calibration_split  # noqa: E402
 from debias.models import VAEConfig  # noqa: E402
-from debias.training.vae import DataDescription, TrainConfig, encode_labels, load_model, train_vae  # noqa: E402
+from debias.training.vae import (  # noqa: E402
+    DataDescription,
+    TrainConfig,
+    encode_labels,
+    load_model,
+    train_vae,
+)
 
 
 @torch.inference_mode()

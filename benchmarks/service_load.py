@@ -160,7 +160,8 @@ def run_mode(args: argparse.Namespace, mode: str, jpegs: list[bytes], workers: i
             "p50_ms": round(statistics.median(lat_ms), 1),
             "p99_ms": round(lat_ms[min(len(lat_ms) - 1, int(0.99 * len(lat_ms)))], 1),
             "mean_batch_size": round(imgs / batches, 2) if batches else None,
-            "server_cpu_ms_per_image": round(1000 * (cpu1 - cpu0) / args.requests, 2),
+            # under py-spy the pid is the profiler's, whose CPU is not the server's: no figure then
+            "server_cpu_ms_per_image": None if profile else round(1000 * (cpu1 - cpu0) / args.requests, 2),
         }
     finally:
         proc.send_signal(signal.SIGINT if profile else signal.SIGTERM)  # py-spy writes its file on SIGINT

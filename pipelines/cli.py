@@ -589,7 +589,7 @@ _ClsRarityEss = Annotated[
 ]
 _ClsRarityK = Annotated[Optional[int], typer.Option(
     min=1, help="rarity: neighbours of the kNN density. Default: 5 % of each class's rows (at least 20), so that a "
-    "group smaller than that reads as sparse.")]
+    "group up to about that size reads as sparse.")]
 _ClsRarityDims = Annotated[
     int, typer.Option(min=1, help="cluster-errors (and auto's), rarity: leading principal axes of the first model's "
                       "features.")

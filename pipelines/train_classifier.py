@@ -128,7 +128,7 @@ class ClassifierJob:
     jtt_upweight: float | str = "auto"  # lambda_up, or "auto": (1 - error rate) / error rate
     # auto, cluster-errors, lff, rarity: weights from a first model trained for stage1_epochs
     stage1_epochs: int = 4
-    stage1_loss: str | None = None  # "ce" or "gce" (bias-amplified, LfF's); None: gce for auto and lff, else ce
+    stage1_loss: str | None = None  # "ce" or "gce" (bias-amplified, LfF's); None: gce for auto, lff, rarity, else ce
     clusters: int = 8  # cluster-errors (and auto's fallback): k-means clusters per class
     auto_gate: float = 0.35  # auto: lff when the biased first model's weights have an ESS at most this fraction
     rarity_ess: float = 0.1  # rarity: effective sample size of the weights within each class, as a fraction
@@ -221,7 +221,8 @@ def _run_train_classifier(job: ClassifierJob, ctx: DistContext) -> ClassifierRes
         raise DebiasError(f"--stage1-loss must be ce or gce, got {job.stage1_loss!r}")
     if not 0 < job.auto_gate <= 1:
         raise DebiasError(f"--auto-gate must be in (0, 1], got {job.auto_gate}")
-    if min(job.stage1_epochs, job.clusters, job.rarity_k or 1, job.rarity_dims) < 1 or not 0 < job.rarity_ess <= 1:
+    k = 1 if job.rarity_k is None else job.rarity_k
+    if min(job.stage1_epochs, job.clusters, k, job.rarity_dims) < 1 or not 0 < job.rarity_ess <= 1:
         raise DebiasError("--stage1-epochs, --clusters, --rarity-k and --rarity-dims must be >= 1, --rarity-ess in (0, 1]")
     if job.out.joinpath("metrics.json").exists() and not job.resume:
         raise DebiasError(f"{job.out} already holds a finished run; choose another --out")
@@ -542,10 +543,15 @@ def _first_model_weights(
     feats = encode_features(model, train.batch, len(train))
     feats_val = encode_features(model, val.batch, len(val))
     if kind == "rarity":
+        def neighbours(n_rows: int) -> int:
+            return neighbours_for_class(n_rows) if job.rarity_k is None else job.rarity_k
+
         est: Any = ClassRarity(
-            lambda n: KNNDensity(n_neighbors=job.rarity_k or neighbours_for_class(n), n_components=job.rarity_dims),
+            lambda n_rows: KNNDensity(n_neighbors=neighbours(n_rows), n_components=job.rarity_dims),
             target_ess=job.rarity_ess,
         ).fit(feats, y_fit)
+        # the k each class's density used (the default scales with the class): the run can be repeated by hand
+        info["rarity_k"] = {str(c): neighbours(int((y_fit == c).sum())) for c in est.classes_}
     else:
         est = ClusterErrorWeights(job.clusters, job.rarity_dims, seed=job.train.seed).fit(feats, y_fit, errors)
     return kind, est.weights_, est.weights(feats_val, y_val) if len(y_val) else np.zeros(0), info

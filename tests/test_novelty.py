@@ -19,7 +19,12 @@ from typer.testing import CliRunner
 
 from debias.data import ImageSet, load_images
 from debias.density.calibration import ConformalCalibrator, drift_report
-from debias.density.detector import NOVELTY_FILE, fit_detector, open_detector
+from debias.density.detector import (
+    NOVELTY_FILE,
+    file_sha256,
+    fit_detector,
+    open_detector,
+)
 from debias.density.encoding import encode_batch, encode_images
 from debias.density.heatmaps import heatmap_png
 from debias.density.novelty import (
@@ -313,7 +318,7 @@ def test_detector_is_stored_reloaded_and_refitted_when_the_model_changes(run):
     assert refit.card["model_sha256"] != card["model_sha256"]
 
 
-def test_cached_tables_are_not_stored_and_a_reloaded_detector_scores_the_same(run):
+def test_cached_tables_are_not_stored_and_a_reloaded_detector_scores_the_same(run, monkeypatch):
     """The per-call caches (reference norms of the kNN search, sorted histogram tail tables) are rebuilt on use, never
     written to novelty.pt; a detector loaded from the file scores exactly as the one that built them."""
     (run / NOVELTY_FILE).unlink(missing_ok=True)
@@ -322,13 +327,29 @@ def test_cached_tables_are_not_stored_and_a_reloaded_detector_scores_the_same(ru
     before = first.score_batch(x)
     assert hasattr(first.scorer, "_ref_sq_norms") and hasattr(first.scorer.density_, "_tail_cache")
     np.testing.assert_allclose(first.scorer._ref_sq_norms, (first.scorer.reference_ ** 2).sum(1), rtol=1e-12)
-    first.save(run / NOVELTY_FILE, first.card["model_sha256"])
+    first.save(run / NOVELTY_FILE, file_sha256(run / "model.pt"))
     stored = torch.load(run / NOVELTY_FILE, weights_only=True)["scorer"]["state"]
     assert not [k for k in stored if k.startswith("_")]
     assert not [k for k in stored["density_"]["state"] if k.startswith("_")]
-    after = open_detector(run, progress=False).score_batch(x)
+    monkeypatch.setattr("debias.density.detector.fit_detector", lambda *a, **k: pytest.fail("refitted, not loaded"))
+    loaded = open_detector(run, progress=False)
+    assert not hasattr(loaded.scorer, "_ref_sq_norms")  # the file held no cache
+    after = loaded.score_batch(x)
     np.testing.assert_array_equal(after.novelty, before.novelty)
     assert after.top_dims == before.top_dims and after.driver == before.driver
+
+
+def test_a_refitted_scorer_does_not_reuse_the_previous_fits_caches():
+    """Refitting replaces the references and the histograms: scores equal those of a fresh fit on the new data, even
+    when the reference count is the same (the norms cache is keyed on the array, not its length)."""
+    a, b = synthetic_features(300, seed=1), synthetic_features(300, seed=2) + 0.5
+    q = synthetic_features(20, seed=3)
+    scorer = NoveltyScorer(statistics=("posterior_knn",), max_reference=100).fit(a)
+    scorer.novelty(q)
+    scorer.density_.per_dim_tail(q[:, :6])  # fills both caches
+    fresh = NoveltyScorer(statistics=("posterior_knn",), max_reference=100).fit(b)
+    np.testing.assert_allclose(scorer.fit(b).novelty(q), fresh.novelty(q), rtol=1e-12)
+    assert scorer.top_dims(q) == fresh.top_dims(q)
 
 
 def test_novelty_file_is_loaded_safely(run, tmp_path):

@@ -158,7 +158,7 @@ def test_class_rarity_upweights_the_rare_mode_of_each_class_and_keeps_class_shar
                    rng.normal(5, 0.3, (95, 2)), rng.normal(0, 0.3, (5, 2))])
     y = np.r_[np.zeros(200), np.ones(100)].astype(int)
     rare = np.r_[np.zeros(190), np.ones(10), np.zeros(95), np.ones(5)].astype(bool)
-    est = ClassRarity(lambda n: KNNDensity(n_neighbors=5, n_components=None), target_ess=0.5).fit(X, y)
+    est = ClassRarity(lambda n_rows: KNNDensity(n_neighbors=5, n_components=None), target_ess=0.5).fit(X, y)
     w = est.weights_
     assert w.sum() == pytest.approx(1.0)
     assert w[y == 0].sum() == pytest.approx(2 / 3) and w[y == 1].sum() == pytest.approx(1 / 3)  # class shares kept
@@ -182,8 +182,8 @@ def test_rarity_bandwidth_grows_with_the_class_so_a_tight_rare_group_reads_as_sp
     X = np.vstack([rng.normal(0, 1.0, (1920, 2)), rng.normal(4, 0.05, (80, 2))])  # 4 % tight group at (4, 4)
     y = np.zeros(2000, dtype=int)
     rare = np.r_[np.zeros(1920), np.ones(80)].astype(bool)
-    small = ClassRarity(lambda n: KNNDensity(n_neighbors=5, n_components=None), target_ess=0.5).fit(X, y).weights_
-    scaled = ClassRarity(lambda n: KNNDensity(neighbours_for_class(n), n_components=None), target_ess=0.5).fit(X, y)
+    small = ClassRarity(lambda n_rows: KNNDensity(n_neighbors=5, n_components=None), target_ess=0.5).fit(X, y).weights_
+    scaled = ClassRarity(lambda n_rows: KNNDensity(neighbours_for_class(n_rows), n_components=None), target_ess=0.5).fit(X, y)
     assert small[rare].sum() < rare.mean()  # k = 5: the tight group looks dense and loses draws
     assert scaled.weights_[rare].sum() > 3 * rare.mean()  # k = 100 > 80: its k-th neighbours are far away
 

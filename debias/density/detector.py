@@ -345,10 +345,14 @@ _ESTIMATORS: dict[str, type] = {
 }
 
 
+#: Attributes that are caches rebuilt on first use (the kNN search's reference norms, the histogram tail tables):
+#: derived from the fitted state, so never stored.
+_CACHES = frozenset({"_ref_sq_norms", "_ref_sq_norms_of", "_tail_cache", "_tail_cache_of"})
+
+
 def _pack(value: Any) -> Any:
     if type(value).__name__ in _ESTIMATORS and isinstance(value, _ESTIMATORS[type(value).__name__]):
-        # private attributes are caches rebuilt on use (sorted tail tables, reference norms): not stored
-        state = {k: _pack(v) for k, v in vars(value).items() if not k.startswith("_")}
+        state = {k: _pack(v) for k, v in vars(value).items() if k not in _CACHES}
         return {"__estimator__": type(value).__name__, "state": state}
     if isinstance(value, np.ndarray):
         return {"__ndarray__": torch.from_numpy(np.ascontiguousarray(value).copy())}

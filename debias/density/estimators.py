@@ -165,10 +165,9 @@ class LatentHistogramDensity(OutlierMixin, BaseEstimator):
 
     def _tail_tables(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per dimension, the bins' probabilities sorted and their running sum: computed once, not per call."""
-        key = id(self.probs_)  # refitting replaces probs_
-        if getattr(self, "_tail_key", None) != key:
-            self._tail_cache = [(np.sort(p), np.cumsum(np.sort(p))) for p in self.probs_]
-            self._tail_key = key
+        if getattr(self, "_tail_cache_of", None) is not self.probs_:  # refitting replaces probs_
+            self._tail_cache = [(order, np.cumsum(order)) for order in (np.sort(p) for p in self.probs_)]
+            self._tail_cache_of = self.probs_
         return self._tail_cache
 
     # -- internals -------------------------------------------------------------------------------------------------

@@ -321,10 +321,10 @@ class NoveltyScorer(OutlierMixin, BaseEstimator):
     def _reference_sq_norms(self) -> np.ndarray:
         """|r|^2 of every reference row, computed on first use and kept (not stored: a cache, rebuilt after loading).
         Recomputing it over 20,000 references was a third of the cost of scoring one image."""
-        norms = getattr(self, "_ref_sq_norms", None)
-        if norms is None or len(norms) != len(self.reference_):
-            norms = self._ref_sq_norms = np.einsum("ij,ij->i", self.reference_, self.reference_)
-        return norms
+        if getattr(self, "_ref_sq_norms_of", None) is not self.reference_:  # a refit replaces reference_
+            self._ref_sq_norms = np.einsum("ij,ij->i", self.reference_, self.reference_)
+            self._ref_sq_norms_of = self.reference_
+        return self._ref_sq_norms
 
     def score_samples(self, X: np.ndarray) -> np.ndarray:
         """Typicality of each row, higher = more normal (minus :meth:`novelty`)."""

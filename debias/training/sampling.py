@@ -222,8 +222,9 @@ def neighbours_for_class(n_rows: int, share: float = NEIGHBOURS_SHARE, minimum: 
 
     Inverse density equalises volume, not groups: with a small k, a cue-conflicting group of a few hundred rows is its
     own dense neighbourhood and keeps its small share of the draws (issue 12, "Why sampling by density alone falls
-    short"). When k exceeds the group's size, the k-th neighbour of its rows lies in the majority of the class, far
-    away, so the whole group reads as sparse. 5 % of the class covers the groups a shortcut leaves rare."""
+    short"). Once k reaches the group's size, the k-th neighbours of its rows lie in the majority of the class, far
+    away, and the whole group reads as sparse. Groups up to about 5 % of their class are seen this way; a larger
+    group stays its own neighbourhood (set k by hand then)."""
     return max(1, min(max(minimum, int(round(share * n_rows))), n_rows - 1))
 
 
@@ -235,9 +236,11 @@ class ClassRarity:
     is common in the data as a whole (most female faces are warm) and rare among the male faces. With one density
     over all classes it looks typical (issue 12, cause 2). The label is the training label; no group column is read.
 
-    ``density``: a factory called with the class's number of rows (so that a bandwidth can scale with the class) that
-    returns an estimator with ``fit``, ``score_fitted`` (the fitted rows, leave-one-out) and ``score_samples`` (new
-    rows), e.g. ``lambda n: KNNDensity(neighbours_for_class(n))`` (:class:`debias.density.estimators.KNNDensity`).
+    ``density``: a factory called as ``density(n_rows=...)`` with the class's number of rows (so that a bandwidth can
+    scale with the class; a keyword, so that a factory that does not expect it fails loudly instead of taking it as
+    its first parameter) that returns an estimator with ``fit``, ``score_fitted`` (the fitted rows, leave-one-out)
+    and ``score_samples`` (new rows), e.g. ``lambda n_rows: KNNDensity(neighbours_for_class(n_rows))``
+    (:class:`debias.density.estimators.KNNDensity`).
     """
 
     def __init__(self, density: Callable[[int], Any], target_ess: float = 0.25) -> None:
@@ -255,7 +258,7 @@ class ClassRarity:
         self.rarity_ = np.zeros(len(y))
         for k in self.classes_:
             rows = np.flatnonzero(y == k)
-            est = self.density(len(rows)).fit(X[rows])
+            est = self.density(n_rows=len(rows)).fit(X[rows])
             rarity = -est.score_fitted()
             self.estimators_[k] = est
             self.temperatures_[k] = temperature_for_ess(rarity, self.target_ess) if len(rows) > 1 else 0.0
