@@ -35,8 +35,9 @@ METHOD_BLURBS = {
     "in the jointly trained latent space.",
     "two-stage": "Fixed weights from an earlier audit.",
     "jtt": "Just Train Twice (Liu et al. 2021): the rows a first model got wrong are drawn more often.",
-    "rarity": "Inverse density within each class in the feature space of a first (ERM) model: rows that are rare "
-    "for their class are drawn more often. No error signal.",
+    "rarity": "Inverse density within each class in the feature space of a first, bias-amplified (GCE) model, with a "
+    "neighbourhood of 5 % of the class's rows: rows that are rare for their class are drawn more often. No error "
+    "signal.",
     "cluster-errors": "Each class's rows are clustered in a first model's features; a cluster is drawn more often "
     "the more of its rows the first model got wrong, in proportion to its error rate (half of each class's draws stay "
     "as in the data).",
