@@ -213,7 +213,7 @@ class DBVAEAdaptive:
         return w, {**_info(w, self.n), **info, "encode_s": t1 - t0, "fit_s": t2 - t1}
 
 
-#: rarity's default kNN bandwidth: a group smaller than this share of its class cannot be its own neighbourhood
+#: rarity's default kNN bandwidth, as a share of the class: groups up to about this share of their class read as sparse
 NEIGHBOURS_SHARE = 0.05
 
 
