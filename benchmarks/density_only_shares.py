@@ -104,10 +104,10 @@ def main() -> None:
     yf, groups = y[fit], data.table["group"].to_numpy()[fit]
     images = ImageTensor(data, fit)
     feats = encode_features(model, images.batch, len(fit))
-    probs = predict_proba(model, images)
     if args.k_grid:
         print_table(k_grid(feats, yf, groups))
         return
+    probs = predict_proba(model, images)
     rows: dict[str, dict[str, float]] = {"uniform (ERM)": shares(np.ones(len(fit)), groups)}
     for ess in (0.5, 0.25, 0.1):
         w = ClassRarity(lambda n_rows: KNNDensity(20, 32), target_ess=ess).fit(feats, yf).weights_

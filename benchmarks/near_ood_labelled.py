@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.special import logsumexp
+from scipy.special import logsumexp, softmax
 from sklearn.decomposition import PCA
 from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import NearestNeighbors
@@ -100,12 +100,7 @@ def main() -> None:
         truth = np.r_[np.zeros(len(f_in)), np.ones(len(f_ood))]
         closed = float((l_in.argmax(1) == encode_labels(inn.table["label"], classes)[0]).mean())
         stats: dict[str, np.ndarray] = {}
-
-        def softmax(a: np.ndarray) -> np.ndarray:
-            e = np.exp(a - a.max(1, keepdims=True))
-            return e / e.sum(1, keepdims=True)
-
-        stats["msp"] = -np.r_[softmax(l_in).max(1), softmax(l_ood).max(1)]
+        stats["msp"] = -np.r_[softmax(l_in, axis=1).max(1), softmax(l_ood, axis=1).max(1)]
         stats["energy"] = -np.r_[logsumexp(l_in, 1), logsumexp(l_ood, 1)]
         for k in (1, 10, 50):
             stats[f"featknn{k}"] = kth_distance(unit(f_fit), [unit(f_in), unit(f_ood)], k)

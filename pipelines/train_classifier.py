@@ -543,15 +543,15 @@ def _first_model_weights(
     feats = encode_features(model, train.batch, len(train))
     feats_val = encode_features(model, val.batch, len(val))
     if kind == "rarity":
-        def neighbours(n_rows: int) -> int:
-            return neighbours_for_class(n_rows) if job.rarity_k is None else job.rarity_k
-
         est: Any = ClassRarity(
-            lambda n_rows: KNNDensity(n_neighbors=neighbours(n_rows), n_components=job.rarity_dims),
+            lambda n_rows: KNNDensity(
+                n_neighbors=neighbours_for_class(n_rows) if job.rarity_k is None else job.rarity_k,
+                n_components=job.rarity_dims,
+            ),
             target_ess=job.rarity_ess,
         ).fit(feats, y_fit)
-        # the k each class's density used (the default scales with the class): the run can be repeated by hand
-        info["rarity_k"] = {str(c): neighbours(int((y_fit == c).sum())) for c in est.classes_}
+        # the k each class's density used, by class index (the default scales with the class): repeatable by hand
+        info["rarity_k"] = {str(c): int(d.n_neighbors) for c, d in est.estimators_.items()}
     else:
         est = ClusterErrorWeights(job.clusters, job.rarity_dims, seed=job.train.seed).fit(feats, y_fit, errors)
     return kind, est.weights_, est.weights(feats_val, y_val) if len(y_val) else np.zeros(0), info

@@ -195,6 +195,9 @@ def test_first_model_methods_run_end_to_end_with_weighted_selection(tmp_path, me
     assert (tmp_path / method / "stage1" / "classifier.pt").is_file()
     assert m["config"]["method_options"]["weighted_selection"] is True
     assert m["config"]["method_options"]["stage1_loss"] == ("gce" if method in ("lff", "rarity") else "ce")
+    if method == "rarity":  # the k each class's density used is recorded (the default scales with the class)
+        ks = m["first_model"]["rarity_k"]  # by class index, as in `classes`
+        assert set(ks) == {str(i) for i in range(len(m["classes"]))} and min(ks.values()) >= 1
     val = [h["val_accuracy"] for h in m["history"]]
     assert m["selected_epoch"] == int(np.argmax(val)) + 1
     assert all(h["ess_fraction"] < 1.0 for h in m["history"])  # the draws are weighted, not uniform
