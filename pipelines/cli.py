@@ -6,7 +6,7 @@ the library never imports the pipelines at module level.
 Conventions, the same for every command:
 
 - **Choices are Enums** (``--device``, ``--precision``, ``--engine``, ``--estimator``, ``--combine``, ``--dims``,
-  ``--select``, ``--stage1-loss``, ``--method``, ``--log-level``): ``--help`` lists the allowed values and any other
+  ``--select``, ``--stage1-loss``, ``--stage1-encoder``, ``--method``, ``--log-level``): ``--help`` lists the allowed values and any other
   value is refused with a one-line ``error: --OPTION must be one of ..., got '...'`` and exit code 2. The values
   repeat the library's constants (``PRECISIONS``, ``RARITY_ESTIMATORS``, ``train_classifier.METHODS``, ...) so that
   this module does not import torch for ``--help``; tests/test_cli.py checks that they agree. The command receives
@@ -103,6 +103,13 @@ class Select(str, Enum):
 
     best = "best"
     last = "last"
+
+
+class Stage1Encoder(str, Enum):
+    """The first model's encoder: debias.models.vae.ENCODERS."""
+
+    conv = "conv"
+    local = "local"
 
 
 class Stage1Loss(str, Enum):
@@ -579,6 +586,12 @@ _ClsStage1Loss = Annotated[
     typer.Option(callback=_plain, help="auto, cluster-errors, lff, rarity: the first model's loss, ce or gce "
                  "(bias-amplified, as in LfF). Default: gce for auto, lff and rarity, ce for the others."),
 ]
+_ClsStage1Encoder = Annotated[
+    Optional[Stage1Encoder],
+    typer.Option(callback=_plain, help="auto, cluster-errors, lff, rarity: the first model's encoder, conv (the "
+                 "classifier's own) or local (5-px receptive field: sees colour, texture and blur, not the layout). "
+                 "Default: local for auto and lff, conv for the others."),
+]
 _ClsClusters = Annotated[int, typer.Option(min=1, help="cluster-errors (and auto without a shortcut): k-means clusters "
                                             "per class.")]
 _ClsAutoGate = Annotated[float, typer.Option(
@@ -661,6 +674,7 @@ def _classifier_job(out: Path, method: str, seed: int, opts: dict) -> object:
         jtt_upweight=_jtt_upweight(opts["jtt_upweight"]),
         stage1_epochs=opts["stage1_epochs"],
         stage1_loss=opts["stage1_loss"],
+        stage1_encoder=opts["stage1_encoder"],
         clusters=opts["clusters"],
         auto_gate=opts["auto_gate"],
         rarity_ess=opts["rarity_ess"],
@@ -735,6 +749,7 @@ def train_classifier(
     jtt_upweight: _ClsJttUp = "auto",
     stage1_epochs: _ClsStage1Epochs = 4,
     stage1_loss: _ClsStage1Loss = None,
+    stage1_encoder: _ClsStage1Encoder = None,
     clusters: _ClsClusters = 8,
     auto_gate: _ClsAutoGate = 0.35,
     rarity_ess: _ClsRarityEss = 0.1,

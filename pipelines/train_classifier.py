@@ -1,11 +1,14 @@
 """`debias train-classifier`: train a label classifier with one of the sampling methods and evaluate it per group.
 
 Methods (``--reweight``):
-    auto       the default. A bias-amplified first model (generalized cross-entropy, ``stage1_epochs``) is trained; if
+    auto       the default. A bias-amplified first model (generalized cross-entropy, ``stage1_epochs``; a
+               small-receptive-field encoder, ``stage1_encoder="local"``, that can learn a colour, texture or blur
+               shortcut but not the layout of the image, :class:`debias.models.ConvVAE`) is trained; if
                its losses concentrate on few rows (the ESS of LfF's first-epoch weights at most ``auto_gate`` × n: an
-               easy cue explains most labels, a shortcut), the second model is trained as ``lff``; otherwise with
-               ``cluster-errors``' weights in the same first model's features, which stay near uniform on data
-               without a shortcut. Label-free: the gate reads the label and the first model only.
+               easy cue explains most labels, a shortcut), the second model is trained as ``lff``; otherwise no
+               shortcut was seen and it is trained plainly, as ``none`` (no label-free method measured here gains
+               anything on such data, and every error signal there costs accuracy). Label-free: the gate reads the
+               label and the first model only.
     cluster-errors  A first model is trained plainly for ``stage1_epochs``; each class's rows are
                clustered in its feature space, and a fresh model is trained on draws ∝ the first model's error rate
                on a row's cluster ÷ the cluster's size (inverse cluster density), half of each class's draws kept as in
@@ -22,8 +25,9 @@ Methods (``--reweight``):
     jtt        Just Train Twice, Liu et al. (ICML 2021): ``jtt_epochs`` of ERM, then a fresh model trained with the
                rows the first one misclassified upsampled ``jtt_upweight`` times.
     lff        Learning from Failure, Nam et al. (NeurIPS 2020): a bias-amplified first model (generalized
-               cross-entropy, ``stage1_epochs``) is frozen; every epoch of the second model draws half of each class's
-               rows ∝ the relative difficulty L_B / (L_B + L_D) (:class:`debias.training.sampling.RelativeDifficulty`).
+               cross-entropy, ``stage1_epochs``, the local encoder as for auto) is frozen; every epoch of the second
+               model draws half of each class's rows ∝ the relative difficulty L_B / (L_B + L_D)
+               (:class:`debias.training.sampling.RelativeDifficulty`).
                Strongest label-free method on the blur protocol, but it upweights hard examples on natural data.
 
 ``oracle`` is a reference, not a method: group-balanced sampling over ``oracle_groups`` (`debias compare
@@ -56,6 +60,7 @@ from debias.density.estimators import KNNDensity
 from debias.density.rarity import DensityOptions
 from debias.errors import DebiasError
 from debias.evaluation.classifier_metrics import CROSS, classification_metrics
+from debias.models.vae import ENCODERS
 from debias.reports.classifier import auto_choice, weight_shares, write_report
 from debias.runtime.checkpoint import atomic_write_table, write_json
 from debias.runtime.distributed import (
@@ -129,7 +134,8 @@ class ClassifierJob:
     # auto, cluster-errors, lff, rarity: weights from a first model trained for stage1_epochs
     stage1_epochs: int = 4
     stage1_loss: str | None = None  # "ce" or "gce" (bias-amplified, LfF's); None: gce for auto, lff, rarity, else ce
-    clusters: int = 8  # cluster-errors (and auto's fallback): k-means clusters per class
+    stage1_encoder: str | None = None  # "conv" or "local" (small receptive field); None: local for auto and lff
+    clusters: int = 8  # cluster-errors: k-means clusters per class
     auto_gate: float = 0.35  # auto: lff when the biased first model's weights have an ESS at most this fraction
     rarity_ess: float = 0.1  # rarity: effective sample size of the weights within each class, as a fraction
     rarity_k: int | None = None  # rarity: neighbours of the kNN density; None: 5 % of each class's rows, at least 20
@@ -219,6 +225,8 @@ def _run_train_classifier(job: ClassifierJob, ctx: DistContext) -> ClassifierRes
         raise DebiasError(f"--jtt-upweight must be 'auto' or a number >= 1, got {job.jtt_upweight!r}")
     if job.stage1_loss not in (None, "ce", "gce"):
         raise DebiasError(f"--stage1-loss must be ce or gce, got {job.stage1_loss!r}")
+    if job.stage1_encoder not in (None, *ENCODERS):
+        raise DebiasError(f"--stage1-encoder must be one of {', '.join(ENCODERS)}, got {job.stage1_encoder!r}")
     if not 0 < job.auto_gate <= 1:
         raise DebiasError(f"--auto-gate must be in (0, 1], got {job.auto_gate}")
     k = 1 if job.rarity_k is None else job.rarity_k
@@ -314,7 +322,7 @@ def _run_train_classifier(job: ClassifierJob, ctx: DistContext) -> ClassifierRes
     elif job.method in FIRST_MODEL_METHODS:
         # A first model (plain, or bias-amplified for auto and lff) trained for a few epochs weighs the rows.
         first = train_classifier(
-            model_config,
+            replace(model_config, encoder=stage1_encoder(job)),
             replace(train_cfg, epochs=job.stage1_epochs, select="last", objective=stage1_loss(job)),
             train_images,
             y_fit,
@@ -338,6 +346,8 @@ def _run_train_classifier(job: ClassifierJob, ctx: DistContext) -> ClassifierRes
             print(auto_choice(info))
         if kind == "lff":  # w: the biased model's losses; the weights are recomputed every epoch from the new model
             scheme = RelativeDifficulty(w, lambda model: row_losses(model, train_images, y_fit), y_fit)
+        elif kind == "none":  # auto saw no shortcut
+            scheme = Uniform(len(fit_rows))
         else:
             scheme = Fixed(job.method, w)
         if job.weighted_selection:
@@ -504,6 +514,7 @@ def _method_options(job: ClassifierJob) -> dict[str, Any]:
         opts = {
             "stage1_epochs": job.stage1_epochs,
             "stage1_loss": stage1_loss(job),
+            "stage1_encoder": stage1_encoder(job),
             "dims": job.rarity_dims,
             "weighted_selection": job.weighted_selection,
         }
@@ -512,18 +523,19 @@ def _method_options(job: ClassifierJob) -> dict[str, Any]:
         if job.method == "lff":
             return {k: v for k, v in opts.items() if k != "dims"}
         if job.method == "auto":
-            return {**opts, "clusters": job.clusters, "auto_gate": job.auto_gate}
+            return {**opts, "auto_gate": job.auto_gate}
         return {**opts, "clusters": job.clusters}
     return {}
 
 
 def _first_model_weights(
     job: ClassifierJob, model: Any, train: ImageTensor, val: ImageTensor, y_fit: np.ndarray, y_val: np.ndarray
-) -> tuple[str, np.ndarray, np.ndarray, dict[str, Any]]:
+) -> tuple[str, np.ndarray, np.ndarray | None, dict[str, Any]]:
     """What the first model gives the second training: (kind, w, w_val, info). kind "lff": w are the biased model's
     losses (the weights follow every epoch); otherwise w are fixed sampling weights. w_val weighs the validation rows
-    for the epoch choice. ``auto`` reads how concentrated the biased model's losses are and picks lff or
-    cluster-errors (:func:`debias.training.sampling.first_epoch_concentration`)."""
+    for the epoch choice (None: plain accuracy). ``auto`` reads how concentrated the biased model's losses are and
+    picks lff or, without a shortcut, plain training, kind "none"
+    (:func:`debias.training.sampling.first_epoch_concentration`)."""
     info: dict[str, Any] = {}
     kind = job.method
     # one pass of the first model over the training rows serves the losses (lff, auto) and the errors (cluster-errors)
@@ -537,7 +549,9 @@ def _first_model_weights(
         if job.method == "auto":
             info["first_epoch_ess"] = first_epoch_concentration(losses, y_fit)
             info["gate"] = job.auto_gate
-            kind = info["chose"] = "lff" if info["first_epoch_ess"] <= job.auto_gate else "cluster-errors"
+            kind = info["chose"] = "lff" if info["first_epoch_ess"] <= job.auto_gate else "none"
+            if kind == "none":  # no shortcut seen: plain training, plain validation accuracy
+                return kind, np.full(len(y_fit), 1.0 / len(y_fit)), None, info
         if kind == "lff":  # validation: half of each class's weight on the rows the biased model gets wrong
             return kind, losses, mix_within_classes(val_errors.astype(np.float64), y_val, 0.5), info
     feats = encode_features(model, train.batch, len(train))
@@ -562,6 +576,13 @@ def stage1_loss(job: ClassifierJob) -> str:
     in which the shortcut is the leading factor, so that the rows without it sit apart) and plain CE for
     cluster-errors."""
     return job.stage1_loss or ("gce" if job.method in ("lff", "auto", "rarity") else "ce")
+
+
+def stage1_encoder(job: ClassifierJob) -> str:
+    """The first model's encoder: as given, else the small-receptive-field one for auto and lff (a model that can
+    learn a colour, texture or sharpness shortcut and not the task, so that its failures are the rows without the
+    shortcut; :class:`debias.models.ConvVAE`) and the classifier's own for the others."""
+    return job.stage1_encoder or ("local" if job.method in ("lff", "auto") else "conv")
 
 
 def _selection_text(job: ClassifierJob, weighted: bool) -> str:

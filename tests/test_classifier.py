@@ -13,6 +13,7 @@ from PIL import Image
 
 from debias.data import BUILTIN_DATASETS
 from debias.errors import DebiasError
+from debias.models import ConvVAE, VAEConfig
 from debias.pipelines.train_classifier import ClassifierJob, run_train_classifier
 from debias.runtime.checkpoint import load_checkpoint
 from debias.training.classifier import ClassifierTrainConfig, load_classifier
@@ -195,6 +196,10 @@ def test_first_model_methods_run_end_to_end_with_weighted_selection(tmp_path, me
     assert (tmp_path / method / "stage1" / "classifier.pt").is_file()
     assert m["config"]["method_options"]["weighted_selection"] is True
     assert m["config"]["method_options"]["stage1_loss"] == ("gce" if method in ("lff", "rarity") else "ce")
+    # LfF's biased model sees 5 px at a time (it can learn the colour, not the shape); the others see the image
+    encoder = "local" if method == "lff" else "conv"
+    assert m["config"]["method_options"]["stage1_encoder"] == encoder
+    assert load_classifier(tmp_path / method / "stage1")[0].config.encoder == encoder
     if method == "rarity":  # the k each class's density used is recorded (the default scales with the class)
         ks = m["first_model"]["rarity_k"]  # by class index, as in `classes`
         assert set(ks) == {str(i) for i in range(len(m["classes"]))} and min(ks.values()) >= 1
@@ -212,18 +217,47 @@ def test_first_model_methods_run_end_to_end_with_weighted_selection(tmp_path, me
     assert "<script" not in html
 
 
-@pytest.mark.parametrize(("gate", "chosen"), [(1.0, "lff"), (1e-6, "cluster-errors")])
-def test_auto_trains_as_lff_below_the_gate_and_as_cluster_errors_above(tmp_path, gate, chosen):
+@pytest.mark.parametrize(("gate", "chosen"), [(1.0, "lff"), (1e-6, "none")])
+def test_auto_trains_as_lff_below_the_gate_and_plainly_above(tmp_path, gate, chosen):
     """The default reads how concentrated the biased first model's losses are (the ESS of LfF's first-epoch weights)
-    and trains the second model either way: LfF's weights change from epoch to epoch, cluster-errors' do not."""
-    res = run_train_classifier(tiny_job(tmp_path / "run", "auto", auto_gate=gate, train=ClassifierTrainConfig(
-        epochs=2, batch_size=64, seed=1, device="cpu")))
+    and trains the second model either way: LfF's weights change from epoch to epoch; without a shortcut the second
+    model is plain training, the very run `none` makes (same seed, same draws, same weights)."""
+    cfg = ClassifierTrainConfig(epochs=2, batch_size=64, seed=1, device="cpu")
+    res = run_train_classifier(tiny_job(tmp_path / "run", "auto", auto_gate=gate, train=cfg))
     first = res.metrics["first_model"]
     assert first["chose"] == chosen and first["gate"] == gate and 0 < first["first_epoch_ess"] <= 1
     ess = [h["ess_fraction"] for h in res.metrics["history"]]
-    assert all(e < 1.0 for e in ess)
-    assert (ess[0] != ess[1]) == (chosen == "lff")
+    if chosen == "lff":
+        assert all(e < 1.0 for e in ess) and ess[0] != ess[1]
+    else:
+        assert ess == [1.0, 1.0]
+        plain = run_train_classifier(tiny_job(tmp_path / "none", "none", train=cfg))
+        for a, b in zip(load_classifier(res.out)[0].state_dict().values(),
+                        load_classifier(plain.out)[0].state_dict().values()):
+            assert torch.equal(a, b)
     assert f"auto chose {chosen}:" in (res.out / "report.html").read_text()
+
+
+def test_the_local_encoder_sees_five_pixels_and_pools_over_the_image():
+    """The first model of auto and lff: a pixel changes the 3x3-then-3x3 feature map only within 2 px of it, the
+    features are each channel's mean and max over the image, and a config without the field loads as the full
+    convolutional encoder (checkpoints written before it existed)."""
+    torch.manual_seed(0)
+    model = ConvVAE(VAEConfig(image_size=32, latent_dim=4, width=8, n_classes=2, encoder="local")).eval()
+    x = torch.rand(1, 3, 32, 32)
+    x2 = x.clone()
+    x2[0, :, 16, 16] += 1.0
+    maps = model.encoder[:-1]  # before the pooling: (1, 16, 16, 16), the second convolution has stride 2
+    changed = (maps(x2) - maps(x)).abs().sum((0, 1)) > 0
+    rows, cols = torch.nonzero(changed, as_tuple=True)
+    assert changed.any() and rows.min() >= 7 and rows.max() <= 9 and cols.min() >= 7 and cols.max() <= 9
+    assert model.features(x).shape == (1, 2 * 16)
+    h = maps(x)
+    assert torch.equal(model.features(x), torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1))
+    assert model.encode(x)[2].shape == (1, 2)
+    assert VAEConfig(**{k: v for k, v in VAEConfig().to_dict().items() if k != "encoder"}).encoder == "conv"
+    with pytest.raises(ValueError, match="encoder must be one of conv, local"):
+        VAEConfig(encoder="bagnet")
 
 
 def test_report_escapes_values_from_the_data(tmp_path):

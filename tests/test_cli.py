@@ -308,6 +308,7 @@ def test_invalid_choices_are_one_line_errors(tmp_path, args, fragment):
 def test_choice_enums_match_the_library():
     """The CLI's Enums repeat library constants (so that --help does not import torch): they must agree."""
     from debias.density.rarity import RARITY_ESTIMATORS
+    from debias.models.vae import ENCODERS
     from debias.pipelines import augment, cli, train_classifier
     from debias.runtime.device import PRECISIONS
     from debias.training.classifier import OBJECTIVES
@@ -318,6 +319,7 @@ def test_choice_enums_match_the_library():
     assert values(cli.Method) == list(train_classifier.METHODS)
     assert values(cli.AugmentMethod) == list(augment.METHODS)
     assert set(values(cli.Stage1Loss)) <= set(OBJECTIVES)
+    assert set(values(cli.Stage1Encoder)) == set(ENCODERS)
     assert parse("train-classifier", "--data", "d", "--label", "l", "--out", "o")["reweight"] == [
         train_classifier.DEFAULT_METHOD
     ]

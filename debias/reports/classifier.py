@@ -43,7 +43,7 @@ METHOD_BLURBS = {
     "as in the data).",
     "lff": "Learning from Failure (Nam et al. 2020): every epoch, the rows a bias-amplified first model fails and the "
     "model being trained gets right are drawn more often (relative difficulty; half of each class's draws stay "
-    "uniform).",
+    "uniform). The first model sees 5 px at a time: it can learn a colour, texture or blur shortcut, not the task.",
     "oracle": "Reference, not a method: group-balanced sampling that reads the group columns.",
 }
 
@@ -56,7 +56,7 @@ def auto_choice(first_model: dict[str, Any]) -> str:
                f"at most the gate {gate:g} n): a shortcut is likely")
     else:
         why = (f"the bias-amplified first model's losses are spread (ESS of its weights {ess:.2f} n, above the gate "
-               f"{gate:g} n): no shortcut seen")
+               f"{gate:g} n): no shortcut seen, so it trains plainly")
     return f"auto chose {first_model['chose']}: {why}."
 
 
