@@ -160,16 +160,16 @@ def test_cli_default_method_is_auto_and_its_options_reach_the_run(tmp_path, monk
     code, stdout, stderr = cli(
         monkeypatch, capsys,
         "train-classifier", "--data", SPURIOUS, "--label", "label", "--where", "split=train", "--eval-where",
-        "split=test", "--eval-groups", "colour,label", "--epochs", "1", "--stage1-epochs", "1", "--clusters", "3",
-        "--rarity-dims", "8", "--out", str(out), *TINY,
+        "split=test", "--eval-groups", "colour,label", "--epochs", "1", "--stage1-epochs", "1", "--auto-gate", "0.5",
+        "--out", str(out), *TINY,
     )
     assert code == 0, stderr
     meta = load_classifier(out)[1]["meta"]
     assert meta["method"] == "auto"
-    assert meta["method_options"]["clusters"] == 3 and meta["method_options"]["stage1_epochs"] == 1
-    assert meta["method_options"]["stage1_loss"] == "gce" and meta["method_options"]["auto_gate"] == 0.35
+    assert meta["method_options"]["stage1_epochs"] == 1 and meta["method_options"]["auto_gate"] == 0.5
+    assert meta["method_options"]["stage1_loss"] == "gce" and meta["method_options"]["stage1_encoder"] == "local"
     chose = json.loads((out / "metrics.json").read_text())["first_model"]["chose"]
-    assert chose in ("lff", "cluster-errors")
+    assert chose in ("lff", "none")
     assert "share of the draws per colour x label" in stdout and (out / "report.html").is_file()
 
 

@@ -248,12 +248,13 @@ def test_dbvae_weights_from_rank_0_give_every_rank_the_same_draw(tmp_path):
 
 
 def test_default_method_runs_under_torchrun(tmp_path):
-    """auto: the first model trains data-parallel, rank 0 weighs the rows (LfF's weights every epoch, or clusters of
-    the first model's features) and broadcasts them, and every rank draws its slice of the same weighted epochs."""
+    """auto: the first model trains data-parallel, rank 0 weighs the rows (LfF's weights every epoch; the gate at 1
+    takes that branch whatever one epoch of the first model learned) and broadcasts them, and every rank draws its
+    slice of the same weighted epochs."""
     env = {"DEBIAS_CACHE_DIR": str(tmp_path / "cache"), "DEBIAS_RECORD_ROWS": str(tmp_path / "rows")}
     torchrun(
         "train-classifier", "--data", f"builtin:spurious?n={SPURIOUS_N}", "--out", str(tmp_path / "ddp" / "run"),
-        "--epochs", "1", "--stage1-epochs", "1", "--clusters", "3", "--rarity-dims", "8", "-q", *CLS_ARGS, env=env,
+        "--epochs", "1", "--stage1-epochs", "1", "--auto-gate", "1", "-q", *CLS_ARGS, env=env,
     )  # fmt: skip
     _, meta = load_classifier(tmp_path / "ddp" / "run")
     assert meta["meta"]["method"] == "auto" and meta["history"][0]["ess_fraction"] < 1.0
