@@ -3,12 +3,14 @@
 # and the natural-UTKFace control, 5 seeds each, 32 px, width 16. Writes OUT/PROTOCOL/comparison.{md,json} and
 # groups_*.png (each method's share of the ERM -> oracle worst-group gap is in all three).
 #
-#   bash benchmarks/debias_protocols.sh [OUT=bench-out/debias] [SEEDS=0,1,2,3,4] [PROTOCOLS="tint patch blur natural spurious"]
+#   [OUT=bench-out/debias] [CUES=$OUT/cues] [SEEDS=0,1,2,3,4] [PROTOCOLS="tint patch blur natural spurious"] \
+#   [METHODS=none,auto,cluster-errors,lff,rarity,jtt] bash benchmarks/debias_protocols.sh
 #
 # About 70 min on 2 CPU cores. Finished runs are reused, so an interrupted benchmark continues where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-out/debias}
+CUES=${CUES:-$OUT/cues}  # the protocols' images (another OUT can reuse them: the data path is part of each run's options)
 SEEDS=${SEEDS:-0,1,2,3,4}
 PROTOCOLS=${PROTOCOLS:-"tint patch blur natural spurious"}
 METHODS=${METHODS:-none,auto,cluster-errors,lff,rarity,jtt}
@@ -23,12 +25,12 @@ for p in $PROTOCOLS; do
         --eval-groups colour,label --oracle-groups colour,label --image-size 32 --width 16 --epochs 10 \
         --seeds "$SEEDS" --methods "$METHODS" --quiet --out "$OUT/spurious" > /dev/null ;;
     natural)
-      [ -f "$OUT/cues/natural/manifest.csv" ] || .venv/bin/python benchmarks/cue_protocols.py --out "$OUT/cues" --only natural
-      "$DEBIAS" compare --data "$OUT/cues/natural/manifest.csv" "${COMMON[@]}" --eval-groups race,gender \
+      [ -f "$CUES/natural/manifest.csv" ] || .venv/bin/python benchmarks/cue_protocols.py --out "$CUES" --only natural
+      "$DEBIAS" compare --data "$CUES/natural/manifest.csv" "${COMMON[@]}" --eval-groups race,gender \
         --oracle-groups race,gender --out "$OUT/natural" > /dev/null ;;
     *)
-      [ -f "$OUT/cues/$p/manifest.csv" ] || .venv/bin/python benchmarks/cue_protocols.py --out "$OUT/cues" --only "$p"
-      "$DEBIAS" compare --data "$OUT/cues/$p/manifest.csv" "${COMMON[@]}" --eval-groups cue,gender \
+      [ -f "$CUES/$p/manifest.csv" ] || .venv/bin/python benchmarks/cue_protocols.py --out "$CUES" --only "$p"
+      "$DEBIAS" compare --data "$CUES/$p/manifest.csv" "${COMMON[@]}" --eval-groups cue,gender \
         --oracle-groups cue,gender --out "$OUT/$p" > /dev/null ;;
   esac
   echo "== $p: $OUT/$p/comparison.md"

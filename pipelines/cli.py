@@ -586,6 +586,10 @@ _ClsStage1Loss = Annotated[
     typer.Option(callback=_plain, help="auto, cluster-errors, lff, rarity: the first model's loss, ce or gce "
                  "(bias-amplified, as in LfF). Default: gce for auto, lff and rarity, ce for the others."),
 ]
+_ClsStage1MaxEpochs = Annotated[
+    int, typer.Option(min=1, help="auto: while the first model has not concentrated its losses (no shortcut learned "
+                      "yet), train it one more epoch, up to this many.")
+]
 _ClsStage1Encoder = Annotated[
     Optional[Stage1Encoder],
     typer.Option(callback=_plain, help="auto, cluster-errors, lff, rarity: the first model's encoder, conv (the "
@@ -675,6 +679,7 @@ def _classifier_job(out: Path, method: str, seed: int, opts: dict) -> object:
         stage1_epochs=opts["stage1_epochs"],
         stage1_loss=opts["stage1_loss"],
         stage1_encoder=opts["stage1_encoder"],
+        stage1_max_epochs=opts["stage1_max_epochs"],
         clusters=opts["clusters"],
         auto_gate=opts["auto_gate"],
         rarity_ess=opts["rarity_ess"],
@@ -750,6 +755,7 @@ def train_classifier(
     stage1_epochs: _ClsStage1Epochs = 4,
     stage1_loss: _ClsStage1Loss = None,
     stage1_encoder: _ClsStage1Encoder = None,
+    stage1_max_epochs: _ClsStage1MaxEpochs = 8,
     clusters: _ClsClusters = 8,
     auto_gate: _ClsAutoGate = 0.35,
     rarity_ess: _ClsRarityEss = 0.1,

@@ -223,9 +223,12 @@ def test_auto_trains_as_lff_below_the_gate_and_plainly_above(tmp_path, gate, cho
     and trains the second model either way: LfF's weights change from epoch to epoch; without a shortcut the second
     model is plain training, the very run `none` makes (same seed, same draws, same weights)."""
     cfg = ClassifierTrainConfig(epochs=2, batch_size=64, seed=1, device="cpu")
-    res = run_train_classifier(tiny_job(tmp_path / "run", "auto", auto_gate=gate, train=cfg))
+    res = run_train_classifier(tiny_job(tmp_path / "run", "auto", auto_gate=gate, stage1_max_epochs=3, train=cfg))
     first = res.metrics["first_model"]
     assert first["chose"] == chosen and first["gate"] == gate and 0 < first["first_epoch_ess"] <= 1
+    # a first model whose losses are not concentrated gets more epochs, one at a time, up to stage1_max_epochs
+    assert first["epochs"] == len(first["epoch_s"]) == (1 if chosen == "lff" else 3)
+    assert len(load_classifier(res.out / "stage1")[1]["history"]) == first["epochs"]
     ess = [h["ess_fraction"] for h in res.metrics["history"]]
     if chosen == "lff":
         assert all(e < 1.0 for e in ess) and ess[0] != ess[1]
