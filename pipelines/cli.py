@@ -594,7 +594,7 @@ _ClsStage1Encoder = Annotated[
     Optional[Stage1Encoder],
     typer.Option(callback=_plain, help="auto, cluster-errors, lff, rarity: the first model's encoder, conv (the "
                  "classifier's own) or local (5-px receptive field: sees colour, texture and blur, not the layout). "
-                 "Default: local for auto and lff, conv for the others."),
+                 "Default: local for auto, lff and rarity, conv for cluster-errors."),
 ]
 _ClsClusters = Annotated[int, typer.Option(min=1, help="cluster-errors (and auto without a shortcut): k-means clusters "
                                             "per class.")]

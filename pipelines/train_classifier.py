@@ -14,8 +14,8 @@ Methods (``--reweight``):
                on a row's cluster ÷ the cluster's size (inverse cluster density), half of each class's draws kept as in
                the data (:class:`debias.training.sampling.ClusterErrorWeights`). The epoch is chosen by validation accuracy
                weighted by the same weights. Label-free: no group column is read.
-    rarity     inverse kNN density within each class in a bias-amplified (GCE) first model's feature space, with
-               k = 5 % of the class's rows (``rarity_k``) and tempered to ``rarity_ess``
+    rarity     inverse kNN density within each class in a bias-amplified (GCE, local encoder) first model's feature
+               space, with k = 5 % of the class's rows (``rarity_k``) and tempered to ``rarity_ess``
                (:class:`debias.training.sampling.ClassRarity`): sampling by rarity alone, no error signal.
     none       ERM: every training row once per epoch.
     dbvae      DB-VAE, Amini et al. (AIES 2019) Algorithm 1: the classifier is the DB-VAE's own head, trained jointly
@@ -134,7 +134,7 @@ class ClassifierJob:
     # auto, cluster-errors, lff, rarity: weights from a first model trained for stage1_epochs
     stage1_epochs: int = 4
     stage1_loss: str | None = None  # "ce" or "gce" (bias-amplified, LfF's); None: gce for auto, lff, rarity, else ce
-    stage1_encoder: str | None = None  # "conv" or "local" (small receptive field); None: local for auto and lff
+    stage1_encoder: str | None = None  # "conv" or "local" (small receptive field); None: local for auto, lff, rarity
     stage1_max_epochs: int = 8  # auto: more first-model epochs, one at a time, while its losses are not concentrated
     clusters: int = 8  # cluster-errors: k-means clusters per class
     auto_gate: float = 0.35  # auto: lff when the biased first model's weights have an ESS at most this fraction
@@ -596,10 +596,10 @@ def stage1_loss(job: ClassifierJob) -> str:
 
 
 def stage1_encoder(job: ClassifierJob) -> str:
-    """The first model's encoder: as given, else the small-receptive-field one for auto and lff (a model that can
-    learn a colour, texture or sharpness shortcut and not the task, so that its failures are the rows without the
-    shortcut; :class:`debias.models.ConvVAE`) and the classifier's own for the others."""
-    return job.stage1_encoder or ("local" if job.method in ("lff", "auto") else "conv")
+    """The first model's encoder: as given, else the small-receptive-field one for auto, lff and rarity (a model that
+    can learn a colour, texture or sharpness shortcut and not the task, so that its failures, and its feature space,
+    are organised by the shortcut; :class:`debias.models.ConvVAE`) and the classifier's own for cluster-errors."""
+    return job.stage1_encoder or ("local" if job.method in ("lff", "auto", "rarity") else "conv")
 
 
 def _selection_text(job: ClassifierJob, weighted: bool) -> str:

@@ -196,8 +196,9 @@ def test_first_model_methods_run_end_to_end_with_weighted_selection(tmp_path, me
     assert (tmp_path / method / "stage1" / "classifier.pt").is_file()
     assert m["config"]["method_options"]["weighted_selection"] is True
     assert m["config"]["method_options"]["stage1_loss"] == ("gce" if method in ("lff", "rarity") else "ce")
-    # LfF's biased model sees 5 px at a time (it can learn the colour, not the shape); the others see the image
-    encoder = "local" if method == "lff" else "conv"
+    # LfF's and rarity's biased model sees 5 px at a time (it can learn the colour, not the shape); cluster-errors'
+    # plain first model sees the image
+    encoder = "local" if method in ("lff", "rarity") else "conv"
     assert m["config"]["method_options"]["stage1_encoder"] == encoder
     assert load_classifier(tmp_path / method / "stage1")[0].config.encoder == encoder
     if method == "rarity":  # the k each class's density used is recorded (the default scales with the class)

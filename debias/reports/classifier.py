@@ -35,7 +35,8 @@ METHOD_BLURBS = {
     "in the jointly trained latent space.",
     "two-stage": "Fixed weights from an earlier audit.",
     "jtt": "Just Train Twice (Liu et al. 2021): the rows a first model got wrong are drawn more often.",
-    "rarity": "Inverse density within each class in the feature space of a first, bias-amplified (GCE) model, with a "
+    "rarity": "Inverse density within each class in the feature space of a first, bias-amplified (GCE) model that sees "
+    "5 px at a time, with a "
     "neighbourhood of 5 % of the class's rows: rows that are rare for their class are drawn more often. No error "
     "signal.",
     "cluster-errors": "Each class's rows are clustered in a first model's features; a cluster is drawn more often "
