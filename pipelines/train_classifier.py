@@ -72,6 +72,7 @@ from debias.runtime.distributed import (
 from debias.training.classifier import (
     ClassifierTrainConfig,
     ImageTensor,
+    TrainedClassifier,
     cross_entropy_of,
     predict_proba,
     row_losses,
@@ -321,8 +322,9 @@ def _run_train_classifier(job: ClassifierJob, ctx: DistContext) -> ClassifierRes
         if job.weighted_selection:
             selection_weights = group_balanced_weights(table.iloc[val_rows], job.oracle_groups)
     elif job.method in FIRST_MODEL_METHODS:
-        # A first model (plain, or bias-amplified for auto and lff) trained for a few epochs weighs the rows.
-        def train_first(epochs: int, resume: bool) -> Any:
+        # A first model (plain for cluster-errors; bias-amplified and local for auto, lff and rarity) trained for a
+        # few epochs weighs the rows.
+        def train_first(epochs: int, resume: bool) -> TrainedClassifier:
             return train_classifier(
                 replace(model_config, encoder=stage1_encoder(job)),
                 replace(train_cfg, epochs=epochs, select="last", objective=stage1_loss(job)),

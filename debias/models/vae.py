@@ -75,8 +75,8 @@ class ConvVAE(nn.Module):
     & Bethge 2019; ReBias, Bahng et al. 2020, use such models as the biased model): it sees 5 x 5 px at a time, so
     colour casts, blur, texture and small marks are easy for it and the layout of a face is not. Trained with the
     generalized cross-entropy it learns the shortcut and fails the rows without it, which is what the first model of
-    the ``auto`` and ``lff`` methods needs (issue 12: on the blur protocol the full-image first model also failed a
-    fifth of the sharp male faces; this one fails 2-3 %). The decoder is unchanged and unused then.
+    the ``auto``, ``lff`` and ``rarity`` methods needs (issue 12: on the blur protocol the full-image first model also
+    failed a fifth of the sharp male faces; this one fails 4 %). The decoder is unchanged and unused then.
     """
 
     def __init__(self, config: VAEConfig) -> None:
