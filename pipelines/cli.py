@@ -596,11 +596,10 @@ _ClsStage1Encoder = Annotated[
                  "classifier's own) or local (5-px receptive field: sees colour, texture and blur, not the layout). "
                  "Default: local for auto, lff and rarity, conv for cluster-errors."),
 ]
-_ClsClusters = Annotated[int, typer.Option(min=1, help="cluster-errors (and auto without a shortcut): k-means clusters "
-                                            "per class.")]
+_ClsClusters = Annotated[int, typer.Option(min=1, help="cluster-errors: k-means clusters per class.")]
 _ClsAutoGate = Annotated[float, typer.Option(
     min=0.0, max=1.0, help="auto: train as lff when the biased first model's first-epoch weights have an effective "
-    "sample size of at most this fraction of the rows (a shortcut); otherwise as cluster-errors.")]
+    "sample size of at most this fraction of the rows (a shortcut); otherwise plainly, as none.")]
 _ClsRarityEss = Annotated[
     float, typer.Option(min=0.0, max=1.0, help="rarity: effective sample size of the weights within each class / n.")
 ]

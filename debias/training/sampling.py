@@ -322,9 +322,10 @@ def first_epoch_concentration(bias_losses: np.ndarray, y: np.ndarray, mix: float
 
     LfF's premise is a bias that is easier to learn than the task: a model trained with the generalized
     cross-entropy then fits the rows that agree with the cue almost perfectly and fails the few that do not, and the
-    weights sit on those few (measured: 0.15-0.21 on the three face cue protocols, 0.07-0.08 on the built-in spurious
-    set, near the oracle's group balancing at 0.18-0.20 and 0.08). Without such a cue the biased model is unsure of many rows and the weights
-    stay spread (0.48-0.56 on natural UTKFace). docs/benchmarks.md, issue 12, session 8."""
+    weights sit on those few (measured with the local first model after 4 epochs: 0.17-0.29 on the three face cue
+    protocols, 0.07-0.08 on the built-in spurious set, near the oracle's group balancing at 0.18-0.20 and 0.08).
+    Without such a cue the biased model is unsure of many rows and the weights stay spread (0.72-0.86 on natural
+    UTKFace). docs/benchmarks.md, issue 12, sessions 8 and 10."""
     lb = over_class_maximum(bias_losses, y)
     p = mix_within_classes(lb / (lb + 1.0), y, mix)
     return float(1.0 / np.sum(p**2) / len(p))
@@ -370,8 +371,7 @@ class RelativeDifficulty:
 
 
 class ClusterErrorWeights:
-    """cluster-errors' weights (``auto``'s choice without a shortcut): inverse cluster density times a first model's
-    error rate, within each class.
+    """cluster-errors' weights: inverse cluster density times a first model's error rate, within each class.
 
     Each class's rows are clustered (k-means, ``n_clusters``, on the leading ``n_components`` principal axes of a
     first model's features): a coarse density Q(c) = n_c / n_k, a histogram whose cells follow the data. Half of the
