@@ -9,6 +9,10 @@ is dropped as warm-up), and the wall time of the whole command (start-up, data l
 Medians over the repetitions.
 
     python benchmarks/ddp_train.py --reps 3
+    python benchmarks/ddp_train.py --device cuda --nproc 1   # one GPU: plain process against a 1-rank NCCL group
+
+With ``--device cuda`` the settings are ``1 process`` and ``torchrun N`` (one GPU per rank, NCCL); threads do not
+apply.
 """
 
 from __future__ import annotations
@@ -46,22 +50,26 @@ def main() -> None:
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
 
     common = [
         "train", "--data", args.data, "--image-size", str(args.image_size), "--width", str(args.width),
         "--latent-dim", str(args.latent_dim), "--batch-size", str(args.batch_size), "--epochs", str(args.epochs),
-        "--device", "cpu", "-q",
+        "--device", args.device, "-q",
     ]  # fmt: skip
     single = [sys.executable, "-m", "debias"]
     ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
            "-m", "debias"]  # fmt: skip
-    settings = {
-        f"1 process x {args.threads} threads": (single, args.threads),
-        "1 process x 1 thread": (single, 1),
-        f"torchrun {args.nproc} x 1 thread": (ddp, 1),
-    }
+    if args.device == "cpu":
+        settings = {
+            f"1 process x {args.threads} threads": (single, args.threads),
+            "1 process x 1 thread": (single, 1),
+            f"torchrun {args.nproc} x 1 thread": (ddp, 1),
+        }
+    else:  # each rank owns one GPU: the cores feed it, so every process keeps all its threads
+        settings = {"1 process": (single, args.threads), f"torchrun {args.nproc} (NCCL)": (ddp, args.threads)}
     results: dict[str, dict[str, list[float]]] = {k: {"images_per_s": [], "wall_s": []} for k in settings}
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "cache"

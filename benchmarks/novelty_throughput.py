@@ -33,7 +33,12 @@ from debias.data import load_images  # noqa: E402
 from debias.data.gpu_decode import decode_jpegs_on_device, gpu_jpeg_available  # noqa: E402
 from debias.data.intake import decode_upload  # noqa: E402
 from debias.density.detector import open_detector  # noqa: E402
-from debias.runtime.device import resolve_device  # noqa: E402
+from debias.runtime.device import (  # noqa: E402
+    PRECISIONS,
+    effective_precision,
+    resolve_device,
+    set_precision,
+)
 
 
 def timed(fn, repeats: int) -> float:
@@ -57,6 +62,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="auto", choices=PRECISIONS)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--compare-previous", action="store_true",
                     help="Also time the previous default scorer (l1 of posterior_knn + recon_error, no pixel density) "
@@ -64,6 +70,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    set_precision(args.precision)
     det = open_detector(args.model, device=device, progress=False)
     data = load_images(args.data, where=args.where, image_size=det.image_size, channels=det.channels, progress=False)
     n = min(args.n, len(data))
@@ -108,6 +115,7 @@ def main() -> None:
     res = {
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
         "device": str(device),
+        "precision": effective_precision(device),
         "cuda_device": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
         "torch_threads": torch.get_num_threads(),
         "model": str(args.model),
@@ -145,7 +153,7 @@ def main() -> None:
         res["images_per_s"][f"JPEG bytes, GPU decode, batches of {bs}"] = n / timed(from_jpeg_gpu, args.repeats)
     print(res["command"])
     where = res["cuda_device"] or f"{res['torch_threads']} torch threads"
-    print(f"device {res['device']} ({where}), model {res['image_size']} px x {res['channels']} ch, "
+    print(f"device {res['device']} ({where}, {res['precision']}), model {res['image_size']} px x {res['channels']} ch, "
           f"latent {res['latent_dim']}, {n} images")
     for k, v in res["images_per_s"].items():
         print(f"  {k:52s} {v:10.0f} images/s")
