@@ -60,7 +60,7 @@ from debias.density.estimators import KNNDensity
 from debias.density.rarity import DensityOptions
 from debias.errors import DebiasError
 from debias.evaluation.classifier_metrics import CROSS, classification_metrics
-from debias.models.vae import ENCODERS, VAEConfig
+from debias.models.vae import ENCODERS
 from debias.reports.classifier import auto_choice, weight_shares, write_report
 from debias.runtime.checkpoint import atomic_write_table, write_json
 from debias.runtime.distributed import (
@@ -326,7 +326,7 @@ def _run_train_classifier(job: ClassifierJob, ctx: DistContext) -> ClassifierRes
         # few epochs weighs the rows.
         def train_first(epochs: int, resume: bool) -> TrainedClassifier:
             return train_classifier(
-                stage1_model_config(job, model_config),
+                replace(model_config, encoder=stage1_encoder(job)),
                 replace(train_cfg, epochs=epochs, select="last", objective=stage1_loss(job)),
                 train_images,
                 y_fit,
@@ -595,16 +595,6 @@ def stage1_loss(job: ClassifierJob) -> str:
     in which the shortcut is the leading factor, so that the rows without it sit apart) and plain CE for
     cluster-errors."""
     return job.stage1_loss or ("gce" if job.method in ("lff", "auto", "rarity") else "ce")
-
-
-def stage1_model_config(job: ClassifierJob, model_config: VAEConfig) -> VAEConfig:
-    """The first model's architecture: the classifier's, with :func:`stage1_encoder`'s encoder. The local encoder gets
-    half the width (so as many channels as the classifier's first layer, not twice as many): it runs at full
-    resolution, and at 2 x width its epoch cost 3.5x the classifier's (issue 12's cost target); at 1 x width a step
-    costs a third as much (measured: 33 against 92 ms a step at 32 px, width 16, batch 128)."""
-    encoder = stage1_encoder(job)
-    width = max(4, model_config.width // 2) if encoder == "local" else model_config.width
-    return replace(model_config, encoder=encoder, width=width)
 
 
 def stage1_encoder(job: ClassifierJob) -> str:
