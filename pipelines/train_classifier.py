@@ -343,15 +343,17 @@ def _run_train_classifier(job: ClassifierJob, ctx: DistContext) -> ClassifierRes
         # auto: LfF's premise is a cue the biased model learns early. One that has not concentrated its losses yet gets
         # more epochs, one at a time, up to stage1_max_epochs (measured: on one blur seed in ten the local first model
         # had not learned the blur after 4 epochs). Data without a shortcut pays those epochs and then trains plainly.
-        while job.method == "auto" and len(first.history) < job.stage1_max_epochs and not broadcast_object(
-            _concentrated(job, first.model, train_images, y_fit) if ctx.is_main else None, ctx
-        ):
-            first = train_first(len(first.history) + 1, resume=True)
+        gate_probs = None  # the gate's pass over the training rows, reused by the weights when the model is the same
+        while job.method == "auto" and len(first.history) < job.stage1_max_epochs:
+            gate_probs = predict_proba(first.model, train_images) if ctx.is_main else None
+            if broadcast_object(_concentrated(job, gate_probs, y_fit) if ctx.is_main else None, ctx):
+                break
+            first, gate_probs = train_first(len(first.history) + 1, resume=True), None
         t_weights = time.perf_counter()
         # rank 0's weights on every rank, so that all ranks draw the same epochs
         payload = None
         if ctx.is_main:
-            payload = _first_model_weights(job, first.model, train_images, val_images, y_fit, y_val)
+            payload = _first_model_weights(job, first.model, train_images, val_images, y_fit, y_val, gate_probs)
         kind, w, w_val, info = broadcast_object(payload, ctx)
         extra["first_model"] = {**info, "epochs": len(first.history), "epoch_s": [h["epoch_s"] for h in first.history],
                                 "weights_s": time.perf_counter() - t_weights}  # its cost, for the cost per epoch
@@ -542,17 +544,26 @@ def _method_options(job: ClassifierJob) -> dict[str, Any]:
 
 
 def _first_model_weights(
-    job: ClassifierJob, model: Any, train: ImageTensor, val: ImageTensor, y_fit: np.ndarray, y_val: np.ndarray
+    job: ClassifierJob,
+    model: Any,
+    train: ImageTensor,
+    val: ImageTensor,
+    y_fit: np.ndarray,
+    y_val: np.ndarray,
+    train_probs: np.ndarray | None = None,
 ) -> tuple[str, np.ndarray, np.ndarray | None, dict[str, Any]]:
     """What the first model gives the second training: (kind, w, w_val, info). kind "lff": w are the biased model's
     losses (the weights follow every epoch); otherwise w are fixed sampling weights. w_val weighs the validation rows
     for the epoch choice (None: plain accuracy). ``auto`` reads how concentrated the biased model's losses are and
     picks lff or, without a shortcut, plain training, kind "none"
-    (:func:`debias.training.sampling.first_epoch_concentration`)."""
+    (:func:`debias.training.sampling.first_epoch_concentration`). ``train_probs``: the model's probabilities on the
+    training rows when the caller has them already (auto's gate), so that the pass is not run twice."""
     info: dict[str, Any] = {}
     kind = job.method
     # one pass of the first model over the training rows serves the losses (lff, auto) and the errors (cluster-errors)
-    probs = predict_proba(model, train) if kind != "rarity" else None
+    probs = None
+    if kind != "rarity":
+        probs = train_probs if train_probs is not None else predict_proba(model, train)
     if probs is not None:
         errors = probs.argmax(1) != y_fit
         info["error_rate"] = float(errors.mean()) if len(errors) else 0.0
@@ -584,10 +595,10 @@ def _first_model_weights(
     return kind, est.weights_, est.weights(feats_val, y_val) if len(y_val) else np.zeros(0), info
 
 
-def _concentrated(job: ClassifierJob, model: Any, train: ImageTensor, y_fit: np.ndarray) -> bool:
-    """auto's gate: does the biased first model concentrate its losses on few rows (a shortcut learned)?"""
-    losses = cross_entropy_of(predict_proba(model, train), y_fit)
-    return first_epoch_concentration(losses, y_fit) <= job.auto_gate
+def _concentrated(job: ClassifierJob, train_probs: np.ndarray, y_fit: np.ndarray) -> bool:
+    """auto's gate: does the biased first model (its probabilities on the training rows) concentrate its losses on
+    few rows (a shortcut learned)?"""
+    return first_epoch_concentration(cross_entropy_of(train_probs, y_fit), y_fit) <= job.auto_gate
 
 
 def stage1_loss(job: ClassifierJob) -> str:
