@@ -40,6 +40,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from debias.errors import DebiasError
+from debias.runtime.allocator import retain_freed_memory
 
 app = typer.Typer(
     help="Find what an image dataset is missing, reweight training towards it, and flag novel inputs.",
@@ -1077,6 +1078,7 @@ def usage_message(exc: Exception) -> str:
 
 def main(argv: Optional[list[str]] = None) -> None:
     """The console script: runs the app with one-line errors (exit code 2) instead of click's usage panels."""
+    retain_freed_memory()  # large activations reuse freed memory instead of page-faulting fresh maps every step
     errors = _click_exceptions()
     try:
         code = app(args=argv, prog_name="debias", standalone_mode=False)
