@@ -19,6 +19,9 @@ Weightings, each within every class (the label is read; no group column is):
 With ``--k-grid`` (session 9): instead, the kNN weighting at k = 20, 100, 300 and 400 and at `rarity`'s default
 (5 % of each class's rows), each at ESS 0.25 and 0.1, and the two-sided (typicality) variant at k = 20: a row
 whose density is *higher* than usual for its class counts as rare too.
+
+With ``--feature-grid`` (session 11): `rarity`'s own density (k = 5 % of the class, ESS 0.1) on transformed features:
+whitened, standardised, log, per-feature quantiles, the local encoder's channel means or maxima alone.
 """
 
 from __future__ import annotations
@@ -87,6 +90,29 @@ def k_grid(feats: np.ndarray, yf: np.ndarray, groups: np.ndarray) -> dict[str, d
     return rows
 
 
+def feature_grid(feats: np.ndarray, yf: np.ndarray, groups: np.ndarray) -> dict[str, dict[str, float]]:
+    """`rarity`'s own density (kNN, k = 5 % of the class, PCA 32, ESS 0.1) on transformed first-model features."""
+    from sklearn.preprocessing import QuantileTransformer, StandardScaler
+
+    half = feats.shape[1] // 2  # the local encoder's features: each channel's mean, then each channel's max
+    variants = {
+        "as is (`rarity`)": (feats, False),
+        "whitened principal axes": (feats, True),
+        "each feature standardised": (StandardScaler().fit_transform(feats), False),
+        "log(1 + feature)": (np.log1p(np.maximum(feats, 0)), False),
+        "each feature's quantile (uniform marginals)": (
+            QuantileTransformer(n_quantiles=200, random_state=0).fit_transform(feats), False),
+        "channel means only": (feats[:, :half], False),
+        "channel maxima only": (feats[:, half:], False),
+    }
+    rows: dict[str, dict[str, float]] = {"uniform (ERM)": shares(np.ones(len(yf)), groups)}
+    for name, (X, whiten) in variants.items():
+        w = ClassRarity(lambda n_rows, whiten=whiten: KNNDensity(neighbours_for_class(n_rows), 32, whiten=whiten),
+                        target_ess=0.1).fit(X, yf).weights_
+        rows[name] = shares(w, groups)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--protocol", type=Path, required=True, help="folder with the protocol's manifest.csv")
@@ -94,6 +120,8 @@ def main() -> None:
     ap.add_argument("--vae", type=Path, default=None, help="a `debias train` run on the protocol's training rows")
     ap.add_argument("--seed", type=int, default=0, help="the seed of the run (its validation split)")
     ap.add_argument("--k-grid", action="store_true", help="the neighbourhood-size screen of session 9 instead")
+    ap.add_argument("--feature-grid", action="store_true",
+                    help="`rarity`'s density on transformed features instead (session 11)")
     args = ap.parse_args()
 
     model, ckpt = load_classifier(args.first_model)
@@ -106,6 +134,9 @@ def main() -> None:
     feats = encode_features(model, images.batch, len(fit))
     if args.k_grid:
         print_table(k_grid(feats, yf, groups))
+        return
+    if args.feature_grid:
+        print_table(feature_grid(feats, yf, groups))
         return
     probs = predict_proba(model, images)
     rows: dict[str, dict[str, float]] = {"uniform (ERM)": shares(np.ones(len(fit)), groups)}

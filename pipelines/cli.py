@@ -612,6 +612,9 @@ _ClsRarityDims = Annotated[
     int, typer.Option(min=1, help="cluster-errors (and auto's), rarity: leading principal axes of the first model's "
                       "features.")
 ]
+_ClsRarityQuantiles = Annotated[bool, typer.Option(
+    help="rarity: map each first-model feature to its quantile within the class's rows before the kNN density, so "
+    "that no heavy-tailed feature decides the distances; --no-rarity-quantiles uses the features as they are.")]
 _ClsWeightedSelection = Annotated[
     bool,
     typer.Option(
@@ -686,6 +689,7 @@ def _classifier_job(out: Path, method: str, seed: int, opts: dict) -> object:
         rarity_ess=opts["rarity_ess"],
         rarity_k=opts["rarity_k"],
         rarity_dims=opts["rarity_dims"],
+        rarity_quantiles=opts["rarity_quantiles"],
         weighted_selection=opts["weighted_selection"],
         oracle_groups=[],
         resume=opts["resume"],
@@ -762,6 +766,7 @@ def train_classifier(
     rarity_ess: _ClsRarityEss = 0.1,
     rarity_k: _ClsRarityK = None,
     rarity_dims: _ClsRarityDims = 32,
+    rarity_quantiles: _ClsRarityQuantiles = True,
     weighted_selection: _ClsWeightedSelection = True,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.auto,

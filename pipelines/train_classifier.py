@@ -15,7 +15,8 @@ Methods (``--reweight``):
                the data (:class:`debias.training.sampling.ClusterErrorWeights`). The epoch is chosen by validation accuracy
                weighted by the same weights. Label-free: no group column is read.
     rarity     inverse kNN density within each class in a bias-amplified (GCE, local encoder) first model's feature
-               space, with k = 5 % of the class's rows (``rarity_k``) and tempered to ``rarity_ess``
+               space (each feature mapped to its quantile, ``rarity_quantiles``), with k = 5 % of the class's rows
+               (``rarity_k``) and tempered to ``rarity_ess``
                (:class:`debias.training.sampling.ClassRarity`): sampling by rarity alone, no error signal.
     none       ERM: every training row once per epoch.
     dbvae      DB-VAE, Amini et al. (AIES 2019) Algorithm 1: the classifier is the DB-VAE's own head, trained jointly
@@ -142,6 +143,7 @@ class ClassifierJob:
     rarity_ess: float = 0.1  # rarity: effective sample size of the weights within each class, as a fraction
     rarity_k: int | None = None  # rarity: neighbours of the kNN density; None: 5 % of each class's rows, at least 20
     rarity_dims: int = 32  # both: leading principal axes of the features kept
+    rarity_quantiles: bool = True  # rarity: each feature through its empirical CDF before the kNN (KNNDensity)
     # best epoch by validation accuracy weighted by the method's own weights (first-model methods and the oracle)
     weighted_selection: bool = True
     resume: bool = False
@@ -534,7 +536,8 @@ def _method_options(job: ClassifierJob) -> dict[str, Any]:
             "weighted_selection": job.weighted_selection,
         }
         if job.method == "rarity":
-            return {**opts, "rarity_ess": job.rarity_ess, "rarity_k": job.rarity_k}
+            return {**opts, "rarity_ess": job.rarity_ess, "rarity_k": job.rarity_k,
+                    "rarity_quantiles": job.rarity_quantiles}
         if job.method == "lff":
             return {k: v for k, v in opts.items() if k != "dims"}
         if job.method == "auto":
@@ -585,6 +588,7 @@ def _first_model_weights(
             lambda n_rows: KNNDensity(
                 n_neighbors=neighbours_for_class(n_rows) if job.rarity_k is None else job.rarity_k,
                 n_components=job.rarity_dims,
+                quantile_marginals=job.rarity_quantiles,
             ),
             target_ess=job.rarity_ess,
         ).fit(feats, y_fit)
