@@ -613,7 +613,7 @@ _ClsRarityDims = Annotated[
                       "features.")
 ]
 _ClsRarityQuantiles = Annotated[bool, typer.Option(
-    help="rarity: map each first-model feature to its quantile within the class's rows before the kNN density, so "
+    help="rarity: map each first-model feature to its quantile among all training rows before the kNN densities, so "
     "that no heavy-tailed feature decides the distances; --no-rarity-quantiles uses the features as they are.")]
 _ClsWeightedSelection = Annotated[
     bool,

@@ -15,8 +15,8 @@ Methods (``--reweight``):
                the data (:class:`debias.training.sampling.ClusterErrorWeights`). The epoch is chosen by validation accuracy
                weighted by the same weights. Label-free: no group column is read.
     rarity     inverse kNN density within each class in a bias-amplified (GCE, local encoder) first model's feature
-               space (each feature mapped to its quantile, ``rarity_quantiles``), with k = 5 % of the class's rows
-               (``rarity_k``) and tempered to ``rarity_ess``
+               space (each feature mapped to its quantile among all training rows, ``rarity_quantiles``), with
+               k = 5 % of the class's rows (``rarity_k``) and tempered to ``rarity_ess``
                (:class:`debias.training.sampling.ClassRarity`): sampling by rarity alone, no error signal.
     none       ERM: every training row once per epoch.
     dbvae      DB-VAE, Amini et al. (AIES 2019) Algorithm 1: the classifier is the DB-VAE's own head, trained jointly
@@ -143,7 +143,7 @@ class ClassifierJob:
     rarity_ess: float = 0.1  # rarity: effective sample size of the weights within each class, as a fraction
     rarity_k: int | None = None  # rarity: neighbours of the kNN density; None: 5 % of each class's rows, at least 20
     rarity_dims: int = 32  # both: leading principal axes of the features kept
-    rarity_quantiles: bool = True  # rarity: each feature through its empirical CDF before the kNN (KNNDensity)
+    rarity_quantiles: bool = True  # rarity: each feature mapped to its quantile among all training rows first
     # best epoch by validation accuracy weighted by the method's own weights (first-model methods and the oracle)
     weighted_selection: bool = True
     resume: bool = False
@@ -584,11 +584,12 @@ def _first_model_weights(
     feats = encode_features(model, train.batch, len(train))
     feats_val = encode_features(model, val.batch, len(val))
     if kind == "rarity":
+        if job.rarity_quantiles:
+            feats, feats_val = _to_quantiles(feats, feats_val)
         est: Any = ClassRarity(
             lambda n_rows: KNNDensity(
                 n_neighbors=neighbours_for_class(n_rows) if job.rarity_k is None else job.rarity_k,
                 n_components=job.rarity_dims,
-                quantile_marginals=job.rarity_quantiles,
             ),
             target_ess=job.rarity_ess,
         ).fit(feats, y_fit)
@@ -597,6 +598,20 @@ def _first_model_weights(
     else:
         est = ClusterErrorWeights(job.clusters, job.rarity_dims, seed=job.train.seed).fit(feats, y_fit, errors)
     return kind, est.weights_, est.weights(feats_val, y_val) if len(y_val) else np.zeros(0), info
+
+
+def _to_quantiles(feats: np.ndarray, feats_val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each feature mapped to its quantile among *all* training rows (no label read), for `rarity`'s densities.
+
+    Pooled activations have a few heavy-tailed features that otherwise decide every distance. Fitted on the whole set,
+    the scale of a feature is set by both classes, so a cue common in one class and rare in the other (blur: half the
+    female faces, 2 % of the male ones) spans a wide range where it is rare. Fitted within each class instead, the
+    transform squeezes that class's rare tail into a narrow band and hides it (measured: patch closed 0.03 of the gap).
+    """
+    from sklearn.preprocessing import QuantileTransformer
+
+    qt = QuantileTransformer(n_quantiles=max(2, min(1000, len(feats))), subsample=10**9).fit(feats)
+    return qt.transform(feats), (qt.transform(feats_val) if len(feats_val) else feats_val)
 
 
 def _concentrated(job: ClassifierJob, train_probs: np.ndarray, y_fit: np.ndarray) -> bool:

@@ -298,28 +298,17 @@ class KNNDensity(BaseEstimator):
     whiten : scale the principal axes to unit variance. Off by default: the leading axes are what the features mostly
         encode (for a classifier's features, what it relies on), and equal scaling would let noise axes count as much.
     contamination : fraction of the fitted rows that ``decision_function`` puts below 0 (sets ``offset_``).
-    quantile_marginals : map each feature through its empirical distribution function (fitted rows) first, so that a
-        distance counts how unusual a row is in each feature's ranking, not in its units. For pooled activations,
-        whose few heavy-tailed features otherwise decide every distance (issue 12: in the local first model's
-        features the blurred male faces got 5 % of `rarity`'s draws as is, 16-18 % with this, the oracle 25 %).
 
-    Fitted attributes: mean_, components_, scale_, n_features_in_, n_samples_fit_, n_dims_, offset_, quantiles_
-    (the fitted ``QuantileTransformer``, or None).
+    Fitted attributes: mean_, components_, scale_, n_features_in_, n_samples_fit_, n_dims_, offset_.
     """
 
     def __init__(
-        self,
-        n_neighbors: int = 20,
-        n_components: int | None = 32,
-        whiten: bool = False,
-        contamination: float = 0.05,
-        quantile_marginals: bool = False,
+        self, n_neighbors: int = 20, n_components: int | None = 32, whiten: bool = False, contamination: float = 0.05
     ) -> None:
         self.n_neighbors = n_neighbors
         self.n_components = n_components
         self.whiten = whiten
         self.contamination = contamination
-        self.quantile_marginals = quantile_marginals
 
     def fit(self, X: np.ndarray, y: object = None) -> "KNNDensity":
         from sklearn.neighbors import NearestNeighbors
@@ -329,19 +318,13 @@ class KNNDensity(BaseEstimator):
             raise ValueError(f"n_neighbors must be a positive integer, got {self.n_neighbors!r}")
         n, d = X.shape
         self.n_features_in_, self.n_samples_fit_ = d, n
-        self.quantiles_ = None
-        if self.quantile_marginals:
-            from sklearn.preprocessing import QuantileTransformer
-
-            self.quantiles_ = QuantileTransformer(n_quantiles=max(2, min(1000, n)), subsample=10**9).fit(X)
-            X = self.quantiles_.transform(X)
         self.mean_ = X.mean(0)
         keep = d if self.n_components is None else max(1, min(int(self.n_components), d, n))
         _, s, vt = np.linalg.svd(X - self.mean_, full_matrices=False)
         self.components_ = vt[:keep]
         sd = s[:keep] / np.sqrt(max(n - 1, 1))
         self.scale_ = np.where(sd > 0, sd, 1.0) if self.whiten else np.ones(keep)
-        self._fit_points = self._project(X, marginals_done=True)
+        self._fit_points = self._project(X)
         self.n_dims_ = keep
         self._k = max(1, min(int(self.n_neighbors), n - 1)) if n > 1 else 1
         self._nn = NearestNeighbors(n_neighbors=min(self._k + 1, n)).fit(self._fit_points)
@@ -371,9 +354,7 @@ class KNNDensity(BaseEstimator):
     def predict(self, X: np.ndarray) -> np.ndarray:
         return np.where(self.decision_function(X) < 0, -1, 1)
 
-    def _project(self, X: np.ndarray, marginals_done: bool = False) -> np.ndarray:
-        if self.quantiles_ is not None and not marginals_done:
-            X = self.quantiles_.transform(X)
+    def _project(self, X: np.ndarray) -> np.ndarray:
         return ((X - self.mean_) @ self.components_.T) / self.scale_
 
     def _log_density(self, r_k: np.ndarray) -> np.ndarray:
