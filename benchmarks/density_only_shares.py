@@ -21,7 +21,7 @@ With ``--k-grid`` (session 9): instead, the kNN weighting at k = 20, 100, 300 an
 whose density is *higher* than usual for its class counts as rare too.
 
 With ``--feature-grid`` (session 11): `rarity`'s own density (k = 5 % of the class, ESS 0.1) on transformed features:
-whitened, standardised, log, per-feature quantiles, the local encoder's channel means or maxima alone.
+whitened, standardised, log, per-feature quantiles among all rows, the local encoder's channel means or maxima alone.
 """
 
 from __future__ import annotations
@@ -96,11 +96,11 @@ def feature_grid(feats: np.ndarray, yf: np.ndarray, groups: np.ndarray) -> dict[
 
     half = feats.shape[1] // 2  # the local encoder's features: each channel's mean, then each channel's max
     variants = {
-        "as is (`rarity`)": (feats, False),
+        "as is (`rarity --no-rarity-quantiles`)": (feats, False),
         "whitened principal axes": (feats, True),
         "each feature standardised": (StandardScaler().fit_transform(feats), False),
         "log(1 + feature)": (np.log1p(np.maximum(feats, 0)), False),
-        "each feature's quantile (uniform marginals)": (
+        "each feature's quantile among all rows (`rarity`'s default)": (
             QuantileTransformer(n_quantiles=200, random_state=0).fit_transform(feats), False),
         "channel means only": (feats[:, :half], False),
         "channel maxima only": (feats[:, half:], False),

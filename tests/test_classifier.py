@@ -201,6 +201,8 @@ def test_first_model_methods_run_end_to_end_with_weighted_selection(tmp_path, me
     encoder = "local" if method in ("lff", "rarity") else "conv"
     assert m["config"]["method_options"]["stage1_encoder"] == encoder
     assert load_classifier(tmp_path / method / "stage1")[0].config.encoder == encoder
+    if method == "rarity":  # features on quantiles of all training rows (the default), recorded with the run
+        assert m["config"]["method_options"]["rarity_quantiles"] is True
     if method == "rarity":  # the k each class's density used is recorded (the default scales with the class)
         ks = m["first_model"]["rarity_k"]  # by class index, as in `classes`
         assert set(ks) == {str(i) for i in range(len(m["classes"]))} and min(ks.values()) >= 1
@@ -284,3 +286,17 @@ def test_oracle_is_a_reference_that_needs_its_groups(tmp_path):
     res = run_train_classifier(tiny_job(tmp_path / "o2", "oracle", oracle_groups=["colour", "label"]))
     shares = {r["group"]: r["draw_share"] for r in res.metrics["weight_shares"]["colour x label"]}
     assert list(shares.values()) == pytest.approx([0.25] * 4)  # every group drawn equally often
+
+
+def test_rarity_quantiles_are_fitted_on_all_training_rows():
+    """rarity's feature map: each feature becomes its quantile among all training rows (both classes), so a value
+    common in the whole set but rare in one class keeps a wide range there; validation rows go through the same map."""
+    from debias.pipelines.train_classifier import _to_quantiles
+
+    rng = np.random.default_rng(0)
+    feats = np.c_[rng.exponential(1.0, 2000), rng.normal(0, 5, 2000)]
+    q, q_val = _to_quantiles(feats, feats[:10] + 0.0)
+    assert q.min() >= 0 and q.max() <= 1 and np.allclose(np.sort(q[:, 0])[[200, 1000, 1800]], [0.1, 0.5, 0.9], atol=0.01)
+    assert np.allclose(q_val, q[:10])  # the fitted map, not a new one
+    assert np.array_equal(np.argsort(q[:, 1], kind="stable"), np.argsort(feats[:, 1], kind="stable"))  # monotone
+    assert _to_quantiles(feats, feats[:0])[1].shape == (0, 2)
