@@ -589,8 +589,8 @@ _ClsStage1Loss = Annotated[
                  "(bias-amplified, as in LfF). Default: gce for auto, lff and rarity, ce for the others."),
 ]
 _ClsStage1MaxEpochs = Annotated[
-    int, typer.Option(min=1, help="auto: while the first model has not concentrated its losses (no shortcut learned "
-                      "yet), train it one more epoch, up to this many.")
+    int, typer.Option(min=1, help="auto, rarity: while the first model has not concentrated its losses (no shortcut "
+                      "learned yet), train it one more epoch, up to this many.")
 ]
 _ClsStage1Encoder = Annotated[
     Optional[Stage1Encoder],
@@ -600,8 +600,8 @@ _ClsStage1Encoder = Annotated[
 ]
 _ClsClusters = Annotated[int, typer.Option(min=1, help="cluster-errors: k-means clusters per class.")]
 _ClsAutoGate = Annotated[float, typer.Option(
-    min=0.0, max=1.0, help="auto: train as lff when the biased first model's first-epoch weights have an effective "
-    "sample size of at most this fraction of the rows (a shortcut); otherwise plainly, as none.")]
+    min=0.0, max=1.0, help="auto, rarity: reweight (auto: as lff) when the biased first model's first-epoch weights "
+    "have an effective sample size of at most this fraction of the rows (a shortcut); otherwise train plainly.")]
 _ClsRarityEss = Annotated[
     float, typer.Option(min=0.0, max=1.0, help="rarity: effective sample size of the weights within each class / n.")
 ]

@@ -190,7 +190,8 @@ def test_dbvae_loss_weights_the_vae_term():
 def test_first_model_methods_run_end_to_end_with_weighted_selection(tmp_path, method):
     """The default method, the density-only one and LfF on a tiny set: a first model, weights that favour the
     off-colour rows, the epoch chosen by the weighted validation accuracy, and the report with what the debiaser did."""
-    res = run_train_classifier(tiny_job(tmp_path / method, method, train=ClassifierTrainConfig(
+    gate = {"auto_gate": 1.0} if method == "rarity" else {}  # its shortcut gate open: the density path itself
+    res = run_train_classifier(tiny_job(tmp_path / method, method, **gate, train=ClassifierTrainConfig(
         epochs=2, batch_size=64, seed=1, device="cpu")))
     m = res.metrics
     assert (tmp_path / method / "stage1" / "classifier.pt").is_file()
@@ -300,3 +301,17 @@ def test_rarity_quantiles_are_fitted_on_all_training_rows():
     assert np.allclose(q_val, q[:10])  # the fitted map, not a new one
     assert np.array_equal(np.argsort(q[:, 1], kind="stable"), np.argsort(feats[:, 1], kind="stable"))  # monotone
     assert _to_quantiles(feats, feats[:0])[1].shape == (0, 2)
+
+
+def test_rarity_trains_plainly_when_its_first_model_finds_no_shortcut(tmp_path):
+    """rarity uses auto's gate as a switch: a first model whose losses do not concentrate (here a gate no model can
+    pass) means no reweighting at all, the very run `none` makes; the weights themselves stay the density's alone."""
+    cfg = ClassifierTrainConfig(epochs=1, batch_size=64, seed=1, device="cpu")
+    res = run_train_classifier(tiny_job(tmp_path / "run", "rarity", auto_gate=1e-6, stage1_max_epochs=2, train=cfg))
+    first = res.metrics["first_model"]
+    assert first["chose"] == "none" and first["epochs"] == 2 and "rarity_k" not in first
+    assert [h["ess_fraction"] for h in res.metrics["history"]] == [1.0]
+    assert res.metrics["config"]["method_options"]["auto_gate"] == 1e-6
+    plain = run_train_classifier(tiny_job(tmp_path / "none", "none", train=cfg))
+    for a, b in zip(load_classifier(res.out)[0].state_dict().values(), load_classifier(plain.out)[0].state_dict().values()):
+        assert torch.equal(a, b)
