@@ -567,33 +567,24 @@ def _first_model_weights(
     training rows when the caller has them already (auto's gate), so that the pass is not run twice."""
     info: dict[str, Any] = {}
     kind = job.method
-    if kind == "rarity":
-        # auto's gate, as a switch only: the weights stay the density's alone. Without it, on natural UTKFace (no
-        # shortcut) the inverse density chased odd faces and cost 7.0 points of accuracy.
-        probs = train_probs if train_probs is not None else predict_proba(model, train)
-        info["first_epoch_ess"] = first_epoch_concentration(cross_entropy_of(probs, y_fit), y_fit)
-        info["gate"] = job.auto_gate
-        kind = info["chose"] = "rarity" if info["first_epoch_ess"] <= job.auto_gate else "none"
-        if kind == "none":
-            return kind, np.full(len(y_fit), 1.0 / len(y_fit)), None, info
-    # one pass of the first model over the training rows serves the losses (lff, auto) and the errors (cluster-errors)
-    probs = None
-    if kind != "rarity":
-        probs = train_probs if train_probs is not None else predict_proba(model, train)
-    if probs is not None:
-        errors = probs.argmax(1) != y_fit
+    # one pass of the first model over the training rows serves the gate (auto, rarity), the losses (lff, auto) and
+    # the errors (cluster-errors)
+    probs = train_probs if train_probs is not None else predict_proba(model, train)
+    errors = probs.argmax(1) != y_fit
+    if kind != "rarity":  # rarity's weights read no error signal
         info["error_rate"] = float(errors.mean()) if len(errors) else 0.0
-    if job.method in ("lff", "auto"):
-        losses = cross_entropy_of(probs, y_fit)
+    if kind in GATED_METHODS:
+        # For rarity the gate is a switch only, its weights stay the density's alone (ungated, on natural UTKFace the
+        # inverse density chased odd faces and cost 7.0 points of accuracy).
+        info["first_epoch_ess"] = _gate_value(probs, y_fit)
+        info["gate"] = job.auto_gate
+        shortcut = info["first_epoch_ess"] <= job.auto_gate
+        kind = info["chose"] = ("lff" if kind == "auto" else kind) if shortcut else "none"
+        if kind == "none":  # no shortcut seen: plain training, plain validation accuracy
+            return kind, np.full(len(y_fit), 1.0 / len(y_fit)), None, info
+    if kind == "lff":  # validation: half of each class's weight on the rows the biased model gets wrong
         val_errors = predict_proba(model, val).argmax(1) != y_val
-        if job.method == "auto":
-            info["first_epoch_ess"] = first_epoch_concentration(losses, y_fit)
-            info["gate"] = job.auto_gate
-            kind = info["chose"] = "lff" if info["first_epoch_ess"] <= job.auto_gate else "none"
-            if kind == "none":  # no shortcut seen: plain training, plain validation accuracy
-                return kind, np.full(len(y_fit), 1.0 / len(y_fit)), None, info
-        if kind == "lff":  # validation: half of each class's weight on the rows the biased model gets wrong
-            return kind, losses, mix_within_classes(val_errors.astype(np.float64), y_val, 0.5), info
+        return kind, cross_entropy_of(probs, y_fit), mix_within_classes(val_errors.astype(np.float64), y_val, 0.5), info
     feats = encode_features(model, train.batch, len(train))
     feats_val = encode_features(model, val.batch, len(val))
     if kind == "rarity":
@@ -627,10 +618,14 @@ def _to_quantiles(feats: np.ndarray, feats_val: np.ndarray) -> tuple[np.ndarray,
     return qt.transform(feats), (qt.transform(feats_val) if len(feats_val) else feats_val)
 
 
+def _gate_value(train_probs: np.ndarray, y_fit: np.ndarray) -> float:
+    """The gate of auto and rarity: how concentrated the biased first model's losses are (the ESS fraction of LfF's
+    first-epoch weights, from its probabilities on the training rows); low = a shortcut learned."""
+    return first_epoch_concentration(cross_entropy_of(train_probs, y_fit), y_fit)
+
+
 def _concentrated(job: ClassifierJob, train_probs: np.ndarray, y_fit: np.ndarray) -> bool:
-    """auto's gate: does the biased first model (its probabilities on the training rows) concentrate its losses on
-    few rows (a shortcut learned)?"""
-    return first_epoch_concentration(cross_entropy_of(train_probs, y_fit), y_fit) <= job.auto_gate
+    return _gate_value(train_probs, y_fit) <= job.auto_gate
 
 
 def stage1_loss(job: ClassifierJob) -> str:
