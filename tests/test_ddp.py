@@ -25,6 +25,7 @@ from debias.errors import DebiasError
 from debias.pipelines.train import TrainJob, run_train
 from debias.pipelines.train_classifier import ClassifierJob, run_train_classifier
 from debias.runtime.checkpoint import load_checkpoint
+from debias.runtime.device import set_precision
 from debias.runtime.distributed import DistContext, per_rank_batch, shard
 from debias.training.classifier import ClassifierTrainConfig, load_classifier
 from debias.training.vae import TrainConfig, encode_labels, load_model
@@ -34,11 +35,16 @@ pytestmark = pytest.mark.skipif(
 )
 
 SHAPES = "builtin:shapes?n=200"
-VAE_ARGS = ["--image-size", "32", "--latent-dim", "4", "--width", "8", "--batch-size", "64", "--device", "cpu"]
+# fp32 on both sides: the runs are compared number by number, and bf16 rounds a half batch differently from a whole one
+VAE_ARGS = [
+    "--image-size", "32", "--latent-dim", "4", "--width", "8", "--batch-size", "64", "--device", "cpu",
+    "--precision", "fp32",
+]  # fmt: skip
 SPURIOUS_N = 400
 CLS_ARGS = [
     "--label", "label", "--where", "split=train", "--eval-where", "split=test", "--image-size", "32",
     "--latent-dim", "4", "--width", "8", "--batch-size", "64", "--select", "last", "--device", "cpu", "--seed", "1",
+    "--precision", "fp32",
 ]  # fmt: skip
 
 
@@ -53,9 +59,11 @@ def torchrun(*args: str, env: dict[str, str], timeout: float = 300) -> subproces
 
 
 def in_process(fn, env: dict[str, str]):
-    """Run a single-process job here with the environment and the one thread per process the torchrun ranks have."""
+    """Run a single-process job here with the environment, the one thread per process and the fp32 forward passes the
+    torchrun ranks have (module fixtures run before the per-test fp32 default of conftest.py)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    set_precision("fp32")
     try:
         with pytest.MonkeyPatch.context() as mp:
             for k, v in env.items():
@@ -63,6 +71,7 @@ def in_process(fn, env: dict[str, str]):
             return fn()
     finally:
         torch.set_num_threads(threads)
+        set_precision("auto")
 
 
 def rows_of(folder: Path, tag: str, epoch: int, world_size: int) -> list[np.ndarray]:
