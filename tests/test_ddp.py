@@ -60,7 +60,7 @@ def torchrun(*args: str, env: dict[str, str], timeout: float = 300) -> subproces
 
 def in_process(fn, env: dict[str, str]):
     """Run a single-process job here with the environment, the one thread per process and the fp32 forward passes the
-    torchrun ranks have (module fixtures run before the per-test fp32 default of conftest.py)."""
+    torchrun ranks have (VAE_ARGS, CLS_ARGS)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     set_precision("fp32")
