@@ -56,12 +56,21 @@ def set_precision(name: str) -> None:
     _precision = name
 
 
-def effective_precision(device: torch.device) -> str:
-    """"bf16" or "fp32": what :func:`autocast` does on ``device`` under the current setting."""
+# Under ``auto`` a CPU forward pass of fewer images than this stays float32: autocast casts every weight on each call,
+# and below this batch size that costs more than bfloat16 saves (AVX-512-BF16, 1 thread, encode + decode: one image
+# 0.77-0.81x, 4 images 0.92-1.18x, 16 images 1.60-1.75x the images/s of fp32; docs/benchmarks.md, "Session 12").
+AUTO_BF16_MIN_BATCH = 8
+
+
+def effective_precision(device: torch.device, batch_size: int | None = None) -> str:
+    """"bf16" or "fp32": what :func:`autocast` does on ``device`` under the current setting, for a forward pass of
+    ``batch_size`` images (None: a training-sized batch)."""
     if _precision == "fp32":
         return "fp32"
     if _precision == "bf16":
         return "bf16"
+    if batch_size is not None and batch_size < AUTO_BF16_MIN_BATCH:
+        return "fp32"
     if device.type == "cuda":
         # Measured on an H200 (docs/benchmarks.md, "GPU checks"): at debias's model sizes a step is bound by kernel
         # launches, not arithmetic, and autocast's casts only add kernels: bf16 trained at 0.77x the images/s of fp32
@@ -70,9 +79,9 @@ def effective_precision(device: torch.device) -> str:
     return "bf16" if cpu_has_bf16() else "fp32"
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+def autocast(device: torch.device, batch_size: int | None = None) -> contextlib.AbstractContextManager:
     """bfloat16 autocast where :func:`effective_precision` says so (no loss scaling needed, unlike float16); full
     precision otherwise."""
-    if effective_precision(device) == "bf16":
+    if effective_precision(device, batch_size) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
