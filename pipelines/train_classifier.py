@@ -65,6 +65,7 @@ from debias.evaluation.classifier_metrics import CROSS, classification_metrics
 from debias.models.vae import ENCODERS
 from debias.reports.classifier import auto_choice, weight_shares, write_report
 from debias.runtime.checkpoint import atomic_write_table, write_json
+from debias.runtime.device import CLASSIFIER_BF16_WHEN_AUTO, effective_precision
 from debias.runtime.distributed import (
     DistContext,
     barrier,
@@ -453,6 +454,7 @@ def _run_train_classifier(job: ClassifierJob, ctx: DistContext) -> ClassifierRes
         "effective_sample_size_per_epoch": [h["ess"] for h in hist],
         "epoch_s": [h["epoch_s"] for h in hist],
         "weights_s": [h["weights_s"] for h in hist],
+        "precision": effective_precision(ctx.device, bf16_when_auto=CLASSIFIER_BF16_WHEN_AUTO),
         "history": hist,
         **extra,
         "config": {**job_signature(job), "model": model_config.to_dict()},

@@ -136,6 +136,7 @@ def test_integer_multiclass_labels_are_predicted_in_their_own_values(tmp_path):
     pred = pd.read_csv(res.out / "predictions.csv")
     assert pred["prediction"].dtype.kind == "i" and set(pred["prediction"]) <= {0, 1}
     assert res.metrics["classes"] == [0, 1]
+    assert res.metrics["precision"] == "fp32"  # classifier training at auto: fp32 on every machine (device.py)
     multi = run_train_classifier(
         tiny_job(tmp_path / "multi", "none", data="builtin:shapes?n=300", label="shape", eval_groups=["colour"],
                  train=ClassifierTrainConfig(epochs=1, batch_size=64, device="cpu"))

@@ -41,7 +41,7 @@ from debias.data.tensors import ImageTensor
 from debias.errors import DebiasError
 from debias.models import ConvVAE, VAEConfig, vae_loss
 from debias.runtime.checkpoint import load_checkpoint, save_checkpoint
-from debias.runtime.device import autocast
+from debias.runtime.device import CLASSIFIER_BF16_WHEN_AUTO, autocast
 from debias.runtime.distributed import (
     DistContext,
     ModelWithLoss,
@@ -139,7 +139,7 @@ def predict_proba(model: ConvVAE, images: ImageTensor, batch_size: int = 512) ->
     out = []
     for start in range(0, len(images), batch_size):
         idx = np.arange(start, min(start + batch_size, len(images)))
-        with autocast(device):
+        with autocast(device, bf16_when_auto=CLASSIFIER_BF16_WHEN_AUTO):
             _, _, logits = model.encode(images.batch(idx).to(device, non_blocking=True))
         out.append(torch.softmax(logits.float(), 1).cpu())
     model.train(was_training)
@@ -222,7 +222,7 @@ def train_classifier(
                 idx = rows[start : start + local_batch]
                 x = train.batch(idx).to(device, non_blocking=True)
                 y = y_all[idx].to(device, non_blocking=True)
-                with autocast(device):
+                with autocast(device, bf16_when_auto=CLASSIFIER_BF16_WHEN_AUTO):
                     loss, parts = step(x, y)
                 optimizer_step(optimizer, loss)
                 meter.add(parts, len(idx))

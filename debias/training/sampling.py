@@ -21,7 +21,7 @@ import torch
 from debias.density.estimators import LatentHistogramDensity, effective_sample_size
 from debias.errors import DebiasError
 from debias.models import ConvVAE
-from debias.runtime.device import autocast
+from debias.runtime.device import CLASSIFIER_BF16_WHEN_AUTO, autocast
 
 BatchFn = Callable[[np.ndarray], torch.Tensor]  # row indices -> float (B, C, H, W) in [0, 1]
 
@@ -156,7 +156,7 @@ def _encode_rows(
     out = []
     for start in range(0, n, batch_size):
         idx = np.arange(start, min(start + batch_size, n))
-        with autocast(device):
+        with autocast(device, bf16_when_auto=CLASSIFIER_BF16_WHEN_AUTO):  # part of classifier training
             out.append(fn(batch(idx).to(device, non_blocking=True)).float().cpu())
     model.train(was_training)
     return torch.cat(out).numpy() if out else np.zeros((0, 1), dtype=np.float32)
