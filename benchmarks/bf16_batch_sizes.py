@@ -1,6 +1,6 @@
 """bfloat16 against float32 on this CPU, by batch size: the isolated training step of the default 64-px VAE and
 `encode_batch` (encode + decode, what scoring runs) of a small and the default model, fp32 and bf16 alternating in one
-process, median of 3 rounds. It is the measurement behind `AUTO_BF16_MIN_BATCH` (debias.runtime.device).
+process, median of 3 rounds: where bf16 pays (docs/benchmarks.md, "Session 12: bfloat16").
 
     OMP_NUM_THREADS=1 python benchmarks/bf16_batch_sizes.py [--threads 1]
 """

@@ -263,8 +263,8 @@ PrecisionOpt = Annotated[
     Precision,
     typer.Option(
         "--precision", callback=_apply_precision,
-        help="auto (bf16 on CPUs with AMX or AVX-512-BF16, but fp32 for passes of fewer than 8 images; fp32 elsewhere, "
-        "CUDA included: faster there at these model sizes), fp32 or bf16.",
+        help="auto (bf16 on CPUs with AMX or AVX-512-BF16, but not for classifier training; fp32 elsewhere, CUDA "
+        "included: faster there at these model sizes), fp32 or bf16.",
     ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]

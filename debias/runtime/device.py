@@ -56,11 +56,6 @@ def set_precision(name: str) -> None:
     _precision = name
 
 
-# Under ``auto`` a CPU forward pass of fewer images than this stays float32: autocast casts every weight on each call,
-# and below this batch size that costs more than bfloat16 saves (AVX-512-BF16, 1 thread, encode + decode: one image
-# 0.77-0.81x, 4 images 0.92-1.18x, 16 images 1.60-1.75x the images/s of fp32; docs/benchmarks.md, "Session 12").
-AUTO_BF16_MIN_BATCH = 8
-
 # Classifier training (train-classifier, compare: the model, its first model and the weights' forward passes) stays
 # fp32 under ``auto``. Measured on an AVX-512-BF16 CPU, tint protocol, the default method, 10 seeds paired: bf16 gave
 # accuracy -1.0 +- 0.7 (SE) and worst group -4.0 +- 3.1 (SE) points against fp32, for 1.1-1.4x the speed; issue 12's
@@ -68,15 +63,19 @@ AUTO_BF16_MIN_BATCH = 8
 CLASSIFIER_BF16_WHEN_AUTO = False
 
 
-def effective_precision(device: torch.device, batch_size: int | None = None, *, bf16_when_auto: bool = True) -> str:
-    """"bf16" or "fp32": what :func:`autocast` does on ``device`` under the current setting, for a forward pass of
-    ``batch_size`` images (None: a training-sized batch). ``bf16_when_auto=False``: this pass stays fp32 under
-    ``auto`` (a loop whose results were not shown to hold at bf16); ``--precision bf16`` still applies."""
+def effective_precision(device: torch.device, *, bf16_when_auto: bool = True) -> str:
+    """"bf16" or "fp32": what :func:`autocast` does on ``device`` under the current setting. ``bf16_when_auto=False``:
+    this pass stays fp32 under ``auto`` (a loop whose results were not shown to hold at bf16); ``--precision bf16``
+    still applies.
+
+    The precision never depends on the batch size, although bf16 is slower than fp32 for a few images per call on an
+    AVX-512-BF16 CPU (one image 0.76-0.81x): an image's score must not depend on its batch mates, and the service
+    batches requests as they come (docs/benchmarks.md, "Session 12: bfloat16")."""
     if _precision == "fp32":
         return "fp32"
     if _precision == "bf16":
         return "bf16"
-    if not bf16_when_auto or (batch_size is not None and batch_size < AUTO_BF16_MIN_BATCH):
+    if not bf16_when_auto:
         return "fp32"
     if device.type == "cuda":
         # Measured on an H200 (docs/benchmarks.md, "GPU checks"): at debias's model sizes a step is bound by kernel
@@ -86,11 +85,9 @@ def effective_precision(device: torch.device, batch_size: int | None = None, *, 
     return "bf16" if cpu_has_bf16() else "fp32"
 
 
-def autocast(
-    device: torch.device, batch_size: int | None = None, *, bf16_when_auto: bool = True
-) -> contextlib.AbstractContextManager:
+def autocast(device: torch.device, *, bf16_when_auto: bool = True) -> contextlib.AbstractContextManager:
     """bfloat16 autocast where :func:`effective_precision` says so (no loss scaling needed, unlike float16); full
     precision otherwise."""
-    if effective_precision(device, batch_size, bf16_when_auto=bf16_when_auto) == "bf16":
+    if effective_precision(device, bf16_when_auto=bf16_when_auto) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
