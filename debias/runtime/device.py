@@ -45,9 +45,9 @@ def cpu_has_bf16() -> bool:
 
 
 def set_precision(name: str) -> None:
-    """``auto`` (bfloat16 on CPUs with AMX or AVX-512-BF16, float32 elsewhere, CUDA included), ``fp32`` or ``bf16``:
-    the precision of every forward pass in this process. Losses, KL terms, densities and calibration stay float32:
-    the loops cast the model's outputs before they use them."""
+    """``auto`` (bfloat16 on CPUs with AMX or AVX-512-BF16 except in classifier training, float32 elsewhere, CUDA
+    included), ``fp32`` or ``bf16``: the precision of every forward pass in this process. Losses, KL terms, densities
+    and calibration stay float32: the loops cast the model's outputs before they use them."""
     global _precision
     if name not in PRECISIONS:
         raise DebiasError(f"--precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
