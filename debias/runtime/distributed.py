@@ -195,10 +195,9 @@ def distributed_job(device: str = "auto") -> Iterator[DistContext]:
     ctx = init_distributed(device)
     try:
         yield ctx
-        if ctx.enabled and dist.is_initialized():
-            # Leave together: rank 0 alone writes the outputs, and a rank that tore gloo down while its peer was still
-            # connected was once aborted at exit ("terminate called without an active exception", SIGABRT; seen in a
-            # full test run). Skipped on an error, where a barrier could wait for a rank that is gone.
-            dist.barrier()
+        # Leave together: rank 0 alone writes the outputs, and a rank that tore gloo down while its peer was still
+        # connected was once aborted at exit ("terminate called without an active exception", SIGABRT; seen in a full
+        # test run). Skipped on an error, where a barrier could wait for a rank that is gone.
+        barrier(ctx)
     finally:
         cleanup(ctx)
