@@ -6,9 +6,10 @@
     python benchmarks/near_ood.py fpr-unseen --out bench-out/nearood
     python benchmarks/near_ood.py fpr-heldout --out bench-out/nearood [--cases mnist-1,...]
 
-``cache`` trains one small VAE per case and stores, per image of the case's four parts, everything the methods
-read: the posterior (mu, log sigma^2), the reconstruction error, the ELBO terms, the encoder's features, the pixels
-and the PNG size of the image (its input complexity). ``analyse`` fits every method on the same fit part and
+``cache`` trains one small VAE per case, and the contrastive encoder `debias train` trains beside it (its defaults,
+on the same training images), and stores, per image of the case's four parts, everything the methods read: the
+posterior (mu, log sigma^2), the reconstruction error, the ELBO terms, the VAE encoder's features, the contrastive
+encoder's features (``embedding``), the pixels and the PNG size of the image (its input complexity). ``analyse`` fits every method on the same fit part and
 scores the same in-distribution test images (negatives) and out-of-distribution images (positives).
 
 Cases (all models 28 px except UTKFace at 32 px; latent 16, width 16, beta 1, seed 0):
@@ -42,7 +43,15 @@ sys.path.insert(0, str(ROOT))
 
 from debias.data import ImageSet, load_images  # noqa: E402
 from debias.data.splits import DEFAULT_CALIBRATION_FRACTION, calibration_split  # noqa: E402
+from debias.density.detector import encoder_features  # noqa: E402
 from debias.models import VAEConfig  # noqa: E402
+from debias.models.contrastive import ContrastiveConfig  # noqa: E402
+from debias.training.contrastive import (  # noqa: E402
+    ContrastiveTrainConfig,
+    encoder_path,
+    load_encoder,
+    train_contrastive,
+)
 from debias.training.vae import DataDescription, TrainConfig, load_model, train_vae  # noqa: E402
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
@@ -142,8 +151,15 @@ def cache(args: argparse.Namespace) -> None:
                                    n_images=len(train), n_skipped=0)
             train_vae(train, cfg, TrainConfig(epochs=opts["epochs"], device="cpu"), run_dir, data_desc=desc,
                       resume=(run_dir / "checkpoint.pt").exists(), progress=False)
+        t_vae = time.perf_counter() - t0
+        if not encoder_path(run_dir).exists():  # `debias train`'s second model, at its defaults
+            train_contrastive(train, ContrastiveConfig(image_size=opts["image_size"], channels=train.channels),
+                              ContrastiveTrainConfig(device="cpu"), run_dir / "contrastive",
+                              data_desc={"fingerprint": train.fingerprint},
+                              resume=(run_dir / "contrastive" / "checkpoint.pt").exists(), progress=False)
         t_train = time.perf_counter() - t0
         model, _ = load_model(run_dir, "cpu")
+        encoder, _ = load_encoder(encoder_path(run_dir), "cpu")
         n = len(train)
         fit_rows, cal_rows = calibration_split(n, DEFAULT_CALIBRATION_FRACTION, 0)  # the split fit_detector makes
         split = {"fit": fit_rows, "cal": cal_rows}
@@ -152,11 +168,13 @@ def cache(args: argparse.Namespace) -> None:
                            ("in", inn), ("ood", ood)):
             for key, value in encode_all(model, data).items():
                 arrays[f"{part}/{key}"] = value
+            arrays[f"{part}/embedding"] = np.concatenate(
+                [encoder_features(encoder, data.batch(slice(a, a + 512))) for a in range(0, len(data), 512)])
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
         np.savez(tmp, **arrays)
         tmp.replace(path)
-        print(f"{case}: n_train {n}, in {len(inn)}, ood {len(ood)}; train {t_train:.0f} s, "
+        print(f"{case}: n_train {n}, in {len(inn)}, ood {len(ood)}; train {t_train:.0f} s (VAE {t_vae:.0f} s), "
               f"total {time.perf_counter() - t0:.0f} s", flush=True)
 
 
@@ -204,8 +222,15 @@ def fpr_heldout(args: argparse.Namespace) -> None:
                                    n_calibration=len(train) - len(fit_rows))
             train_vae(train.subset(fit_rows), cfg, TrainConfig(epochs=opts["epochs"], device="cpu"), run_dir,
                       data_desc=desc, resume=(run_dir / "checkpoint.pt").exists(), progress=False)
+        if not encoder_path(run_dir).exists():  # as `debias train`: the encoder on the VAE's rows only
+            train_contrastive(train.subset(fit_rows), ContrastiveConfig(image_size=opts["image_size"],
+                                                                        channels=train.channels),
+                              ContrastiveTrainConfig(device="cpu"), run_dir / "contrastive",
+                              data_desc={"fingerprint": train.fingerprint},
+                              resume=(run_dir / "contrastive" / "checkpoint.pt").exists(), progress=False)
         model, _ = load_model(run_dir, "cpu")
-        det = fit_detector(model, train, progress=False)  # calibrates on the rows the model never saw
+        encoder, _ = load_encoder(encoder_path(run_dir), "cpu")
+        det = fit_detector(model, train, encoder=encoder, progress=False)  # calibrates on rows neither model saw
         res_in, res_ood = det.score_dataset(inn, progress=False), det.score_dataset(ood, progress=False)
         auroc = roc_auc_score(np.r_[np.zeros(len(inn)), np.ones(len(ood))], np.r_[res_in.novelty, res_ood.novelty])
         old = before.get(case, {}).get("results", {}).get("debias novelty (shipped default)", {})

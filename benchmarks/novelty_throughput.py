@@ -67,6 +67,9 @@ def main() -> None:
     ap.add_argument("--compare-previous", action="store_true",
                     help="Also time the previous default scorer (l1 of posterior_knn + recon_error, no pixel density) "
                          "fitted on the same data, alternating with the shipped one (issue 16).")
+    ap.add_argument("--compare-vae-only", action="store_true",
+                    help="Also time the same run's detector without its contrastive encoder (the VAE statistics only, "
+                         "as --contrastive-epochs 0 gives), fitted on the same data, alternating with the shipped one.")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -130,15 +133,19 @@ def main() -> None:
             f"JPEG bytes, CPU decode (1 thread), batches of {bs}": n / timed(from_jpeg_cpu, args.repeats),
         },
     }
-    if args.compare_previous:
+    if args.compare_previous or args.compare_vae_only:
         from debias.density.detector import fit_detector
         from debias.density.novelty import NoveltyScorer
 
         fitted = det.card["fitted_on"]
         fit_data = load_images(fitted["source"], where=fitted.get("where", []), image_size=det.image_size,
                                channels=det.channels, progress=False)
-        previous = fit_detector(det.model, fit_data, scorer=NoveltyScorer(
-            statistics=("posterior_knn", "recon_error"), combine="l1", one_sided=("posterior_knn",)), progress=False)
+        if args.compare_vae_only:
+            previous = fit_detector(det.model, fit_data, progress=False)  # no encoder: the VAE's statistics only
+        else:
+            previous = fit_detector(det.model, fit_data, scorer=NoveltyScorer(
+                statistics=("posterior_knn", "recon_error"), combine="l1", one_sided=("posterior_knn",)),
+                progress=False)
         pairs = {"shipped": [], "previous": []}
         for _ in range(args.repeats):  # alternating, so that load from other jobs hits both alike
             for name, d in (("shipped", det), ("previous", previous)):

@@ -6,7 +6,7 @@ The Python API (see the README's "Python API"):
     imgs = debias.load_images("faces/manifest.csv", where={"split": "train"}, image_size=64)
     vae = debias.train_vae(imgs, out="runs/faces", epochs=10, latent_dim=32)
     audit = debias.RarityAudit(vae).fit(imgs)
-    det = debias.NoveltyDetector(vae, target_fpr=0.05).fit(imgs)
+    det = debias.NoveltyDetector(vae, encoder=debias.load_encoder("runs/faces"), target_fpr=0.05).fit(imgs)
 
 Names are imported on first use, so ``import debias`` (and the CLI's ``--help``) stays fast.
 """
@@ -22,6 +22,7 @@ _EXPORTS = {
     "load_images": "debias.api",
     "train_vae": "debias.api",
     "load_vae": "debias.api",
+    "load_encoder": "debias.api",
     "RarityAudit": "debias.api",
     "NoveltyDetector": "debias.api",
     "ImageSet": "debias.data.imageset",

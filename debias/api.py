@@ -48,10 +48,17 @@ from debias.density.rarity import (
 )
 from debias.errors import DebiasError
 from debias.models import ConvVAE
+from debias.models.contrastive import ContrastiveEncoder
+from debias.training.contrastive import (
+    ContrastiveTrainConfig,
+    encoder_path,
+    fit_encoder_on,
+)
+from debias.training.contrastive import load_encoder as _load_encoder
 from debias.training.vae import TrainConfig, fit_vae_on
 from debias.training.vae import load_model as _load_model
 
-__all__ = ["load_images", "train_vae", "load_vae", "RarityAudit", "NoveltyDetector"]
+__all__ = ["load_images", "train_vae", "load_vae", "load_encoder", "RarityAudit", "NoveltyDetector"]
 
 
 def load_images(
@@ -84,13 +91,15 @@ def train_vae(
     seed: int = 0,
     device: str = "auto",
     calibration_fraction: float = DEFAULT_CALIBRATION_FRACTION,
+    contrastive_epochs: int = 15,
     resume: bool = False,
     progress: bool = True,
 ) -> ConvVAE:
     """Train a beta-VAE (a DB-VAE with a class head when ``label`` names a column) into the run directory ``out``,
     as `debias train` does (checkpoint per epoch, ``resume=True`` continues), and return the trained model.
     ``calibration_fraction`` of the images are held out of training; a :class:`NoveltyDetector` loaded from the run
-    (:meth:`NoveltyDetector.load`) calibrates on them."""
+    (:meth:`NoveltyDetector.load`) calibrates on them. ``contrastive_epochs`` > 0 then trains the novelty score's
+    contrastive encoder on the same images into ``out/contrastive`` (:func:`load_encoder`)."""
     if isinstance(images, ImageSet):
         data = images if image_size in (None, images.image_size) else as_image_set(images, image_size, images.channels)
     elif isinstance(images, (str, Path)):
@@ -100,6 +109,9 @@ def train_vae(
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device)
     path = fit_vae_on(data, Path(out), config, latent_dim=latent_dim, beta=beta, width=width, label=label,
                       source=data.source, calibration_fraction=calibration_fraction, resume=resume, progress=progress)
+    if contrastive_epochs > 0:
+        fit_encoder_on(data, Path(out), ContrastiveTrainConfig(epochs=contrastive_epochs, seed=seed, device=device),
+                       calibration_fraction=calibration_fraction, resume=resume, progress=progress)
     return load_vae(path.parent)
 
 
@@ -107,6 +119,13 @@ def load_vae(run: str | Path, device: str = "cpu") -> ConvVAE:
     """The trained model of a run directory (``model.pt``), in eval mode."""
     model, _ = _load_model(run, device)
     return model
+
+
+def load_encoder(run: str | Path, device: str = "cpu") -> ContrastiveEncoder | None:
+    """The contrastive encoder of a run directory (``contrastive/encoder.pt``), in eval mode; None when the run was
+    trained without one (``contrastive_epochs=0``)."""
+    path = encoder_path(run)
+    return _load_encoder(path, device)[0] if path.exists() else None
 
 
 def _channels_of(images: Any) -> int:
@@ -232,6 +251,9 @@ class NoveltyDetector(OutlierMixin, BaseEstimator):
     ``score_samples`` is higher = more normal; ``decision_function`` = ``score_samples - offset_`` (< 0 = novel);
     ``predict`` gives +1 typical / -1 novel; ``p_values`` the conformal p-values (small = novel).
 
+    ``encoder``: the run's contrastive encoder (:func:`load_encoder`); with it the score adds the kNN distance among
+    its features (``embedding_knn``), which sees near-distribution images that the VAE's statistics miss.
+
     ``fit(embeddings=E)`` needs no model: the score is then the kNN distance among the embeddings (one-sided), with
     the same split and calibration; score new rows with ``embeddings=`` too.
     """
@@ -240,12 +262,14 @@ class NoveltyDetector(OutlierMixin, BaseEstimator):
         self,
         vae: ConvVAE | None = None,
         *,
+        encoder: ContrastiveEncoder | None = None,
         target_fpr: float = DEFAULT_TARGET_FPR,
         calibration_fraction: float = DEFAULT_CALIBRATION_FRACTION,
         seed: int = 0,
         batch_size: int = 256,
     ) -> None:
         self.vae = vae
+        self.encoder = encoder
         self.target_fpr = target_fpr
         self.calibration_fraction = calibration_fraction
         self.seed = seed
@@ -263,8 +287,8 @@ class NoveltyDetector(OutlierMixin, BaseEstimator):
             cfg = self.vae.config
             data = as_image_set(X, cfg.image_size, cfg.channels)
             self.detector_ = fit_detector(self.vae, data, calibration_fraction=self.calibration_fraction,
-                                          target_fpr=self.target_fpr, seed=self.seed, batch_size=self.batch_size,
-                                          progress=False)
+                                          target_fpr=self.target_fpr, encoder=self.encoder, seed=self.seed,
+                                          batch_size=self.batch_size, progress=False)
         self.offset_ = -float(self.detector_.calibrator.threshold_)
         return self
 
@@ -302,7 +326,8 @@ class NoveltyDetector(OutlierMixin, BaseEstimator):
         return pd.DataFrame([res.record(i) for i in range(len(res))])
 
     def save(self, path: str | Path) -> Path:
-        """Write the fitted detector (model weights included) to the folder ``path``: model.pt + novelty.pt."""
+        """Write the fitted detector (model weights included) to the folder ``path``: model.pt (+ the encoder's
+        contrastive/encoder.pt) + novelty.pt."""
         check_is_fitted(self, "detector_")
         if isinstance(self.detector_, EmbeddingDetector):
             raise DebiasError("saving a detector fitted on embeddings is not supported; refit it from the embeddings")
@@ -316,7 +341,7 @@ class NoveltyDetector(OutlierMixin, BaseEstimator):
         from debias.density.detector import open_detector
 
         det = open_detector(path, device=device, progress=False)
-        self = cls(det.model, target_fpr=det.calibrator.target_fpr)
+        self = cls(det.model, encoder=det.encoder, target_fpr=det.calibrator.target_fpr)
         self.detector_ = det
         self.offset_ = -float(det.calibrator.threshold_)
         return self

@@ -311,10 +311,16 @@ def train(
         float, typer.Option(min=0.0, max=0.5, help="Share of the images held out of training, on which `debias "
                             "score` and the service calibrate the novelty p-values (0 = train on all).")
     ] = 0.2,
+    contrastive_epochs: Annotated[
+        int, typer.Option(min=0, help="Epochs of the contrastive encoder trained after the VAE on the same images: "
+                          "its kNN distance joins the novelty score and catches near-distribution images the VAE "
+                          "cannot tell apart (0 = no encoder; the novelty score then uses the VAE alone).")
+    ] = 15,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Train a beta-VAE (or a DB-VAE when --label is given) on a data source."""
+    """Train a beta-VAE (or a DB-VAE when --label is given) on a data source, and the novelty score's contrastive
+    encoder on the same images."""
     from debias.pipelines.train import TrainJob, run_train
     from debias.training.vae import TrainConfig
 
@@ -331,6 +337,7 @@ def train(
         width=width,
         train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device),
         calibration_fraction=calibration_fraction,
+        contrastive_epochs=contrastive_epochs,
         resume=resume,
         progress=not quiet,
     )

@@ -33,6 +33,7 @@ def run_demo(out: Path, epochs: int = 12, n: int = 4000, device: str = "auto", p
             image_size=DEMO_IMAGE_SIZE,
             latent_dim=DEMO_LATENT_DIM,
             train=TrainConfig(epochs=epochs, device=device),
+            contrastive_epochs=0,  # the demo audits; the contrastive encoder serves novelty scoring only
             resume=True,
             progress=progress,
         )

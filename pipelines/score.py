@@ -73,7 +73,7 @@ def run_score(job: ScoreJob) -> ScoreResult:
     scores["rarity"] = res.rarity
     scores["recon_error"] = res.recon_error
     scores["novelty_rank"] = scores["novelty"].rank(ascending=False, method="first").astype(int)
-    scores["driver"] = res.driver  # the statistic behind each verdict: posterior_knn or recon_error
+    scores["driver"] = res.driver  # the statistic behind each verdict (NoveltyScorer's statistics)
     scores["statistics"] = [json.dumps(d) for d in res.statistics]
     scores["top_dims"] = [json.dumps(d) for d in res.top_dims]
 

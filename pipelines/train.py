@@ -1,4 +1,5 @@
-"""`debias train`: load a source, pick the model (beta-VAE, or DB-VAE when a label is given) and run the loop."""
+"""`debias train`: load a source, pick the model (beta-VAE, or DB-VAE when a label is given) and run its loop; then
+train the novelty score's contrastive encoder on the same training rows (``RUN_DIR/contrastive/``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from debias.data import load_images
 from debias.data.splits import DEFAULT_CALIBRATION_FRACTION
 from debias.runtime.distributed import DistContext, distributed_job
+from debias.training.contrastive import ContrastiveTrainConfig, fit_encoder_on
 from debias.training.vae import TrainConfig, fit_vae_on
 
 
@@ -25,6 +27,7 @@ class TrainJob:
     width: int = 32
     train: TrainConfig = field(default_factory=TrainConfig)
     calibration_fraction: float = DEFAULT_CALIBRATION_FRACTION  # held out of training for the novelty calibration
+    contrastive_epochs: int = 15  # the novelty score's contrastive encoder (issue 16); 0 = none, VAE statistics only
     resume: bool = False
     progress: bool = True
 
@@ -40,9 +43,17 @@ def run_train(job: TrainJob) -> Path:
 def _run_train(job: TrainJob, ctx: DistContext) -> Path:
     progress = job.progress and ctx.is_main
     data = load_images(job.data, where=job.where, image_size=job.image_size, channels=job.channels, progress=progress)
-    return fit_vae_on(
+    path = fit_vae_on(
         data, job.out, job.train, latent_dim=job.latent_dim, beta=job.beta, width=job.width, label=job.label,
         vae_class=job.vae_class, source=job.data, where=list(job.where), calibration_fraction=job.calibration_fraction,
         resume=job.resume, progress=job.progress,
         ctx=ctx,
     )
+    if job.contrastive_epochs > 0:
+        fit_encoder_on(
+            data, job.out, ContrastiveTrainConfig(epochs=job.contrastive_epochs, seed=job.train.seed,
+                                                  device=job.train.device),
+            source=job.data, where=list(job.where), calibration_fraction=job.calibration_fraction, resume=job.resume,
+            progress=job.progress, ctx=ctx,
+        )
+    return path

@@ -40,8 +40,9 @@ class ImageScore(BaseModel):
     recon_error: float | None = Field(default=None, description="Mean squared error per pixel of the reconstruction.")
     driver: str | None = Field(
         default=None, description="The statistic that drove the novelty score: posterior_knn (the latent distance "
-        "to the nearest training images), recon_error (the reconstruction error) or pixel_density (how usual the "
-        "image's pixel values are at their positions among the training images)."
+        "to the nearest training images), recon_error (the reconstruction error), pixel_density (how usual the "
+        "image's pixel values are at their positions among the training images) or embedding_knn (the distance to "
+        "the nearest training images in the contrastive encoder's features, when the run has one)."
     )
     statistics: dict[str, float] = Field(
         default_factory=dict, description="Each statistic's standardised value (training mean 0, sd 1)."

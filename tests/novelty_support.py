@@ -20,7 +20,8 @@ TINY_SIZE = 32
 
 @lru_cache(maxsize=1)
 def _trained_template() -> Path:
-    """Train once per process (1-2 s on 2 cores): 32 px, latent 6, width 8, 2 epochs."""
+    """Train once per process (a few seconds on 2 cores): 32 px, latent 6, width 8, 2 epochs; and the contrastive
+    encoder at its defaults (15 epochs of the 240 training rows)."""
     from debias.pipelines.train import TrainJob, run_train
     from debias.training.vae import TrainConfig
 
@@ -42,12 +43,16 @@ def _trained_template() -> Path:
     return root / "run"
 
 
-def tiny_run(dest: Path) -> Path:
-    """A fresh copy of the tiny run (model.pt and config, no novelty.pt) at ``dest``."""
+def tiny_run(dest: Path, encoder: bool = True) -> Path:
+    """A fresh copy of the tiny run (model.pt and config, no novelty.pt) at ``dest``; with its contrastive encoder
+    (contrastive/encoder.pt) unless ``encoder=False`` (a run trained with --contrastive-epochs 0)."""
     src = _trained_template()
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("model.pt", "config.json"):
         shutil.copy2(src / name, dest / name)
+    if encoder:
+        (dest / "contrastive").mkdir(exist_ok=True)
+        shutil.copy2(src / "contrastive" / "encoder.pt", dest / "contrastive" / "encoder.pt")
     return dest
 
 

@@ -41,7 +41,9 @@ def test_the_readme_example_runs_as_written(trained, tmp_path: Path) -> None:
     w = audit.sampling_weights(imgs.subset(np.arange(50)))
     assert w.shape == (50,) and w.sum() == pytest.approx(1.0)
 
-    det = debias.NoveltyDetector(vae, target_fpr=0.05).fit(imgs)
+    encoder = debias.load_encoder(out)  # train_vae trained it into out/contrastive
+    det = debias.NoveltyDetector(vae, encoder=encoder, target_fpr=0.05).fit(imgs)
+    assert det.detector_.scorer.statistics[-1] == "embedding_knn"
     x = imgs.subset(np.arange(40))
     s = det.score_samples(x)
     np.testing.assert_allclose(det.decision_function(x), s - det.offset_)
@@ -56,6 +58,7 @@ def test_the_readme_example_runs_as_written(trained, tmp_path: Path) -> None:
 
     det.save(tmp_path / "det")
     again = debias.NoveltyDetector.load(tmp_path / "det")
+    assert again.encoder is not None  # the encoder travels with the saved detector
     np.testing.assert_allclose(again.score_samples(x), s, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(again.predict(x), pred)
 

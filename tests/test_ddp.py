@@ -36,9 +36,10 @@ pytestmark = pytest.mark.skipif(
 
 SHAPES = "builtin:shapes?n=200"
 # fp32 on both sides: the runs are compared number by number, and bf16 rounds a half batch differently from a whole one
+# No contrastive encoder in the VAE comparisons (its own test is test_contrastive_encoder_under_torchrun)
 VAE_ARGS = [
     "--image-size", "32", "--latent-dim", "4", "--width", "8", "--batch-size", "64", "--device", "cpu",
-    "--precision", "fp32",
+    "--precision", "fp32", "--contrastive-epochs", "0",
 ]  # fmt: skip
 SPURIOUS_N = 400
 CLS_ARGS = [
@@ -122,10 +123,26 @@ def vae_runs(tmp_path_factory):
     resumed = torchrun("train", "--data", SHAPES, "--out", str(run), "--epochs", "2", "--resume", *VAE_ARGS, env=record)
     job = TrainJob(
         data=SHAPES, out=root / "single" / "run", image_size=32, latent_dim=4, width=8,
-        train=TrainConfig(epochs=2, batch_size=64, device="cpu"), progress=False,
+        train=TrainConfig(epochs=2, batch_size=64, device="cpu"), contrastive_epochs=0, progress=False,
     )  # fmt: skip
     in_process(lambda: run_train(job), {**env, "DEBIAS_RECORD_ROWS": str(root / "rows-single")})
     return {"root": root, "env": env, "first": first, "resumed": resumed}
+
+
+def test_contrastive_encoder_under_torchrun(tmp_path):
+    """`debias train` trains the novelty score's contrastive encoder data-parallel after the VAE: rank 0 alone writes
+    it, it loads in a single process, and the detector reads its features."""
+    from debias.density.detector import open_detector
+    from debias.training.contrastive import encoder_path, load_encoder
+
+    run = tmp_path / "run"
+    args = [a for a in VAE_ARGS if a not in ("--contrastive-epochs", "0")]
+    proc = torchrun("train", "--data", SHAPES, "--out", str(run), "--epochs", "1", "--contrastive-epochs", "2", *args,
+                    env={"DEBIAS_CACHE_DIR": str(tmp_path / "cache")})
+    assert proc.stdout.count("model written to") == 1
+    encoder, meta = load_encoder(encoder_path(run))
+    assert [row["epoch"] for row in meta["history"]] == [1, 2] and meta["data"]["n_images"] == 160  # 80 % of 200
+    assert open_detector(run, progress=False).scorer.statistics[-1] == "embedding_knn"
 
 
 def test_train_under_torchrun_writes_a_model_that_loads_single_process(vae_runs):

@@ -187,7 +187,12 @@ def test_each_statistic_reacts_to_its_own_shift():
     }.items():
         scorer = NoveltyScorer(statistics=(name,)).fit(X[:2000])
         assert np.median(scorer.novelty(shifted[2000:])) > np.quantile(scorer.novelty(X[2000:]), 0.99), name
-    assert len(NoveltyScorer(statistics=STATISTICS).fit(X).statistic_matrix(X[:3]).T) == len(STATISTICS)
+    E = np.random.default_rng(1).normal(size=(3000, 4))
+    scorer = NoveltyScorer(statistics=("embedding_knn",)).fit(X[:2000], embeddings=E[:2000])
+    assert np.median(scorer.novelty(X[2000:], embeddings=E[2000:] * 3)) > np.quantile(
+        scorer.novelty(X[2000:], embeddings=E[2000:]), 0.99)
+    every = NoveltyScorer(statistics=STATISTICS).fit(X, embeddings=E)
+    assert len(every.statistic_matrix(X[:3], embeddings=E[:3]).T) == len(STATISTICS)
 
 
 def test_top_dims_point_at_the_shifted_dimension():
@@ -325,15 +330,16 @@ def test_cached_tables_are_not_stored_and_a_reloaded_detector_scores_the_same(ru
     first = open_detector(run, progress=False)
     x = torch.rand(5, first.channels, first.image_size, first.image_size, generator=torch.Generator().manual_seed(0))
     before = first.score_batch(x)
-    assert hasattr(first.scorer, "_ref_sq_norms") and hasattr(first.scorer.density_, "_tail_cache")
-    np.testing.assert_allclose(first.scorer._ref_sq_norms, (first.scorer.reference_ ** 2).sum(1), rtol=1e-12)
-    first.save(run / NOVELTY_FILE, file_sha256(run / "model.pt"))
+    assert hasattr(first.scorer, "_reference_cache") and hasattr(first.scorer.density_, "_tail_cache")
+    _, _, norms = first.scorer._reference_cache["posterior"]
+    np.testing.assert_allclose(norms, (first.scorer.reference_ ** 2).sum(1), rtol=1e-12)
+    first.save(run / NOVELTY_FILE, file_sha256(run / "model.pt"), file_sha256(run / "contrastive" / "encoder.pt"))
     stored = torch.load(run / NOVELTY_FILE, weights_only=True)["scorer"]["state"]
     assert not [k for k in stored if k.startswith("_")]
     assert not [k for k in stored["density_"]["state"] if k.startswith("_")]
     monkeypatch.setattr("debias.density.detector.fit_detector", lambda *a, **k: pytest.fail("refitted, not loaded"))
     loaded = open_detector(run, progress=False)
-    assert not hasattr(loaded.scorer, "_ref_sq_norms")  # the file held no cache
+    assert not hasattr(loaded.scorer, "_reference_cache")  # the file held no cache
     after = loaded.score_batch(x)
     np.testing.assert_array_equal(after.novelty, before.novelty)
     assert after.top_dims == before.top_dims and after.driver == before.driver
@@ -409,8 +415,8 @@ def test_score_command_end_to_end(run, tmp_path):
     assert scores["p_value"].between(1 / 61, 1).all()
     dims = json.loads(scores["top_dims"].iloc[0])
     assert len(dims) == 5 and {"dim", "distance_share", "tail", "value"} <= set(dims[0])
-    assert set(scores["driver"]) <= {"posterior_knn", "recon_error", "pixel_density"}
-    assert set(json.loads(scores["statistics"].iloc[0])) == {"posterior_knn", "recon_error", "pixel_density"}
+    stats = {"posterior_knn", "recon_error", "pixel_density", "embedding_knn"}  # the run has a contrastive encoder
+    assert set(scores["driver"]) <= stats and set(json.loads(scores["statistics"].iloc[0])) == stats
     noise = pd.read_parquet(out_noise / "scores.parquet")
     assert noise["is_novel"].mean() > 0.9 > 0.3 > scores["is_novel"].mean()
     assert roc_auc_score(np.r_[np.zeros(len(scores)), np.ones(len(noise))], np.r_[scores["novelty"], noise["novelty"]]) > 0.95

@@ -88,8 +88,8 @@ def test_score_matches_the_library_in_request_order(client, run):
         assert res["p_value"] == pytest.approx(ref.p_value[i], abs=1 / 61 + 1e-9)
         assert res["rarity"] == pytest.approx(ref.rarity[i], rel=1e-6)
         assert len(res["top_dims"]) == 5 and res["heatmap_png"] is None
-        assert res["driver"] in ("posterior_knn", "recon_error", "pixel_density")
-        assert set(res["statistics"]) == {"posterior_knn", "recon_error", "pixel_density"}
+        assert res["driver"] in ("posterior_knn", "recon_error", "pixel_density", "embedding_knn")
+        assert set(res["statistics"]) == {"posterior_knn", "recon_error", "pixel_density", "embedding_knn"}
     assert all(x["is_novel"] for x in body["results"][3:])  # noise
     assert body["model"]["run"] == "run" and body["model"]["target_fpr"] == 0.05
 

@@ -33,6 +33,9 @@ from debias.density.calibration import ConformalCalibrator
 from debias.density.encoding import Encoded, encode_batch, encode_images
 from debias.density.estimators import LatentHistogramDensity
 from debias.density.novelty import (
+    DEFAULT_STATISTICS,
+    DEFAULT_STATISTICS_WITH_EMBEDDING,
+    EMBEDDING_STATISTICS,
     PIXEL_STATISTICS,
     NoveltyScorer,
     PixelDensity,
@@ -40,13 +43,16 @@ from debias.density.novelty import (
 )
 from debias.errors import DebiasError
 from debias.models import ConvVAE
+from debias.models.contrastive import ContrastiveEncoder
 from debias.runtime.checkpoint import load_checkpoint, save_checkpoint
+from debias.runtime.device import autocast
+from debias.training.contrastive import encoder_path, load_encoder
 from debias.training.vae import MODEL, load_model
 
 NOVELTY_FILE = "novelty.pt"
-# 3: + pixel_density, fisher (issue 16); 2: posterior_knn + recon_error, l1; 1: mahalanobis of five statistics.
-# A file of another format is refitted, not read.
-FORMAT_VERSION = 3
+# 4: + embedding_knn when the run has a contrastive encoder (issue 16); 3: + pixel_density, fisher; 2: posterior_knn +
+# recon_error, l1; 1: mahalanobis of five statistics. A file of another format is refitted, not read.
+FORMAT_VERSION = 4
 DEFAULT_TARGET_FPR = 0.05
 
 
@@ -85,7 +91,8 @@ class NoveltyResults:
 # -- the detector ------------------------------------------------------------------------------------------------
 class FittedDetector:
     """Model + fitted :class:`NoveltyScorer` + :class:`ConformalCalibrator`, and a card describing them; with a
-    :class:`PixelDensity` when the scorer reads the pixel column (the default statistics do)."""
+    :class:`PixelDensity` when the scorer reads the pixel column (the default statistics do), and the run's
+    :class:`~debias.models.contrastive.ContrastiveEncoder` when the scorer reads embeddings (``embedding_knn``)."""
 
     def __init__(
         self,
@@ -94,12 +101,14 @@ class FittedDetector:
         calibrator: ConformalCalibrator,
         card: dict[str, Any],
         pixel_density: PixelDensity | None = None,
+        encoder: ContrastiveEncoder | None = None,
     ) -> None:
         self.model = model
         self.scorer = scorer
         self.calibrator = calibrator
         self.card = card
         self.pixel_density = pixel_density
+        self.encoder = encoder
 
     @property
     def device(self) -> torch.device:
@@ -117,16 +126,23 @@ class FittedDetector:
         """The same detector deciding at another false-positive rate (recomputed from the stored scores)."""
         cal = ConformalCalibrator(target_fpr=target_fpr).fit(self.calibrator.scores_)
         card = {**self.card, "target_fpr": cal.target_fpr, "threshold": _finite_or_none(cal.threshold_)}
-        return FittedDetector(self.model, self.scorer, cal, card, self.pixel_density)
+        return FittedDetector(self.model, self.scorer, cal, card, self.pixel_density, self.encoder)
 
     def pixel_scores(self, x: torch.Tensor) -> np.ndarray | None:
         """The pixel column of the feature matrix for (B, C, S, S) images in [0, 1], or None without one."""
         return self.pixel_density.score_samples(x) if self.pixel_density is not None else None
 
-    def score_encoded(self, enc: Encoded, pixel: np.ndarray | None = None, *, top_k: int = 5) -> NoveltyResults:
-        """Results from encodings (and the images' :meth:`pixel_scores`, when the detector has a pixel density)."""
+    def embeddings(self, x: torch.Tensor) -> np.ndarray | None:
+        """The contrastive encoder's features of (B, C, S, S) images in [0, 1], or None without an encoder."""
+        return encoder_features(self.encoder, x) if self.encoder is not None else None
+
+    def score_encoded(
+        self, enc: Encoded, pixel: np.ndarray | None = None, *, embeddings: np.ndarray | None = None, top_k: int = 5
+    ) -> NoveltyResults:
+        """Results from encodings (and the images' :meth:`pixel_scores` and :meth:`embeddings`, when the detector has
+        a pixel density and an encoder)."""
         X = feature_matrix(enc, pixel)
-        out = self.scorer.analyse(X, k=top_k)  # one neighbour search for the score and its explanation
+        out = self.scorer.analyse(X, k=top_k, embeddings=embeddings)  # one neighbour search for score and explanation
         return NoveltyResults(
             novelty=out["novelty"],
             p_value=self.calibrator.p_values(out["novelty"]),
@@ -141,7 +157,7 @@ class FittedDetector:
     def score_batch(self, x: torch.Tensor, *, top_k: int = 5, keep_recon: bool = False) -> NoveltyResults:
         """(B, C, S, S) float images in [0, 1] (already at the model's size) -> results."""
         enc, recon = encode_batch(self.model, x)
-        res = self.score_encoded(enc, self.pixel_scores(x), top_k=top_k)
+        res = self.score_encoded(enc, self.pixel_scores(x), embeddings=self.embeddings(x), top_k=top_k)
         if keep_recon:
             res.recon, res.images = recon, x.float().cpu()
         return res
@@ -151,14 +167,16 @@ class FittedDetector:
     ) -> NoveltyResults:
         enc = encode_images(self.model, data, batch_size=batch_size, progress=progress)
         pixel = _pixel_scores(self.pixel_density, data, batch_size) if self.pixel_density is not None else None
-        return self.score_encoded(enc, pixel, top_k=top_k)
+        emb = _embeddings(self.encoder, data, batch_size) if self.encoder is not None else None
+        return self.score_encoded(enc, pixel, embeddings=emb, top_k=top_k)
 
     # -- persistence -----------------------------------------------------------------------------------------------
-    def save(self, path: str | Path, model_sha256: str) -> None:
+    def save(self, path: str | Path, model_sha256: str, encoder_sha256: str | None = None) -> None:
         save_checkpoint(
             {
                 "format": FORMAT_VERSION,
                 "model_sha256": model_sha256,
+                "encoder_sha256": encoder_sha256,
                 "scorer": _pack(self.scorer),
                 "calibrator": _pack(self.calibrator),
                 "pixel_density": _pack(self.pixel_density),
@@ -185,11 +203,14 @@ def fit_detector(
     calibration_fraction: float = DEFAULT_CALIBRATION_FRACTION,
     target_fpr: float = DEFAULT_TARGET_FPR,
     scorer: NoveltyScorer | None = None,
+    encoder: ContrastiveEncoder | None = None,
     seed: int = 0,
     batch_size: int = 256,
     progress: bool = True,
 ) -> FittedDetector:
-    """Encode ``data``, fit the scorer on a random ``1 - calibration_fraction`` of it and calibrate on the rest."""
+    """Encode ``data``, fit the scorer on a random ``1 - calibration_fraction`` of it and calibrate on the rest.
+    With a contrastive ``encoder`` the default scorer adds ``embedding_knn`` (kNN among its features) to the
+    default statistics."""
     n = len(data)
     try:
         fit_rows, cal_rows = calibration_split(n, calibration_fraction, seed)
@@ -197,7 +218,12 @@ def fit_detector(
         raise DebiasError(f"{exc}: need at least 3 images and a fraction in (0, 1)") from None
     t0 = time.perf_counter()
     enc = encode_images(model, data, batch_size=batch_size, progress=progress, description="encoding (novelty fit)")
-    scorer = scorer if scorer is not None else NoveltyScorer()
+    if scorer is None:
+        scorer = NoveltyScorer(statistics=DEFAULT_STATISTICS_WITH_EMBEDDING if encoder is not None else DEFAULT_STATISTICS)
+    uses_embeddings = bool(EMBEDDING_STATISTICS & set(scorer.statistics))
+    if uses_embeddings and encoder is None:
+        raise DebiasError("the novelty statistic embedding_knn needs a contrastive encoder (debias train trains one)")
+    emb = _embeddings(encoder, data, batch_size) if uses_embeddings else None  # an unread encoder is not kept
     pixel_density, pixel = None, None
     if PIXEL_STATISTICS & set(scorer.statistics):
         # Fitted on the fit part only, like the scorer: the calibration images must be new to everything that was
@@ -207,8 +233,9 @@ def fit_detector(
             pixel_density.partial_fit(data.batch(np.sort(fit_rows[a : a + batch_size])))
         pixel = _pixel_scores(pixel_density, data, batch_size)
     X = feature_matrix(enc, pixel)
-    scorer.fit(X[fit_rows])
-    calibrator = ConformalCalibrator(target_fpr=target_fpr).fit(scorer.novelty(X[cal_rows]))
+    scorer.fit(X[fit_rows], embeddings=None if emb is None else emb[fit_rows])
+    calibrator = ConformalCalibrator(target_fpr=target_fpr).fit(
+        scorer.novelty(X[cal_rows], embeddings=None if emb is None else emb[cal_rows]))
     cfg = model.config
     meta = meta or {}
     card = {
@@ -224,6 +251,8 @@ def fit_detector(
             "one_sided": list(scorer.one_sided),
             "n_neighbors": scorer.n_neighbors,
             "pixel_bins": pixel_density.bins if pixel_density is not None else None,
+            "embedding": None if emb is None else {
+                "encoder": "contrastive (SimCLR)", "features": int(emb.shape[1]), "input_size": encoder.config.input_size},
             "knn_references": int(len(scorer.reference_)),
             "bins": scorer.bins,
             "alpha": scorer.alpha,
@@ -241,7 +270,7 @@ def fit_detector(
         "fitted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "fit_seconds": round(time.perf_counter() - t0, 2),
     }
-    return FittedDetector(model, scorer, calibrator, card, pixel_density)
+    return FittedDetector(model, scorer, calibrator, card, pixel_density, encoder if emb is not None else None)
 
 
 def open_detector(
@@ -255,16 +284,21 @@ def open_detector(
     batch_size: int = 256,
     progress: bool = True,
 ) -> FittedDetector:
-    """The detector of a run: ``RUN_DIR/novelty.pt`` when it matches ``model.pt``, else fitted now (on ``fit_data``,
-    default the model's training data) and saved there. ``target_fpr`` overrides the stored one for this use only."""
+    """The detector of a run: ``RUN_DIR/novelty.pt`` when it matches ``model.pt`` (and the run's contrastive encoder,
+    ``RUN_DIR/contrastive/encoder.pt``, when it has one), else fitted now (on ``fit_data``, default the model's
+    training data) and saved there. ``target_fpr`` overrides the stored one for this use only."""
     run = Path(run_dir)
     model, meta = load_model(run, device)
     model_path = run / MODEL if run.is_dir() else run
     sha = file_sha256(model_path)
+    encoder, encoder_sha = None, None
+    if encoder_path(model_path.parent).exists():
+        encoder, _ = load_encoder(encoder_path(model_path.parent), device)
+        encoder_sha = file_sha256(encoder_path(model_path.parent))
     path = model_path.parent / NOVELTY_FILE
     det: FittedDetector | None = None
     if path.exists() and not refit and fit_data is None:
-        det = _load(path, model, sha)
+        det = _load(path, model, sha, encoder, encoder_sha)
     if det is None:
         data = _fit_source(model, meta, fit_data, fit_where, progress)
         split = {}
@@ -278,11 +312,13 @@ def open_detector(
                       "(the model may have seen those images)", file=sys.stderr)
         det = fit_detector(
             model, data, meta=meta, model_sha256=sha, target_fpr=target_fpr or DEFAULT_TARGET_FPR,
-            batch_size=batch_size, progress=progress, **split,
+            encoder=encoder, batch_size=batch_size, progress=progress, **split,
         )
         det.card["calibration_held_out_of_training"] = bool(split)
         det.card["fitted_on"]["where"] = list((fit_where or []) if fit_data is not None else meta["data"].get("where", []))
-        det.save(path, sha)
+        if det.card["novelty"]["embedding"] is not None:
+            det.card["novelty"]["embedding"]["encoder_sha256"] = (encoder_sha or "")[:16]
+        det.save(path, sha, encoder_sha)
     det.card["run"] = model_path.parent.name
     if target_fpr is not None and target_fpr != det.calibrator.target_fpr:
         det = det.with_target_fpr(target_fpr)
@@ -308,10 +344,15 @@ def _fit_source(
     return load_images(fit_data, where=fit_where or [], image_size=cfg.image_size, channels=cfg.channels, progress=progress)
 
 
-def _load(path: Path, model: ConvVAE, sha: str) -> FittedDetector | None:
-    """The stored detector, or None when it belongs to another model file or an older format (then refit)."""
+def _load(
+    path: Path, model: ConvVAE, sha: str, encoder: ContrastiveEncoder | None, encoder_sha: str | None
+) -> FittedDetector | None:
+    """The stored detector, or None when it belongs to another model or encoder file (or to none where the run now
+    has one), or to an older format: then it is refitted."""
     blob = load_checkpoint(path)
     if blob.get("format") != FORMAT_VERSION or blob.get("model_sha256") != sha:
+        return None
+    if blob.get("encoder_sha256") != encoder_sha:
         return None
     try:
         scorer = _unpack(blob["scorer"])
@@ -322,7 +363,23 @@ def _load(path: Path, model: ConvVAE, sha: str) -> FittedDetector | None:
     if (not isinstance(scorer, NoveltyScorer) or not isinstance(calibrator, ConformalCalibrator)
             or not isinstance(pixel_density, (PixelDensity, type(None)))):
         raise DebiasError(f"cannot load {path}: unexpected contents; delete it (or pass --refit) to fit again")
-    return FittedDetector(model, scorer, calibrator, dict(blob["card"]), pixel_density)
+    uses_encoder = bool(EMBEDDING_STATISTICS & set(scorer.statistics))
+    return FittedDetector(model, scorer, calibrator, dict(blob["card"]), pixel_density, encoder if uses_encoder else None)
+
+
+@torch.inference_mode()
+def encoder_features(encoder: ContrastiveEncoder, x: torch.Tensor) -> np.ndarray:
+    """(B, e) float32 L2-normalised features of (B, C, S, S) images in [0, 1], on the encoder's device and
+    precision (as the VAE's encoding: :func:`debias.runtime.device.autocast`)."""
+    device = next(encoder.parameters()).device
+    with autocast(device):
+        return encoder(x.to(device, non_blocking=True)).float().cpu().numpy()
+
+
+def _embeddings(encoder: ContrastiveEncoder, data: ImageSet, batch_size: int) -> np.ndarray:
+    """:func:`encoder_features` of every image of ``data``, a batch at a time."""
+    return np.concatenate([encoder_features(encoder, data.batch(slice(a, a + batch_size)))
+                           for a in range(0, len(data), batch_size)])
 
 
 def _pixel_scores(density: PixelDensity, data: ImageSet, batch_size: int) -> np.ndarray:
@@ -347,7 +404,7 @@ _ESTIMATORS: dict[str, type] = {
 
 #: Attributes that are caches rebuilt on first use (the kNN search's reference norms, the histogram tail tables):
 #: derived from the fitted state, so never stored.
-_CACHES = frozenset({"_ref_sq_norms", "_ref_sq_norms_of", "_tail_cache", "_tail_cache_of"})
+_CACHES = frozenset({"_reference_cache", "_tail_cache", "_tail_cache_of"})
 
 
 def _pack(value: Any) -> Any:
@@ -385,8 +442,9 @@ def _unpack(value: Any) -> Any:
 
 
 def save_detector_folder(det: FittedDetector, folder: Path) -> Path:
-    """``folder/model.pt`` (the detector's model, loadable by `debias score` and the service) and
-    ``folder/novelty.pt`` (the fitted score and calibration, bound to that model by its hash). Returns the folder."""
+    """``folder/model.pt`` (the detector's model, loadable by `debias score` and the service), its contrastive
+    encoder when it has one (``folder/contrastive/encoder.pt``) and ``folder/novelty.pt`` (the fitted score and
+    calibration, bound to both by their hashes). Returns the folder."""
     folder.mkdir(parents=True, exist_ok=True)
     model_path = folder / MODEL
     save_checkpoint(
@@ -401,7 +459,16 @@ def save_detector_folder(det: FittedDetector, folder: Path) -> Path:
     )
     sha = file_sha256(model_path)
     det.card["model_sha256"] = sha[:16]
-    det.save(folder / NOVELTY_FILE, sha)
+    encoder_sha = None
+    if det.encoder is not None:
+        path = encoder_path(folder)
+        path.parent.mkdir(exist_ok=True)
+        save_checkpoint({"model": det.encoder.state_dict(), "model_config": det.encoder.config.to_dict(),
+                         "history": [], "version": __version__}, path)
+        encoder_sha = file_sha256(path)
+    elif encoder_path(folder).exists():  # an earlier detector's encoder would be read beside this one
+        encoder_path(folder).unlink()
+    det.save(folder / NOVELTY_FILE, sha, encoder_sha)
     return folder
 
 

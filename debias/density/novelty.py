@@ -19,7 +19,15 @@ images only. The shipped default uses three of them, two in the model's view and
   latent space smooths away: a shirt's textured front among T-shirts and pullovers, and, two-sided, the likelihood
   trap of the other direction (a digit is far *more* probable per pixel than any garment).
 
-and combines them with ``combine="fisher"``: each statistic's empirical tail p-value among the fitted rows, -2 sum
+and, when the run has a contrastive encoder (`debias train` trains one beside the VAE), a fourth in a second model's
+view:
+
+- ``embedding_knn``: the log mean distance from the image's contrastive features to those of its ``k`` nearest
+  training images (:mod:`debias.models.contrastive`, passed as ``embeddings=``). The encoder is trained to keep
+  what identifies an image through crops and flips, so it separates near classes that the VAE's latent space merges
+  (a coat among pullovers and shirts), and it misses far ones the VAE's views catch (issue 16, docs/benchmarks.md).
+
+It combines them with ``combine="fisher"``: each statistic's empirical tail p-value among the fitted rows, -2 sum
 log p (Fisher's method). Tails are rank-based, so no statistic's scale dominates, and one statistic far out in its
 tail decides the score even when the others look normal. Sidedness (``one_sided``): for the kNN distance and the
 reconstruction error only "larger than usual" counts (an image nearer than usual to the training posteriors, or
@@ -68,15 +76,23 @@ STATISTICS = (
     "kl",  # log KL(q(z|x) || N(0, I)), summed over dims
     "latent_norm",  # log ||mu||^2 (Euclidean, unlike latent_mahalanobis)
     "pixel_density",  # mean per-pixel log frequency under PixelDensity (needs the pixel column)
+    "embedding_knn",  # log mean distance from the image's embedding to the k nearest training embeddings (needs them)
 )
 DEFAULT_STATISTICS = ("posterior_knn", "recon_error", "pixel_density")
+#: The default when the run has a contrastive encoder (`debias train` trains one): its kNN distance joins the three
+#: (issue 16: it sees held-out Fashion-MNIST classes the VAE's statistics cannot tell apart, and alone it fails far
+#: pairs that the VAE's statistics catch; docs/benchmarks.md).
+DEFAULT_STATISTICS_WITH_EMBEDDING = (*DEFAULT_STATISTICS, "embedding_knn")
 #: Statistics where only one direction means novel (the default ``one_sided``). Being closer than usual to the
 #: training posteriors is what a training image re-scored looks like (it finds itself), not a sign of novelty; a
 #: better reconstruction than usual is left to the two-sided pixel density (issue 16: one-sided recon_error raised
 #: the Fashion-MNIST leave-one-class-out mean AUROC, with the far-OOD pairs held by pixel_density).
-ONE_SIDED = ("posterior_knn", "recon_error")
+ONE_SIDED = ("posterior_knn", "recon_error", "embedding_knn")
 #: Statistics that read the optional pixel column of the feature matrix (:func:`feature_matrix` with ``pixel``).
 PIXEL_STATISTICS = frozenset({"pixel_density"})
+#: Statistics that read the ``embeddings`` passed beside the feature matrix (the contrastive encoder's features, or any
+#: (n, e) embedding of the same images): ``fit(X, embeddings=E)``, ``score_samples(X, embeddings=E)``.
+EMBEDDING_STATISTICS = frozenset({"embedding_knn"})
 _COMBINE = ("l1", "mahalanobis", "fisher")
 _KNN_CHUNK = 256  # query rows per distance block: bounds memory at 256 x n_reference float64 (40 MB at 20k)
 _EPS = 1e-12
@@ -223,10 +239,11 @@ class NoveltyScorer(OutlierMixin, BaseEstimator):
         self.contamination = contamination
 
     # -- fitting ---------------------------------------------------------------------------------------------------
-    def fit(self, X: np.ndarray, y: object = None) -> "NoveltyScorer":
+    def fit(self, X: np.ndarray, y: object = None, embeddings: np.ndarray | None = None) -> "NoveltyScorer":
         X = self._check_array(X, fitted=False)
         self._check_params()
         self._check_pixel_column(X)
+        E = self._check_embeddings(embeddings, len(X), fitted=False)
         mu, logvar, _ = split_features(X)
         n, d = mu.shape
         if n < self.n_neighbors + 2:
@@ -244,11 +261,13 @@ class NoveltyScorer(OutlierMixin, BaseEstimator):
         if n > self.max_reference:
             keep = np.sort(np.random.default_rng(0).choice(n, size=self.max_reference, replace=False))
         self.reference_ = np.ascontiguousarray(np.hstack([mu, logvar])[keep])
+        # float32 on disk (the encoder's precision); searched in float64 like the posteriors
+        self.embedding_reference_ = np.ascontiguousarray(E[keep], dtype=np.float32) if E is not None else None
         # Each fitted row is its own nearest reference: measure it against the others (leave-one-out), or the
         # training distribution of the kNN statistic would be far too small and every new image would look novel.
         self_rows = np.full(n, -1)
         self_rows[keep] = np.arange(len(keep))
-        S = self._statistics(X, self_rows=self_rows)
+        S = self._statistics(X, self_rows=self_rows, embeddings=E)
         self.stat_mean_ = S.mean(0)
         std = S.std(0)
         self.stat_scale_ = np.where(std > _EPS, std, 1.0)
@@ -260,13 +279,18 @@ class NoveltyScorer(OutlierMixin, BaseEstimator):
         return self
 
     # -- public scoring --------------------------------------------------------------------------------------------
-    def statistic_matrix(self, X: np.ndarray) -> np.ndarray:
+    def statistic_matrix(self, X: np.ndarray, embeddings: np.ndarray | None = None) -> np.ndarray:
         """(n, k) the chosen statistics of each row, in the order of ``statistics``."""
         self._check_fitted()
-        return self._statistics(self._check_array(X, fitted=True))
+        X = self._check_array(X, fitted=True)
+        return self._statistics(X, embeddings=self._check_embeddings(embeddings, len(X), fitted=True))
 
     def _statistics(
-        self, X: np.ndarray, self_rows: np.ndarray | None = None, knn: tuple[np.ndarray, np.ndarray] | None = None
+        self,
+        X: np.ndarray,
+        self_rows: np.ndarray | None = None,
+        knn: tuple[np.ndarray, np.ndarray] | None = None,
+        embeddings: np.ndarray | None = None,
     ) -> np.ndarray:
         mu, logvar, recon = split_features(X)
         cols = []
@@ -290,23 +314,28 @@ class NoveltyScorer(OutlierMixin, BaseEstimator):
                 cols.append(np.log((mu**2).sum(1) + _EPS))
             elif name == "pixel_density":
                 cols.append(pixel_column(X))
+            elif name == "embedding_knn":
+                dist, _ = self._knn(embeddings, self_rows, reference="embedding")
+                cols.append(np.log(dist.mean(1) + _EPS))
         return np.column_stack(cols)
 
-    def _knn(self, Q: np.ndarray, self_rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """(n, k) Euclidean distances from each query row to its k nearest references, nearest first, and those
-        references' rows in ``reference_``; with ``self_rows`` (index of each query in the references, -1 if absent)
-        a row never counts itself.
+    def _knn(
+        self, Q: np.ndarray, self_rows: np.ndarray | None, reference: str = "posterior"
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(n, k) Euclidean distances from each query row to its k nearest references (``reference_`` of the
+        posteriors, or ``embedding_reference_``), nearest first, and those references' rows; with ``self_rows`` (index
+        of each query in the references, -1 if absent) a row never counts itself.
 
         Brute force through torch (BLAS matmul + top-k), several times faster than numpy's partition at 50k
         references; float64, so that a row's distances do not depend on the other rows of its block."""
-        R = torch.from_numpy(self.reference_)
-        r2 = torch.from_numpy(self._reference_sq_norms())
+        R64, norms = self._reference(reference)
+        R, r2 = torch.from_numpy(R64), torch.from_numpy(norms)
         k = self.n_neighbors
         dist = np.empty((len(Q), k))
         idx = np.empty((len(Q), k), dtype=np.int64)
         with torch.inference_mode():
             for start in range(0, len(Q), _KNN_CHUNK):
-                q = torch.from_numpy(np.ascontiguousarray(Q[start : start + _KNN_CHUNK]))
+                q = torch.from_numpy(np.ascontiguousarray(Q[start : start + _KNN_CHUNK], dtype=np.float64))
                 # |q - r|^2 = |q|^2 + |r|^2 - 2 q.r, clipped because rounding can make it slightly negative
                 d2 = torch.addmm(r2[None, :], q, R.T, alpha=-2.0).add_((q * q).sum(1)[:, None]).clamp_min_(0.0)
                 if self_rows is not None:
@@ -318,33 +347,37 @@ class NoveltyScorer(OutlierMixin, BaseEstimator):
                 idx[start : start + len(q)] = top.indices.numpy()
         return dist, idx
 
-    def _reference_sq_norms(self) -> np.ndarray:
-        """|r|^2 of every reference row, computed on first use and kept (not stored: a cache, rebuilt after loading).
-        Recomputing it over 20,000 references was a third of the cost of scoring one image."""
-        if getattr(self, "_ref_sq_norms_of", None) is not self.reference_:  # a refit replaces reference_
-            self._ref_sq_norms = np.einsum("ij,ij->i", self.reference_, self.reference_)
-            self._ref_sq_norms_of = self.reference_
-        return self._ref_sq_norms
+    def _reference(self, which: str) -> tuple[np.ndarray, np.ndarray]:
+        """The float64 reference rows of ``which`` ("posterior" or "embedding") and their |r|^2, computed on first use
+        and kept (not stored: a cache, rebuilt after loading). Recomputing the norms over 20,000 references was a
+        third of the cost of scoring one image."""
+        stored = self.reference_ if which == "posterior" else self.embedding_reference_
+        cache = self.__dict__.setdefault("_reference_cache", {})
+        if which not in cache or cache[which][0] is not stored:  # a refit replaces the stored array
+            R = np.ascontiguousarray(stored, dtype=np.float64)
+            cache[which] = (stored, R, np.einsum("ij,ij->i", R, R))
+        return cache[which][1], cache[which][2]
 
-    def score_samples(self, X: np.ndarray) -> np.ndarray:
-        """Typicality of each row, higher = more normal (minus :meth:`novelty`)."""
+    def score_samples(self, X: np.ndarray, embeddings: np.ndarray | None = None) -> np.ndarray:
+        """Typicality of each row, higher = more normal (minus :meth:`novelty`). ``embeddings``: the rows' embeddings,
+        when the statistics include ``embedding_knn``."""
         self._check_fitted()
-        return self._score_from_stats(self.statistic_matrix(X))
+        return self._score_from_stats(self.statistic_matrix(X, embeddings))
 
-    def novelty(self, X: np.ndarray) -> np.ndarray:
+    def novelty(self, X: np.ndarray, embeddings: np.ndarray | None = None) -> np.ndarray:
         """The novelty score, higher = more novel: the sum of absolute standardised deviations of the statistics
         (``combine="l1"``), their Mahalanobis distance (``"mahalanobis"``) or Fisher's -2 sum log p of their
         two-sided tails (``"fisher"``)."""
-        return -self.score_samples(X)
+        return -self.score_samples(X, embeddings)
 
-    def decision_function(self, X: np.ndarray) -> np.ndarray:
+    def decision_function(self, X: np.ndarray, embeddings: np.ndarray | None = None) -> np.ndarray:
         """``score_samples - offset_``: negative for rows less typical than the ``contamination`` quantile of the
         fitted rows. For calibrated decisions use conformal p-values (:mod:`debias.density.calibration`) instead."""
-        return self.score_samples(X) - self.offset_
+        return self.score_samples(X, embeddings) - self.offset_
 
-    def predict(self, X: np.ndarray) -> np.ndarray:
+    def predict(self, X: np.ndarray, embeddings: np.ndarray | None = None) -> np.ndarray:
         """+1 for typical rows, -1 for novel ones (``decision_function < 0``), as scikit-learn's outlier detectors."""
-        return np.where(self.decision_function(X) < 0, -1, 1)
+        return np.where(self.decision_function(X, embeddings) < 0, -1, 1)
 
     def rarity(self, X: np.ndarray) -> np.ndarray:
         """Minus the latent-histogram log density (higher = rarer among the training latents): the audit's rarity with
@@ -352,15 +385,16 @@ class NoveltyScorer(OutlierMixin, BaseEstimator):
         self._check_fitted()
         return -self.density_.score_samples(split_features(self._check_array(X, fitted=True))[0])
 
-    def analyse(self, X: np.ndarray, k: int = 5) -> dict[str, Any]:
+    def analyse(self, X: np.ndarray, k: int = 5, embeddings: np.ndarray | None = None) -> dict[str, Any]:
         """Everything the detector reports per row, from one neighbour search: ``novelty`` (as :meth:`novelty`),
         ``driver`` (the statistic behind the score), ``statistics`` (each one's standardised value) and
         ``top_dims`` (the latent dimensions behind it)."""
         self._check_fitted()
         X = self._check_array(X, fitted=True)
+        E = self._check_embeddings(embeddings, len(X), fitted=True)
         mu, logvar, _ = split_features(X)
         knn = self._knn(np.hstack([mu, logvar]), None) if "posterior_knn" in self.statistics else None
-        S = self._statistics(X, knn=knn)
+        S = self._statistics(X, knn=knn, embeddings=E)
         driver, statistics = self._explain(S)
         return {"novelty": -self._score_from_stats(S), "driver": driver, "statistics": statistics,
                 "top_dims": self._top_dims(mu, logvar, knn, k)}
@@ -398,7 +432,8 @@ class NoveltyScorer(OutlierMixin, BaseEstimator):
     def _explain(self, S: np.ndarray) -> tuple[list[str], list[dict[str, float]]]:
         """Per row: the statistic that drove the score (its largest term; ``posterior_knn`` = the latent distance to
         the nearest training images, ``recon_error`` = how badly the model reconstructs the image, ``pixel_density`` =
-        how usual its pixel values are where they are; fisher: the smallest tail p-value) and every
+        how usual its pixel values are where they are, ``embedding_knn`` = the distance to the nearest training images
+        in the contrastive encoder's features; fisher: the smallest tail p-value) and every
         statistic's standardised value (training mean 0, sd 1)."""
         Zs, terms = self._terms(S)
         drivers = [self.statistics[j] for j in terms.argmax(1)]
@@ -452,6 +487,20 @@ class NoveltyScorer(OutlierMixin, BaseEstimator):
             raise ValueError(f"n_neighbors must be a positive integer, got {self.n_neighbors!r}")
         if any(name not in STATISTICS for name in self.one_sided):
             raise ValueError(f"one_sided must name statistics of {STATISTICS}, got {list(self.one_sided)}")
+
+    def _check_embeddings(self, embeddings: np.ndarray | None, n: int, fitted: bool) -> np.ndarray | None:
+        """The embeddings as a finite (n, e) float64 array when a statistic reads them, else None (ignored)."""
+        if not EMBEDDING_STATISTICS & set(self.statistics):
+            return None
+        if embeddings is None:
+            raise ValueError("the statistic embedding_knn needs the images' embeddings: pass embeddings=(n, e) array "
+                             "(the detector passes its contrastive encoder's features), or leave it out of statistics")
+        E = np.asarray(embeddings, dtype=np.float64)
+        if E.ndim != 2 or len(E) != n or not np.isfinite(E).all():
+            raise ValueError(f"embeddings must be a finite ({n}, e) array, one row per image, got shape {E.shape}")
+        if fitted and E.shape[1] != self.embedding_reference_.shape[1]:
+            raise ValueError(f"expected embeddings of {self.embedding_reference_.shape[1]} values, got {E.shape[1]}")
+        return E
 
     def _check_pixel_column(self, X: np.ndarray) -> None:
         if PIXEL_STATISTICS & set(self.statistics) and pixel_column(X) is None:

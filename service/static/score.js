@@ -38,7 +38,8 @@
       metric("recon. error", res.recon_error, 3, "recon-error")));
     if (res.driver) {
       const names = { posterior_knn: "latent distance to the nearest training images", recon_error: "reconstruction error",
-                      pixel_density: "pixel values unusual for their place" };
+                      pixel_density: "pixel values unusual for their place",
+                      embedding_knn: "distance to the nearest training images in the contrastive features" };
       const z = res.statistics || {};
       const parts = Object.keys(z).map((k) => `${names[k] || k} z = ${fmt(z[k], 2)}`);
       item.body.append(el("p", { class: "driver", "data-driver": res.driver,

@@ -1,0 +1,196 @@
+"""The contrastive encoder's training loop (SimCLR, :mod:`debias.models.contrastive`): label-free, one epoch after
+another, a checkpoint after each, resumable after a crash, data-parallel under torchrun like the VAE's loop.
+
+`debias train` runs it after the VAE, on the same training rows, into ``RUN_DIR/contrastive/``:
+    checkpoint.pt  encoder + optimizer + epoch + configs + data description + loss history (atomic, every epoch)
+    encoder.pt     the trained encoder, which the novelty detector loads beside model.pt
+    config.json    the encoder's and the loop's options
+    loss.csv       one row per epoch: NT-Xent loss, images/s
+
+The learning rate follows a warm-up of 10 % of the steps and a cosine decay, computed from the step number alone
+(no scheduler state to checkpoint; a resumed run continues on the same curve).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from debias.data import ImageSet
+from debias.data.splits import calibration_split
+from debias.errors import DebiasError
+from debias.models.contrastive import (
+    ContrastiveConfig,
+    ContrastiveEncoder,
+    contrastive_loss,
+)
+from debias.runtime.checkpoint import load_checkpoint, save_checkpoint
+from debias.runtime.device import autocast, effective_precision
+from debias.runtime.distributed import (
+    DistContext,
+    ModelWithLoss,
+    init_distributed,
+    per_rank_batch,
+    wrap,
+)
+from debias.runtime.progress import epoch_line, progress_bar
+from debias.training.run_dir import (
+    EpochMeter,
+    find_artifact,
+    open_run,
+    optimizer_step,
+    run_record,
+)
+
+ENCODER = "encoder.pt"
+SUBDIR = "contrastive"  # its folder inside the VAE's run directory
+
+
+@dataclass
+class ContrastiveTrainConfig:
+    # 15 epochs of 256: what the issue-16 measurements used (18,000 Fashion-MNIST images, 3.3 min on 2 threads)
+    epochs: int = 15
+    batch_size: int = 256
+    lr: float = 2e-3  # peak, after the warm-up
+    weight_decay: float = 1e-6
+    seed: int = 0
+    device: str = "auto"
+
+
+def learning_rate(step: int, total: int, peak: float) -> float:
+    """Linear warm-up over the first 10 % of ``total`` steps, then a cosine decay to 0 (SGDR without restarts)."""
+    warm = max(1, total // 10)
+    if step < warm:
+        return peak * (step + 1) / warm
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+
+def train_contrastive(
+    data: ImageSet,
+    model_config: ContrastiveConfig,
+    config: ContrastiveTrainConfig,
+    out_dir: str | Path,
+    *,
+    data_desc: dict[str, Any],
+    resume: bool = False,
+    progress: bool = True,
+    ctx: DistContext | None = None,
+) -> Path:
+    """Train (or resume) the encoder on ``data`` and return the path of encoder.pt. ``data_desc``: what it learns
+    from (stored in the checkpoint, so that a resume on other data is refused)."""
+    ctx = ctx or init_distributed(config.device)
+    device = ctx.device
+    local_batch = per_rank_batch(config.batch_size, ctx)
+    if len(data) < 2 * ctx.world_size:
+        raise DebiasError(f"the contrastive encoder needs at least 2 images per process, got {len(data)}")
+    run = open_run(
+        out_dir, run_record(model_config, config, data=data_desc), resume=resume, ctx=ctx, seed=config.seed,
+        progress=progress,
+        config={"model": model_config.to_dict(), "train": {**asdict(config), "precision": effective_precision(device)},
+                "data": data_desc},
+    )
+
+    torch.manual_seed(config.seed)
+    model = ContrastiveEncoder(model_config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    if run.resumed is not None:
+        model.load_state_dict(run.resumed["model"])
+        optimizer.load_state_dict(run.resumed["optimizer"])
+
+    step = wrap(ModelWithLoss(model, contrastive_loss), ctx)
+    n = len(data)
+    # Batches of one image have no negatives and break batch norm: the last partial batch joins the one before.
+    steps_per_epoch = max(1, n // config.batch_size)
+    total = steps_per_epoch * config.epochs
+    for epoch in range(run.start_epoch, config.epochs):
+        run.seed_epoch(epoch)
+        rows = run.shard(epoch, torch.randperm(n).numpy(), "contrastive")
+        starts = [i * local_batch for i in range(steps_per_epoch)]
+        step.train()
+        meter = EpochMeter()
+        with progress_bar(f"contrastive encoder, epoch {epoch + 1}/{config.epochs}", total=len(rows) * ctx.world_size,
+                          enabled=run.progress) as bar:
+            for i, start in enumerate(starts):
+                end = start + local_batch if i < len(starts) - 1 else len(rows)
+                idx = np.sort(rows[start:end])
+                x = data.batch(idx).to(device, non_blocking=True)
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(epoch * steps_per_epoch + i, total, config.lr)
+                with autocast(device):
+                    loss, parts = step(x)
+                optimizer_step(optimizer, loss)
+                meter.add(parts, len(idx))
+                bar.advance(len(idx) * ctx.world_size, loss=parts["loss"])
+        means, seen = meter.means(ctx)
+        row = {"epoch": epoch + 1, **means, "images_per_s": seen / meter.seconds}
+        run.history.append(row)
+        if ctx.is_main:
+            save_checkpoint(run.checkpoint_state(epoch + 1, {"model": model.state_dict(),
+                                                             "optimizer": optimizer.state_dict()}), run.checkpoint)
+        run.end_epoch(epoch_line(row))
+    return run.finish(ENCODER, {"model": model.state_dict()})
+
+
+def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> tuple[ContrastiveEncoder, dict[str, Any]]:
+    """A trained encoder (eval mode) and its stored metadata, from encoder.pt or its folder. A file that loads but
+    does not describe an encoder is a one-line DebiasError."""
+    path = find_artifact(path, ENCODER, f"no contrastive encoder at {path} (expected {ENCODER})")
+    meta = load_checkpoint(path, map_location=device)
+    bad = f"{path} is not a debias contrastive encoder"
+    if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict) or not isinstance(meta.get("model"), dict):
+        raise DebiasError(f"{bad} (no model_config / model entries)")
+    try:
+        model = ContrastiveEncoder(ContrastiveConfig(**meta["model_config"]))
+        model.load_state_dict(meta["model"])
+    except (TypeError, ValueError, RuntimeError, KeyError) as exc:
+        raise DebiasError(f"{bad} ({(str(exc).strip().splitlines() or [type(exc).__name__])[0]})") from None
+    return model.to(device).eval(), meta
+
+
+def encoder_path(run_dir: str | Path) -> Path:
+    """Where a VAE run's contrastive encoder lives (it may not exist: runs trained without one)."""
+    run = Path(run_dir)
+    return (run if run.is_dir() else run.parent) / SUBDIR / ENCODER
+
+
+def fit_encoder_on(
+    data: ImageSet,
+    run_dir: str | Path,
+    config: ContrastiveTrainConfig,
+    *,
+    source: str | None = None,
+    where: list[str] | None = None,
+    calibration_fraction: float = 0.0,
+    resume: bool = False,
+    progress: bool = True,
+    ctx: DistContext | None = None,
+) -> Path | None:
+    """Train the contrastive encoder of the VAE run ``run_dir`` (into ``run_dir/contrastive/``) on the rows the VAE
+    trained on: :func:`~debias.training.vae.fit_vae_on` holds ``calibration_fraction`` of ``data`` out with the same
+    seed, and the calibration rows must stay new to every fitted part of the novelty score, or their p-values would
+    not be exchangeable with those of new images. What `debias train` and :func:`debias.train_vae` both run. Returns
+    the path of encoder.pt, or None (with a note) when the images are too few."""
+    is_main = ctx is None or ctx.is_main
+    rows = np.arange(len(data))
+    if calibration_fraction > 0:
+        try:
+            rows, _ = calibration_split(len(data), calibration_fraction, config.seed)
+        except ValueError:
+            pass  # too few images to hold any out: the VAE trained on all of them too
+    if len(rows) < 2 * (ctx.world_size if ctx is not None else 1):
+        if is_main:
+            print(f"{len(rows)} training images are too few for the contrastive encoder; the novelty score will use "
+                  "the VAE's statistics only", file=sys.stderr)
+        return None
+    train = data.subset(np.sort(rows))
+    model_config = ContrastiveConfig(image_size=data.image_size, channels=data.channels)
+    desc = {"source": source or data.source, "where": list(where or []), "fingerprint": data.fingerprint,
+            "n_images": len(train), "calibration_fraction": float(calibration_fraction), "calibration_seed": config.seed}
+    return train_contrastive(train, model_config, config, Path(run_dir) / SUBDIR, data_desc=desc, resume=resume,
+                             progress=progress, ctx=ctx)

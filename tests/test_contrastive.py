@@ -1,0 +1,213 @@
+"""The contrastive encoder (the novelty score's second view, issue 16): the model, its views and loss, its training
+loop (files, resume, refusals), `debias train` with and without it, and the detector that reads its features."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from debias.data import load_images
+from debias.density.detector import NOVELTY_FILE, encoder_features, open_detector
+from debias.density.novelty import NoveltyScorer
+from debias.errors import DebiasError
+from debias.models.contrastive import (
+    ContrastiveConfig,
+    ContrastiveEncoder,
+    contrastive_loss,
+    nt_xent,
+    random_views,
+)
+from debias.pipelines.cli import app as cli_app
+from debias.training.contrastive import (
+    ContrastiveTrainConfig,
+    encoder_path,
+    learning_rate,
+    load_encoder,
+    train_contrastive,
+)
+from tests.novelty_support import TINY_SOURCE, tiny_run
+
+
+def test_encoder_gives_unit_features_and_computes_at_its_input_size():
+    cfg = ContrastiveConfig(image_size=64, channels=3, width=4)
+    model = ContrastiveEncoder(cfg).eval()
+    assert cfg.input_size == 32 and cfg.feature_dim == 16
+    seen = []
+    model.body[0].register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+    with torch.no_grad():
+        z = model(torch.rand(5, 3, 64, 64))
+    assert seen == [(5, 3, 32, 32)]  # resized to max_input before the first convolution
+    assert z.shape == (5, 16)
+    np.testing.assert_allclose(z.norm(dim=1).numpy(), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [{"channels": 2}, {"width": 0}, {"min_crop_area": 0.0}, {"jitter": 1.0},
+                                 {"temperature": 0.0}, {"image_size": 4}])
+def test_config_refuses_bad_values(bad):
+    with pytest.raises(ValueError):
+        ContrastiveConfig(**bad)
+
+
+def test_views_are_random_crops_in_range_and_reproducible():
+    cfg = ContrastiveConfig(image_size=28, channels=1)
+    x = torch.rand(8, 1, 28, 28)
+    a = random_views(x, cfg, torch.Generator().manual_seed(1))
+    b = random_views(x, cfg, torch.Generator().manual_seed(1))
+    c = random_views(x, cfg, torch.Generator().manual_seed(2))
+    assert a.shape == (8, 1, 28, 28) and a.min() >= 0 and a.max() <= 1
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # a crop stays inside the image: a uniform image gives uniform views (no padding comes in), without jitter
+    plain = ContrastiveConfig(image_size=28, channels=1, jitter=0.0)
+    v = random_views(torch.full((8, 1, 28, 28), 0.5), plain, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(v, torch.full_like(v, 0.5))
+    # a 64-px image is viewed at the encoder's 32 px
+    assert random_views(torch.rand(2, 3, 64, 64), ContrastiveConfig(image_size=64)).shape == (2, 3, 32, 32)
+
+
+def test_nt_xent_by_hand_and_its_extremes():
+    z1 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    z2 = torch.tensor([[1.0, 0.1], [0.1, 1.0]])
+    tau = 0.5
+    z = torch.nn.functional.normalize(torch.cat([z1, z2]), dim=1)
+    sim = z @ z.T / tau
+    expected = []
+    for i, j in ((0, 2), (1, 3), (2, 0), (3, 1)):
+        others = [k for k in range(4) if k != i]
+        expected.append(-(sim[i, j] - torch.logsumexp(sim[i, others], 0)))
+    assert nt_xent(z1, z2, tau).item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-6)
+    # matching partners score lower than swapped ones
+    assert nt_xent(z1, z1, 0.2) < nt_xent(z1, z1.flip(0), 0.2)
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    lrs = [learning_rate(s, 100, 1.0) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 0.01
+
+
+def _data(n: int = 64):
+    return load_images(f"builtin:shapes?n={n}", image_size=32, progress=False)
+
+
+def test_training_writes_the_encoder_and_resumes_to_the_same_weights(tmp_path):
+    data = _data()
+    cfg = ContrastiveConfig(image_size=32, channels=3, width=4)
+    desc = {"fingerprint": data.fingerprint}
+    whole = train_contrastive(data, cfg, ContrastiveTrainConfig(epochs=2, batch_size=32, device="cpu"), tmp_path / "a",
+                              data_desc=desc, progress=False)
+    # one epoch, then resume for the second: the same draws, the same weights
+    train_contrastive(data, cfg, ContrastiveTrainConfig(epochs=1, batch_size=32, device="cpu"), tmp_path / "b",
+                      data_desc=desc, progress=False)
+    resumed = train_contrastive(data, cfg, ContrastiveTrainConfig(epochs=2, batch_size=32, device="cpu"),
+                                tmp_path / "b", data_desc=desc, resume=True, progress=False)
+    a, meta = load_encoder(whole)
+    b, _ = load_encoder(resumed)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(p, q, msg=name)
+    assert [row["epoch"] for row in meta["history"]] == [1, 2]
+    assert (tmp_path / "a" / "loss.csv").read_text().count("\n") == 3
+    with pytest.raises(DebiasError, match="already holds a training run"):
+        train_contrastive(data, cfg, ContrastiveTrainConfig(epochs=2, batch_size=32, device="cpu"), tmp_path / "a",
+                          data_desc=desc, progress=False)
+    with pytest.raises(DebiasError, match="other data"):
+        train_contrastive(_data(80), cfg, ContrastiveTrainConfig(epochs=3, batch_size=32, device="cpu"),
+                          tmp_path / "a", data_desc={"fingerprint": "other"}, resume=True, progress=False)
+
+
+def test_training_lowers_the_loss():
+    torch.manual_seed(0)
+    data = _data(128)
+    model = ContrastiveEncoder(ContrastiveConfig(image_size=32, channels=3, width=8))
+    opt = torch.optim.Adam(model.parameters(), 2e-3)
+    x = data.batch(slice(0, 128))
+    losses = []
+    for _ in range(25):
+        loss, _ = contrastive_loss(model, x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3
+
+
+def test_load_encoder_refuses_what_is_not_an_encoder(tmp_path):
+    path = tmp_path / "encoder.pt"
+    torch.save({"model": {}, "model_config": {"width": "x"}}, path)
+    with pytest.raises(DebiasError, match="not a debias contrastive encoder"):
+        load_encoder(path)
+    torch.save({"model": {"w": torch.zeros(1)}, "model_config": {"image_size": 32, "channels": 1}}, path)
+    with pytest.raises(DebiasError, match="not a debias contrastive encoder"):
+        load_encoder(path)
+    with pytest.raises(DebiasError, match="no contrastive encoder"):
+        load_encoder(tmp_path / "missing")
+
+
+def test_train_command_trains_the_encoder_on_the_vae_rows_or_none(tmp_path):
+    runner = CliRunner()
+    common = ["train", "--data", "builtin:shapes?n=120", "--epochs", "1", "--image-size", "32", "--latent-dim", "4",
+              "--width", "8", "--device", "cpu", "-q"]
+    res = runner.invoke(cli_app, [*common, "--out", str(tmp_path / "with"), "--contrastive-epochs", "1"])
+    assert res.exit_code == 0, res.output
+    _, meta = load_encoder(encoder_path(tmp_path / "with"))
+    assert meta["data"]["n_images"] == 96  # the 80 % the VAE trained on; the calibration rows stay unseen
+    res = runner.invoke(cli_app, [*common, "--out", str(tmp_path / "without"), "--contrastive-epochs", "0"])
+    assert res.exit_code == 0, res.output
+    assert not encoder_path(tmp_path / "without").exists()
+    det = open_detector(tmp_path / "without", progress=False)
+    assert det.encoder is None and "embedding_knn" not in det.scorer.statistics
+
+
+def test_detector_reads_the_encoder_and_refits_when_it_changes(tmp_path):
+    run = tiny_run(tmp_path / "run")
+    det = open_detector(run, progress=False)
+    assert det.scorer.statistics[-1] == "embedding_knn" and det.encoder is not None
+    assert det.card["novelty"]["embedding"]["features"] == det.encoder.config.feature_dim
+    data = load_images(TINY_SOURCE, image_size=32, progress=False)
+    x = data.batch(slice(0, 6))
+    res = det.score_batch(x)
+    assert {"embedding_knn"} <= set(res.statistics[0])
+    # the encoder's features enter the score: other features, another score
+    X_emb = encoder_features(det.encoder, x)
+    X = _features(det, x)
+    np.testing.assert_allclose(det.scorer.novelty(X, embeddings=X_emb), res.novelty, rtol=1e-9)
+    shifted = det.scorer.novelty(X, embeddings=np.roll(X_emb, 1, axis=0))
+    assert not np.allclose(shifted, res.novelty)
+    # a changed encoder file makes novelty.pt stale: refitted, not read
+    stored = torch.load(run / NOVELTY_FILE, weights_only=True)["encoder_sha256"]
+    blob = torch.load(encoder_path(run), weights_only=True)
+    blob["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in blob["model"].items()}
+    torch.save(blob, encoder_path(run))
+    again = open_detector(run, progress=False)
+    assert torch.load(run / NOVELTY_FILE, weights_only=True)["encoder_sha256"] != stored
+    assert not np.allclose(again.score_batch(x).novelty, res.novelty)
+
+
+def _features(det, x):
+    from debias.density.encoding import encode_batch
+    from debias.density.novelty import feature_matrix
+
+    enc, _ = encode_batch(det.model, x)
+    return feature_matrix(enc, det.pixel_scores(x))
+
+
+def test_embedding_knn_leaves_each_fitted_row_out_and_needs_its_embeddings():
+    rng = np.random.default_rng(0)
+    X = np.hstack([rng.normal(size=(40, 4)), np.full((40, 4), -2.0), np.full((40, 1), 0.01)])
+    E = rng.normal(size=(40, 3))
+    scorer = NoveltyScorer(statistics=("embedding_knn",), n_neighbors=2).fit(X, embeddings=E)
+    fitted = np.sort(scorer.stat_sorted_[0])
+    d = np.linalg.norm(E[:, None] - E[None], axis=2)
+    np.fill_diagonal(d, np.inf)
+    by_hand = np.log(np.sort(d, axis=1)[:, :2].mean(1) + 1e-12)
+    np.testing.assert_allclose(fitted, np.sort(by_hand), rtol=1e-5)  # references are stored as float32
+    # a new row far from every embedding is more novel than a fitted one
+    far = scorer.novelty(X[:2], embeddings=E[:2] + 10)
+    assert (far > scorer.novelty(X[:2], embeddings=E[:2])).all()
+    with pytest.raises(ValueError, match="needs the images' embeddings"):
+        scorer.novelty(X[:2])
+    with pytest.raises(ValueError, match="expected embeddings of 3 values"):
+        scorer.novelty(X[:2], embeddings=E[:2, :2])
+    with pytest.raises(ValueError, match="one row per image"):
+        scorer.novelty(X[:2], embeddings=E[:3])
