@@ -24,6 +24,7 @@ from debias.density.calibration import ConformalCalibrator  # noqa: E402
 from debias.density.novelty import (  # noqa: E402
     DEFAULT_STATISTICS,
     DEFAULT_STATISTICS_WITH_EMBEDDING,
+    DEFAULT_WEIGHTS_WITH_EMBEDDING,
     NoveltyScorer,
     PixelDensity,
     tail_log_p,
@@ -68,7 +69,8 @@ def shipped(case, shape, with_encoder: bool = True) -> dict[str, np.ndarray]:
         scorer = NoveltyScorer(statistics=DEFAULT_STATISTICS).fit(X["fit"])
         return {p: scorer.novelty(X[p]) for p in ("cal", "in", "ood")}
     E = {p: case[p]["embedding"].astype(np.float64) for p in PARTS}
-    scorer = NoveltyScorer(statistics=DEFAULT_STATISTICS_WITH_EMBEDDING).fit(X["fit"], embeddings=E["fit"])
+    scorer = NoveltyScorer(statistics=DEFAULT_STATISTICS_WITH_EMBEDDING, weights=DEFAULT_WEIGHTS_WITH_EMBEDDING).fit(
+        X["fit"], embeddings=E["fit"])
     return {p: scorer.novelty(X[p], embeddings=E[p]) for p in ("cal", "in", "ood")}
 
 

@@ -56,6 +56,9 @@ def main() -> None:
     ap.add_argument("--model", required=True, type=Path)
     ap.add_argument("--data", required=True)
     ap.add_argument("--where", action="append", default=[])
+    ap.add_argument("--fit-data", default=None, help="In-distribution images to fit the scorer on, when the run has "
+                    "no novelty.pt and does not record a loadable training source (as `debias score --fit-data`).")
+    ap.add_argument("--fit-where", action="append", default=[])
     ap.add_argument("--n", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--single", type=int, default=256, help="Images scored one at a time.")
@@ -74,7 +77,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     set_precision(args.precision)
-    det = open_detector(args.model, device=device, progress=False)
+    det = open_detector(args.model, device=device, progress=False, fit_data=args.fit_data,
+                        fit_where=args.fit_where or None)
     data = load_images(args.data, where=args.where, image_size=det.image_size, channels=det.channels, progress=False)
     n = min(args.n, len(data))
     x = data.batch(slice(0, n))

@@ -292,8 +292,8 @@ def test_score_does_not_depend_on_batch_mates(run, data):
             for name, value in alone.statistics[0].items():
                 assert res.statistics[k][name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
             # The fisher score is rank-based: a statistic within rounding of a fitted value can move one rank of its
-            # tail, i.e. -2 log of a ratio (c + 2) / (c + 1) <= 2, at most 2 log 2 per statistic.
-            assert abs(res.novelty[k] - alone.novelty[0]) <= 2 * np.log(2) * len(alone.statistics[0]) + 1e-9
+            # tail, i.e. -2 log of a ratio (c + 2) / (c + 1) <= 2, at most 2 log 2 per statistic, times its weight.
+            assert abs(res.novelty[k] - alone.novelty[0]) <= 2 * np.log(2) * det.scorer._weight_vector().sum() + 1e-9
             assert abs(res.p_value[k] - alone.p_value[0]) <= tol + 1e-12  # at most one calibration rank
             assert res.top_dims[k][0]["dim"] == alone.top_dims[0][0]["dim"] or res.top_dims[k][0][
                 "distance_share"] == pytest.approx(alone.top_dims[0][0]["distance_share"])
@@ -474,3 +474,17 @@ def test_the_detector_calibrates_on_the_images_training_held_out(run):
     np.testing.assert_allclose(np.sort(novelty), np.sort(det.calibrator.scores_), rtol=1e-6, atol=1e-9)
     refit = open_detector(run, progress=False, fit_data=meta["source"], refit=True)
     assert not refit.card["calibration_held_out_of_training"]  # --fit-data: a random split of those images
+
+
+def test_weights_scale_each_statistics_term_and_are_checked():
+    """Weighted Fisher: a statistic's -log p counts ``weights[name]`` times; the driver is the largest weighted term."""
+    X = synthetic_features(600)
+    plain = NoveltyScorer().fit(X[:400])
+    heavy = clone(NoveltyScorer(weights={"pixel_density": 3.0})).fit(X[:400])
+    S = plain.statistic_matrix(X[400:])
+    tails = -plain._log_tails(S)
+    np.testing.assert_allclose(heavy.novelty(X[400:]), 2 * (tails[:, 0] + tails[:, 1] + 3 * tails[:, 2]))
+    np.testing.assert_allclose(plain.novelty(X[400:]), 2 * tails.sum(1))
+    for bad in ({"kl": 2.0}, {"pixel_density": 0.0}, {"pixel_density": float("nan")}):
+        with pytest.raises(ValueError, match="weights must"):
+            NoveltyScorer(weights=bad).fit(X[:400])

@@ -35,6 +35,7 @@ from debias.density.estimators import LatentHistogramDensity
 from debias.density.novelty import (
     DEFAULT_STATISTICS,
     DEFAULT_STATISTICS_WITH_EMBEDDING,
+    DEFAULT_WEIGHTS_WITH_EMBEDDING,
     EMBEDDING_STATISTICS,
     PIXEL_STATISTICS,
     NoveltyScorer,
@@ -219,7 +220,8 @@ def fit_detector(
     t0 = time.perf_counter()
     enc = encode_images(model, data, batch_size=batch_size, progress=progress, description="encoding (novelty fit)")
     if scorer is None:
-        scorer = NoveltyScorer(statistics=DEFAULT_STATISTICS_WITH_EMBEDDING if encoder is not None else DEFAULT_STATISTICS)
+        scorer = (NoveltyScorer(statistics=DEFAULT_STATISTICS_WITH_EMBEDDING, weights=DEFAULT_WEIGHTS_WITH_EMBEDDING)
+                  if encoder is not None else NoveltyScorer(statistics=DEFAULT_STATISTICS))
     uses_embeddings = bool(EMBEDDING_STATISTICS & set(scorer.statistics))
     if uses_embeddings and encoder is None:
         raise DebiasError("the novelty statistic embedding_knn needs a contrastive encoder (debias train trains one)")
@@ -249,6 +251,7 @@ def fit_detector(
             "statistics": list(scorer.statistics),
             "combine": scorer.combine,
             "one_sided": list(scorer.one_sided),
+            "weights": dict(scorer.weights or {}),
             "n_neighbors": scorer.n_neighbors,
             "pixel_bins": pixel_density.bins if pixel_density is not None else None,
             "embedding": None if emb is None else {
