@@ -49,11 +49,7 @@ from debias.density.rarity import (
 from debias.errors import DebiasError
 from debias.models import ConvVAE
 from debias.models.contrastive import ContrastiveEncoder
-from debias.training.contrastive import (
-    ContrastiveTrainConfig,
-    encoder_path,
-    fit_encoder_on,
-)
+from debias.training.contrastive import ContrastiveTrainConfig, encoder_path
 from debias.training.contrastive import load_encoder as _load_encoder
 from debias.training.vae import TrainConfig, fit_vae_on
 from debias.training.vae import load_model as _load_model
@@ -107,11 +103,10 @@ def train_vae(
     else:
         data = as_image_set(images, image_size or 64, _channels_of(images))
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device)
+    contrastive = ContrastiveTrainConfig(epochs=contrastive_epochs, seed=seed, device=device)
     path = fit_vae_on(data, Path(out), config, latent_dim=latent_dim, beta=beta, width=width, label=label,
-                      source=data.source, calibration_fraction=calibration_fraction, resume=resume, progress=progress)
-    if contrastive_epochs > 0:
-        fit_encoder_on(data, Path(out), ContrastiveTrainConfig(epochs=contrastive_epochs, seed=seed, device=device),
-                       calibration_fraction=calibration_fraction, resume=resume, progress=progress)
+                      source=data.source, calibration_fraction=calibration_fraction, contrastive=contrastive,
+                      resume=resume, progress=progress)
     return load_vae(path.parent)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from debias.data import load_images
 from debias.data.splits import DEFAULT_CALIBRATION_FRACTION
 from debias.runtime.distributed import DistContext, distributed_job
-from debias.training.contrastive import ContrastiveTrainConfig, fit_encoder_on
+from debias.training.contrastive import ContrastiveTrainConfig
 from debias.training.vae import TrainConfig, fit_vae_on
 
 
@@ -43,17 +43,10 @@ def run_train(job: TrainJob) -> Path:
 def _run_train(job: TrainJob, ctx: DistContext) -> Path:
     progress = job.progress and ctx.is_main
     data = load_images(job.data, where=job.where, image_size=job.image_size, channels=job.channels, progress=progress)
-    path = fit_vae_on(
+    contrastive = ContrastiveTrainConfig(epochs=job.contrastive_epochs, seed=job.train.seed, device=job.train.device)
+    return fit_vae_on(
         data, job.out, job.train, latent_dim=job.latent_dim, beta=job.beta, width=job.width, label=job.label,
         vae_class=job.vae_class, source=job.data, where=list(job.where), calibration_fraction=job.calibration_fraction,
-        resume=job.resume, progress=job.progress,
+        contrastive=contrastive, resume=job.resume, progress=job.progress,
         ctx=ctx,
     )
-    if job.contrastive_epochs > 0:
-        fit_encoder_on(
-            data, job.out, ContrastiveTrainConfig(epochs=job.contrastive_epochs, seed=job.train.seed,
-                                                  device=job.train.device),
-            source=job.data, where=list(job.where), calibration_fraction=job.calibration_fraction, resume=job.resume,
-            progress=job.progress, ctx=ctx,
-        )
-    return path

@@ -20,6 +20,7 @@ from debias.models.contrastive import (
     random_views,
 )
 from debias.pipelines.cli import app as cli_app
+from debias.runtime.checkpoint import load_checkpoint
 from debias.training.contrastive import (
     ContrastiveTrainConfig,
     encoder_path,
@@ -151,7 +152,9 @@ def test_train_command_trains_the_encoder_on_the_vae_rows_or_none(tmp_path):
     res = runner.invoke(cli_app, [*common, "--out", str(tmp_path / "with"), "--contrastive-epochs", "1"])
     assert res.exit_code == 0, res.output
     _, meta = load_encoder(encoder_path(tmp_path / "with"))
-    assert meta["data"]["n_images"] == 96  # the 80 % the VAE trained on; the calibration rows stay unseen
+    # the VAE's rows: the same data description, 120 - 24 = the 80 % the VAE trained on (calibration rows unseen)
+    assert meta["data"] == load_checkpoint(tmp_path / "with" / "model.pt")["data"]
+    assert meta["data"]["n_images"] - meta["data"]["n_calibration"] == 96
     res = runner.invoke(cli_app, [*common, "--out", str(tmp_path / "without"), "--contrastive-epochs", "0"])
     assert res.exit_code == 0, res.output
     assert not encoder_path(tmp_path / "without").exists()

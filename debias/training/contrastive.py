@@ -1,7 +1,8 @@
 """The contrastive encoder's training loop (SimCLR, :mod:`debias.models.contrastive`): label-free, one epoch after
 another, a checkpoint after each, resumable after a crash, data-parallel under torchrun like the VAE's loop.
 
-`debias train` runs it after the VAE, on the same training rows, into ``RUN_DIR/contrastive/``:
+`debias train` runs it after the VAE, on the same training rows (:func:`debias.training.vae.fit_vae_on`), into
+``RUN_DIR/contrastive/``:
     checkpoint.pt  encoder + optimizer + epoch + configs + data description + loss history (atomic, every epoch)
     encoder.pt     the trained encoder, which the novelty detector loads beside model.pt
     config.json    the encoder's and the loop's options
@@ -14,7 +15,6 @@ The learning rate follows a warm-up of 10 % of the steps and a cosine decay, com
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,6 @@ import numpy as np
 import torch
 
 from debias.data import ImageSet
-from debias.data.splits import calibration_split
 from debias.errors import DebiasError
 from debias.models.contrastive import (
     ContrastiveConfig,
@@ -158,39 +157,3 @@ def encoder_path(run_dir: str | Path) -> Path:
     run = Path(run_dir)
     return (run if run.is_dir() else run.parent) / SUBDIR / ENCODER
 
-
-def fit_encoder_on(
-    data: ImageSet,
-    run_dir: str | Path,
-    config: ContrastiveTrainConfig,
-    *,
-    source: str | None = None,
-    where: list[str] | None = None,
-    calibration_fraction: float = 0.0,
-    resume: bool = False,
-    progress: bool = True,
-    ctx: DistContext | None = None,
-) -> Path | None:
-    """Train the contrastive encoder of the VAE run ``run_dir`` (into ``run_dir/contrastive/``) on the rows the VAE
-    trained on: :func:`~debias.training.vae.fit_vae_on` holds ``calibration_fraction`` of ``data`` out with the same
-    seed, and the calibration rows must stay new to every fitted part of the novelty score, or their p-values would
-    not be exchangeable with those of new images. What `debias train` and :func:`debias.train_vae` both run. Returns
-    the path of encoder.pt, or None (with a note) when the images are too few."""
-    is_main = ctx is None or ctx.is_main
-    rows = np.arange(len(data))
-    if calibration_fraction > 0:
-        try:
-            rows, _ = calibration_split(len(data), calibration_fraction, config.seed)
-        except ValueError:
-            pass  # too few images to hold any out: the VAE trained on all of them too
-    if len(rows) < 2 * (ctx.world_size if ctx is not None else 1):
-        if is_main:
-            print(f"{len(rows)} training images are too few for the contrastive encoder; the novelty score will use "
-                  "the VAE's statistics only", file=sys.stderr)
-        return None
-    train = data.subset(np.sort(rows))
-    model_config = ContrastiveConfig(image_size=data.image_size, channels=data.channels)
-    desc = {"source": source or data.source, "where": list(where or []), "fingerprint": data.fingerprint,
-            "n_images": len(train), "calibration_fraction": float(calibration_fraction), "calibration_seed": config.seed}
-    return train_contrastive(train, model_config, config, Path(run_dir) / SUBDIR, data_desc=desc, resume=resume,
-                             progress=progress, ctx=ctx)

@@ -28,6 +28,7 @@ from debias.data import ImageSet
 from debias.data.splits import calibration_split
 from debias.errors import DebiasError
 from debias.models import ConvVAE, VAEConfig, vae_loss
+from debias.models.contrastive import ContrastiveConfig
 from debias.runtime.checkpoint import atomic_savefig, load_checkpoint, save_checkpoint
 from debias.runtime.device import autocast, effective_precision
 from debias.runtime.distributed import (
@@ -38,6 +39,11 @@ from debias.runtime.distributed import (
     wrap,
 )
 from debias.runtime.progress import epoch_line, progress_bar
+from debias.training.contrastive import (
+    SUBDIR,
+    ContrastiveTrainConfig,
+    train_contrastive,
+)
 from debias.training.run_dir import (
     EpochMeter,
     find_artifact,
@@ -227,6 +233,7 @@ def fit_vae_on(
     source: str | None = None,
     where: list[str] | None = None,
     calibration_fraction: float = 0.0,
+    contrastive: ContrastiveTrainConfig | None = None,
     resume: bool = False,
     progress: bool = True,
     ctx: DistContext | None = None,
@@ -234,8 +241,10 @@ def fit_vae_on(
     """Pick the model for ``data`` (a beta-VAE, or a DB-VAE with a class head when ``label`` names a column) and
     train it into ``out``: what `debias train` and :func:`debias.train_vae` both run. Rows without a label are
     reported and left out. ``calibration_fraction`` of the rows (seeded by ``config.seed``) are held out of training
-    for the novelty detector's conformal calibration (:func:`debias.data.splits.calibration_split`). Returns the
-    path of model.pt."""
+    for the novelty detector's conformal calibration (:func:`debias.data.splits.calibration_split`). With
+    ``contrastive``, the novelty score's contrastive encoder is then trained on exactly the VAE's rows into
+    ``out/contrastive/`` (:mod:`debias.training.contrastive`): the calibration rows stay new to every fitted part of
+    the score, or their p-values would not be exchangeable with those of new images. Returns the path of model.pt."""
     labels, classes, vae_class_index, n_unlabelled = None, [], None, 0
     if label is not None:
         if label not in data.table.columns:
@@ -280,5 +289,14 @@ def fit_vae_on(
         calibration_fraction=float(calibration_fraction) if n_cal else 0.0, calibration_seed=config.seed,
         n_calibration=n_cal,
     )
-    return train_vae(data, model_config, config, out, data_desc=desc, labels=labels, resume=resume,
+    path = train_vae(data, model_config, config, out, data_desc=desc, labels=labels, resume=resume,
                      progress=progress, ctx=ctx)
+    if contrastive is not None and contrastive.epochs > 0:
+        if len(data) < 2 * (ctx.world_size if ctx is not None else 1):
+            if ctx is None or ctx.is_main:
+                print(f"{len(data)} training images are too few for the contrastive encoder; the novelty score will "
+                      "use the VAE's statistics only", file=sys.stderr)
+        else:
+            train_contrastive(data, ContrastiveConfig(image_size=data.image_size, channels=data.channels), contrastive,
+                              Path(out) / SUBDIR, data_desc=asdict(desc), resume=resume, progress=progress, ctx=ctx)
+    return path
