@@ -8,7 +8,7 @@ suspicious as being too bad (Nalisnick et al. 2019, "Detecting out-of-distributi
 using typicality"; Morningstar et al., AISTATS 2021, "Density of States Estimation").
 
 Per image we compute statistics from one encoder/decoder pass (see :data:`STATISTICS`), each fitted on training
-images only. The shipped default uses three of them, two in the model's view and one in the pixels' (issue 16):
+images only. The VAE's default uses three of them, two in the model's view and one in the pixels' (issue 16):
 
 - ``posterior_knn``: the log mean distance from the image's posterior (mu, log sigma^2) to the posteriors of its
   ``k`` nearest training images. A digit under a clothes model lands in an empty region of latent space even when
@@ -28,7 +28,7 @@ view:
   (a coat among pullovers and shirts), and it misses far ones the VAE's views catch (issue 16, docs/benchmarks.md).
 
 It combines them with ``combine="fisher"``: each statistic's empirical tail p-value among the fitted rows, -2 sum
-log p (Fisher's method). Tails are rank-based, so no statistic's scale dominates, and one statistic far out in its
+w log p (Fisher's method, each term weighted by ``weights``: 1, and 2 for ``embedding_knn`` by default). Tails are rank-based, so no statistic's scale dominates, and one statistic far out in its
 tail decides the score even when the others look normal. Sidedness (``one_sided``): for the kNN distance and the
 reconstruction error only "larger than usual" counts (an image nearer than usual to the training posteriors, or
 reconstructed better, is typical; the trap of simple images is left to the two-sided pixel density); every other
