@@ -135,6 +135,15 @@ def _png_size(img: np.ndarray) -> int:
     return buf.tell()
 
 
+def train_encoder(train: ImageSet, opts: dict, run_dir: Path) -> None:
+    """`debias train`'s second model at its defaults, into ``run_dir/contrastive`` (kept when already there)."""
+    if not encoder_path(run_dir).exists():
+        train_contrastive(train, ContrastiveConfig(image_size=opts["image_size"], channels=train.channels),
+                          ContrastiveTrainConfig(device="cpu"), run_dir / "contrastive",
+                          data_desc={"fingerprint": train.fingerprint},
+                          resume=(run_dir / "contrastive" / "checkpoint.pt").exists(), progress=False)
+
+
 def cache(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     for case in args.cases:
@@ -152,11 +161,7 @@ def cache(args: argparse.Namespace) -> None:
             train_vae(train, cfg, TrainConfig(epochs=opts["epochs"], device="cpu"), run_dir, data_desc=desc,
                       resume=(run_dir / "checkpoint.pt").exists(), progress=False)
         t_vae = time.perf_counter() - t0
-        if not encoder_path(run_dir).exists():  # `debias train`'s second model, at its defaults
-            train_contrastive(train, ContrastiveConfig(image_size=opts["image_size"], channels=train.channels),
-                              ContrastiveTrainConfig(device="cpu"), run_dir / "contrastive",
-                              data_desc={"fingerprint": train.fingerprint},
-                              resume=(run_dir / "contrastive" / "checkpoint.pt").exists(), progress=False)
+        train_encoder(train, opts, run_dir)
         t_train = time.perf_counter() - t0
         model, _ = load_model(run_dir, "cpu")
         encoder, _ = load_encoder(encoder_path(run_dir), "cpu")
@@ -222,12 +227,7 @@ def fpr_heldout(args: argparse.Namespace) -> None:
                                    n_calibration=len(train) - len(fit_rows))
             train_vae(train.subset(fit_rows), cfg, TrainConfig(epochs=opts["epochs"], device="cpu"), run_dir,
                       data_desc=desc, resume=(run_dir / "checkpoint.pt").exists(), progress=False)
-        if not encoder_path(run_dir).exists():  # as `debias train`: the encoder on the VAE's rows only
-            train_contrastive(train.subset(fit_rows), ContrastiveConfig(image_size=opts["image_size"],
-                                                                        channels=train.channels),
-                              ContrastiveTrainConfig(device="cpu"), run_dir / "contrastive",
-                              data_desc={"fingerprint": train.fingerprint},
-                              resume=(run_dir / "contrastive" / "checkpoint.pt").exists(), progress=False)
+        train_encoder(train.subset(fit_rows), opts, run_dir)  # as `debias train`: on the VAE's rows only
         model, _ = load_model(run_dir, "cpu")
         encoder, _ = load_encoder(encoder_path(run_dir), "cpu")
         det = fit_detector(model, train, encoder=encoder, progress=False)  # calibrates on rows neither model saw

@@ -18,6 +18,7 @@ import hashlib
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -201,6 +202,7 @@ def fit_detector(
     *,
     meta: dict[str, Any] | None = None,
     model_sha256: str = "",
+    encoder_sha256: str = "",
     calibration_fraction: float = DEFAULT_CALIBRATION_FRACTION,
     target_fpr: float = DEFAULT_TARGET_FPR,
     scorer: NoveltyScorer | None = None,
@@ -255,7 +257,8 @@ def fit_detector(
             "n_neighbors": scorer.n_neighbors,
             "pixel_bins": pixel_density.bins if pixel_density is not None else None,
             "embedding": None if emb is None else {
-                "encoder": "contrastive (SimCLR)", "features": int(emb.shape[1]), "input_size": encoder.config.input_size},
+                "encoder": "contrastive (SimCLR)", "features": int(emb.shape[1]), "input_size": encoder.config.input_size,
+                "encoder_sha256": encoder_sha256[:16]},
             "knn_references": int(len(scorer.reference_)),
             "bins": scorer.bins,
             "alpha": scorer.alpha,
@@ -295,9 +298,9 @@ def open_detector(
     model_path = run / MODEL if run.is_dir() else run
     sha = file_sha256(model_path)
     encoder, encoder_sha = None, None
-    if encoder_path(model_path.parent).exists():
-        encoder, _ = load_encoder(encoder_path(model_path.parent), device)
-        encoder_sha = file_sha256(encoder_path(model_path.parent))
+    if (encoder_file := encoder_path(model_path.parent)).exists():
+        encoder, _ = load_encoder(encoder_file, device)
+        encoder_sha = file_sha256(encoder_file)
     path = model_path.parent / NOVELTY_FILE
     det: FittedDetector | None = None
     if path.exists() and not refit and fit_data is None:
@@ -314,13 +317,12 @@ def open_detector(
                 print("warning: the model's training data changed since training; calibrating on a random part of it "
                       "(the model may have seen those images)", file=sys.stderr)
         det = fit_detector(
-            model, data, meta=meta, model_sha256=sha, target_fpr=target_fpr or DEFAULT_TARGET_FPR,
-            encoder=encoder, batch_size=batch_size, progress=progress, **split,
+            model, data, meta=meta, model_sha256=sha, encoder_sha256=encoder_sha or "",
+            target_fpr=target_fpr or DEFAULT_TARGET_FPR, encoder=encoder, batch_size=batch_size, progress=progress,
+            **split,
         )
         det.card["calibration_held_out_of_training"] = bool(split)
         det.card["fitted_on"]["where"] = list((fit_where or []) if fit_data is not None else meta["data"].get("where", []))
-        if det.card["novelty"]["embedding"] is not None:
-            det.card["novelty"]["embedding"]["encoder_sha256"] = (encoder_sha or "")[:16]
         det.save(path, sha, encoder_sha)
     det.card["run"] = model_path.parent.name
     if target_fpr is not None and target_fpr != det.calibrator.target_fpr:
@@ -379,16 +381,19 @@ def encoder_features(encoder: ContrastiveEncoder, x: torch.Tensor) -> np.ndarray
         return encoder(x.to(device, non_blocking=True)).float().cpu().numpy()
 
 
+def _over_batches(per_batch: Callable[[torch.Tensor], np.ndarray], data: ImageSet, batch_size: int) -> np.ndarray:
+    """``per_batch`` of every image of ``data``, a batch at a time (bounded memory), concatenated."""
+    return np.concatenate([per_batch(data.batch(slice(a, a + batch_size))) for a in range(0, len(data), batch_size)])
+
+
 def _embeddings(encoder: ContrastiveEncoder, data: ImageSet, batch_size: int) -> np.ndarray:
-    """:func:`encoder_features` of every image of ``data``, a batch at a time."""
-    return np.concatenate([encoder_features(encoder, data.batch(slice(a, a + batch_size)))
-                           for a in range(0, len(data), batch_size)])
+    """:func:`encoder_features` of every image of ``data``."""
+    return _over_batches(lambda x: encoder_features(encoder, x), data, batch_size)
 
 
 def _pixel_scores(density: PixelDensity, data: ImageSet, batch_size: int) -> np.ndarray:
-    """:meth:`PixelDensity.score_samples` of every image of ``data``, a batch at a time (bounded memory)."""
-    return np.concatenate([density.score_samples(data.batch(slice(a, a + batch_size)))
-                           for a in range(0, len(data), batch_size)])
+    """:meth:`PixelDensity.score_samples` of every image of ``data``."""
+    return _over_batches(density.score_samples, data, batch_size)
 
 
 def _finite_or_none(x: float) -> float | None:
