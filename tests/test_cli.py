@@ -40,6 +40,17 @@ def test_help_lists_commands():
         assert cmd in proc.stdout
 
 
+def test_under_torchrun_the_exit_code_and_the_buffered_output_survive_the_skipped_shutdown():
+    """Under torchrun (WORLD_SIZE > 1) the CLI leaves through os._exit (a gloo thread can abort a finishing interpreter):
+    what it printed to a pipe (no PYTHONUNBUFFERED) still arrives, and the exit code is the command's."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | {"WORLD_SIZE": "2"}
+    run = lambda *args: subprocess.run([sys.executable, "-m", "debias", *args], capture_output=True, text=True, env=env)  # noqa: E731
+    ok = run("--help")
+    assert ok.returncode == 0 and "train" in ok.stdout
+    bad = run("train", "--no-such-option")
+    assert_one_line_error(bad, "--no-such-option")
+
+
 @pytest.mark.parametrize(
     "setup, fragment",
     [
