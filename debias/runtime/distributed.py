@@ -195,9 +195,9 @@ def distributed_job(device: str = "auto") -> Iterator[DistContext]:
     ctx = init_distributed(device)
     try:
         yield ctx
-        # Leave together: rank 0 alone writes the outputs, and a rank that tore gloo down while its peer was still
-        # connected was once aborted at exit ("terminate called without an active exception", SIGABRT; seen in a full
-        # test run). Skipped on an error, where a barrier could wait for a rank that is gone.
+        # Leave together: rank 0 alone writes the outputs, and the others must not tear the group down under it.
+        # Skipped on an error, where a barrier could wait for a rank that is gone. (The SIGABRT at exit once blamed on
+        # this was a gloo thread racing the interpreter's shutdown: see the CLI's _leave.)
         barrier(ctx)
     finally:
         cleanup(ctx)
