@@ -1,16 +1,20 @@
-"""Issue 15: does the novelty score's contrastive encoder (what `debias train` now trains beside the VAE) help the
-audit find a cut Fashion-MNIST class? A measured attempt, not a shipped estimator.
+"""Issue 15: the audit's default rarity with the run's contrastive encoder (what `debias train` trains beside the
+VAE), against the same without it and PyOD, on the audit benchmark's data.
 
     OMP_NUM_THREADS=2 python benchmarks/audit_contrastive.py --out bench-out/audit-contrastive \
-        [--datasets fmnist,shapes,spurious,utkface] [--classes 0,1,...,9] [--contrastive-epochs 15] [--min-steps 0]
+        [--datasets fmnist,shapes,spurious,utkface] [--classes 0,1,...,9] [--contrastive-epochs 15] [--min-steps 600] \
+        [--pyod] [--results NAME]
 
-For each class C: the 2,000-image set of benchmarks/audit_rarity.py with C cut to 20 rows (1 %), a VAE at the
-audit benchmark's settings (32 px, latent 32, width 32, 5 epochs) and the contrastive encoder at `debias train`'s
-defaults (15 epochs) on the same images. AUROC of rarity for the cut class: the audit's default (`knn-recon` on the
-VAE), the k-th-neighbour distance among the encoder's features (leave-one-out; k = 5, 20, 50), and the sum of the two
-rarities' robust z-scores. ``--min-steps``: train the encoder for at least this many steps (more epochs on small
-sets). The other rows (shapes, spurious, UTKFace black vs white) as in benchmarks/audit_rarity.py; ratio = the rare
-group's mean weight / the reference rows' (weights tempered to ESS 0.5 n, as the audit does).
+Data as in benchmarks/audit_rarity.py: for each Fashion-MNIST class C, 2,000 images with C cut to 20 rows (1 %);
+shapes (the planted 2 % group), spurious (2 % off-colour shapes: a rare combination), UTKFace black vs white faces. A
+VAE at the audit benchmark's settings (32 px, latent 32, width 32; 5 epochs on Fashion-MNIST, 12 on shapes and
+spurious, 8 on UTKFace) and the contrastive encoder at `debias train`'s defaults (15 epochs, at least ``--min-steps``
+steps: more epochs on small sets) on the same images; both are cached under --out. Rarity, each on the fitted rows:
+the audit's default (`knn-recon` with the encoder's term, as `debias audit` computes it), the same without the
+encoder (`--no-encoder`, the default before), the k-th-neighbour distance among the encoder's features alone
+(leave-one-out; k = 5, 20, 50, 100) and, with ``--pyod``, PyOD's KNN, IForest, HBOS and ECOD on the same latents and
+KNN on pixels. AUROC of rarity for the rare group and its mean-weight ratio (weights tempered to ESS 0.5 n, as the
+audit does), written to --out/NAME.json.
 """
 
 from __future__ import annotations
@@ -28,14 +32,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from audit_rarity import datasets, evaluate  # noqa: E402
+from audit_rarity import datasets, evaluate, pyod_rarities  # noqa: E402
 
-from debias.density.detector import _embeddings  # noqa: E402
+from debias.density.detector import embed_images  # noqa: E402
 from debias.density.encoding import encode_images  # noqa: E402
 from debias.density.rarity import fit_audit_rarity  # noqa: E402
 from debias.models.contrastive import ContrastiveConfig  # noqa: E402
 from debias.training.contrastive import (  # noqa: E402
     ContrastiveTrainConfig,
+    encoder_epochs,
     load_encoder,
     train_contrastive,
 )
@@ -56,19 +61,15 @@ def kth_neighbour_distance(E: np.ndarray, k: int) -> np.ndarray:
     return d.topk(k, largest=False).values[:, -1].sqrt().numpy()
 
 
-def robust_z(v: np.ndarray) -> np.ndarray:
-    med = np.median(v)
-    return (v - med) / (np.median(np.abs(v - med)) * 1.4826 + 1e-12)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("bench-out/audit-contrastive"))
     ap.add_argument("--classes", default="0,1,2,3,4,5,6,7,8,9")
     ap.add_argument("--contrastive-epochs", type=int, default=15)
-    ap.add_argument("--min-steps", type=int, default=0)
+    ap.add_argument("--min-steps", type=int, default=ContrastiveTrainConfig.min_steps)
     ap.add_argument("--datasets", default="fmnist")
     ap.add_argument("--results", default="results")
+    ap.add_argument("--pyod", action="store_true", help="also PyOD KNN, IForest, HBOS, ECOD on the latents, KNN on pixels")
     args = ap.parse_args()
     results = {}
     sets = datasets(args.datasets.split(","), 32, tuple(int(c) for c in args.classes.split(",")))
@@ -79,23 +80,25 @@ def main() -> None:
             cfg = vae_config(image_size=32, channels=data.channels, latent_dim=32, beta=1.0, width=32)
             desc = DataDescription(source=name, where=[], fingerprint=data.fingerprint, n_images=len(data), n_skipped=0)
             train_vae(data, cfg, TrainConfig(epochs=epochs, device="cpu"), run, data_desc=desc, progress=False)
-        steps_per_epoch = max(1, len(data) // ContrastiveTrainConfig.batch_size)
-        enc_epochs = max(args.contrastive_epochs, -(-args.min_steps // steps_per_epoch))
+        train_config = ContrastiveTrainConfig(epochs=args.contrastive_epochs, min_steps=args.min_steps, device="cpu")
+        enc_epochs = encoder_epochs(train_config, len(data))
         encoder_dir = run / f"contrastive-e{enc_epochs}"
         if not (encoder_dir / "encoder.pt").exists():
-            train_contrastive(data, ContrastiveConfig(image_size=32, channels=data.channels),
-                              ContrastiveTrainConfig(epochs=enc_epochs, device="cpu"), encoder_dir,
+            train_contrastive(data, ContrastiveConfig(image_size=32, channels=data.channels), train_config, encoder_dir,
                               data_desc={"fingerprint": data.fingerprint}, progress=False)
         model, _ = load_model(run)
         encoder, _ = load_encoder(encoder_dir / "encoder.pt")
         enc = encode_images(model, data, progress=False)
         default = fit_audit_rarity(enc.mu, enc.recon_error).rarity
-        E = _embeddings(encoder, data, 256)
-        rarities = {"default (knn-recon)": default}
+        E = embed_images(encoder, data)
+        shipped = fit_audit_rarity(enc.mu, enc.recon_error, embeddings=E)  # what `debias audit` now does
+        rarities = {"default (knn-recon + encoder, k = 50)": shipped.rarity,
+                    "knn-recon without the encoder (--no-encoder)": default}
         for k in (5, 20, 50, 100):
-            r = kth_neighbour_distance(E, k)
-            rarities[f"encoder kNN, k={k}"] = r
-            rarities[f"default + encoder kNN, k={k}"] = robust_z(default) + robust_z(r)
+            rarities[f"encoder kNN, k={k}"] = kth_neighbour_distance(E, k)
+        if args.pyod:
+            pixels = np.asarray(data.images, dtype=np.float32).reshape(len(data), -1) / 255.0
+            rarities.update(pyod_rarities(enc.mu, pixels))
         row = {key: evaluate(r, rare, reference) for key, r in rarities.items()}
         results[name] = {"encoder_epochs": enc_epochs, **row}
         print(name, f"encoder {enc_epochs} epochs", {a: f"{b['auroc']:.3f}/{b['weight_ratio']:.2f}" for a, b in row.items()},

@@ -35,6 +35,7 @@ from debias.data.splits import DEFAULT_CALIBRATION_FRACTION
 from debias.density.detector import (
     DEFAULT_TARGET_FPR,
     EmbeddingDetector,
+    embed_images,
     fit_detector,
     fit_embedding_detector,
 )
@@ -88,6 +89,7 @@ def train_vae(
     device: str = "auto",
     calibration_fraction: float = DEFAULT_CALIBRATION_FRACTION,
     contrastive_epochs: int = 15,
+    contrastive_min_steps: int = 600,
     resume: bool = False,
     progress: bool = True,
 ) -> ConvVAE:
@@ -95,7 +97,8 @@ def train_vae(
     as `debias train` does (checkpoint per epoch, ``resume=True`` continues), and return the trained model.
     ``calibration_fraction`` of the images are held out of training; a :class:`NoveltyDetector` loaded from the run
     (:meth:`NoveltyDetector.load`) calibrates on them. ``contrastive_epochs`` > 0 then trains the novelty score's
-    contrastive encoder on the same images into ``out/contrastive`` (:func:`load_encoder`)."""
+    contrastive encoder on the same images into ``out/contrastive`` (:func:`load_encoder`), for at least
+    ``contrastive_min_steps`` steps (more epochs on small sets; 0 = exactly ``contrastive_epochs``)."""
     if isinstance(images, ImageSet):
         data = images if image_size in (None, images.image_size) else as_image_set(images, image_size, images.channels)
     elif isinstance(images, (str, Path)):
@@ -103,7 +106,8 @@ def train_vae(
     else:
         data = as_image_set(images, image_size or 64, _channels_of(images))
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device)
-    contrastive = ContrastiveTrainConfig(epochs=contrastive_epochs, seed=seed, device=device)
+    contrastive = ContrastiveTrainConfig(epochs=contrastive_epochs, min_steps=contrastive_min_steps, seed=seed,
+                                         device=device)
     path = fit_vae_on(data, Path(out), config, latent_dim=latent_dim, beta=beta, width=width, label=label,
                       source=data.source, calibration_fraction=calibration_fraction, contrastive=contrastive,
                       resume=resume, progress=progress)
@@ -145,7 +149,9 @@ class RarityAudit(BaseEstimator):
     ``estimator``: one of :data:`debias.density.rarity.RARITY_ESTIMATORS` (default ``knn-recon``: kNN density of the
     latents plus the reconstruction error; with embeddings, which have no reconstruction, ``knn``). The histogram
     options (``bins``, ``alpha``, ``combine``, ``dims``, ``whiten``) and the weights' ``target_ess`` or fixed
-    ``temperature`` are those of `debias audit`.
+    ``temperature`` are those of `debias audit`. ``encoder``: the run's contrastive encoder (:func:`load_encoder`);
+    with ``knn-recon`` the kNN rarity of its features is a third term, as `debias audit` adds it for a run that has
+    one (None: the VAE's two terms only, `debias audit --no-encoder`).
 
     Fitted attributes: ``scores_`` (DataFrame: the source's columns + rarity, weight, recon_error), ``rarity_``,
     ``weights_`` (sum to 1), ``temperature_``, ``estimator_``.
@@ -155,6 +161,7 @@ class RarityAudit(BaseEstimator):
         self,
         vae: ConvVAE | None = None,
         *,
+        encoder: ContrastiveEncoder | None = None,
         estimator: str | None = None,
         n_neighbors: int = 5,
         bins: int = 10,
@@ -167,6 +174,7 @@ class RarityAudit(BaseEstimator):
         batch_size: int = 256,
     ) -> None:
         self.vae = vae
+        self.encoder = encoder
         self.estimator = estimator
         self.n_neighbors = n_neighbors
         self.bins = bins
@@ -188,6 +196,7 @@ class RarityAudit(BaseEstimator):
         """Fit on images ``X`` (encoded by ``vae``) or on precomputed ``embeddings`` (n, d), one row per image."""
         if (X is None) == (embeddings is None):
             raise DebiasError("pass either images X or embeddings=, not both and not neither")
+        features = None  # the contrastive encoder's, for knn-recon's third term
         if embeddings is not None:
             mu = _embeddings(embeddings)
             recon = np.zeros(len(mu))
@@ -201,7 +210,9 @@ class RarityAudit(BaseEstimator):
             data, enc = _encode(self.vae, X, self.batch_size)
             mu, recon, table = enc.mu, enc.recon_error, data.table
             name = self.estimator or DEFAULT_ESTIMATOR
-        result = fit_audit_rarity(mu, recon, name, self._density(), self.n_neighbors)
+            if self.encoder is not None and name == "knn-recon":
+                features = embed_images(self.encoder, data, self.batch_size)
+        result = fit_audit_rarity(mu, recon, name, self._density(), self.n_neighbors, embeddings=features)
         self.from_embeddings_ = embeddings is not None
         self.estimator_ = result.fitted
         self.rarity_ = result.rarity
@@ -218,8 +229,10 @@ class RarityAudit(BaseEstimator):
             return rarity_of_new_rows(self.estimator_, _embeddings(embeddings), np.zeros(len(embeddings)))
         if self.from_embeddings_:
             raise DebiasError("this audit was fitted on embeddings: pass embeddings=")
-        _, enc = _encode(self.vae, X, self.batch_size)
-        return rarity_of_new_rows(self.estimator_, enc.mu, enc.recon_error)
+        data, enc = _encode(self.vae, X, self.batch_size)
+        uses_encoder = getattr(self.estimator_, "embedding_knn_", None) is not None
+        features = embed_images(self.encoder, data, self.batch_size) if uses_encoder else None
+        return rarity_of_new_rows(self.estimator_, enc.mu, enc.recon_error, features)
 
     def score_samples(self, X: ImagesLike | None = None, *, embeddings: np.ndarray | None = None) -> np.ndarray:
         """Higher = more typical of the fitted set (minus the rarity), as in scikit-learn."""

@@ -17,8 +17,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from debias.data import load_images
+from debias.data import ImageSet, load_images
 from debias.data.imageset import list_rows
+from debias.density.detector import embed_images
 from debias.density.encoding import (
     Encoded,
     encode_images,
@@ -47,6 +48,7 @@ from debias.reports.audit import (
 )
 from debias.runtime.checkpoint import atomic_write_table, write_json
 from debias.runtime.device import resolve_device
+from debias.training.contrastive import encoder_path, load_encoder
 from debias.training.vae import load_model
 
 
@@ -59,6 +61,8 @@ class AuditJob:
     group_by: list[str] = field(default_factory=list)
     estimator: str = DEFAULT_ESTIMATOR  # debias.density.rarity.RARITY_ESTIMATORS
     n_neighbors: int = 5  # knn, knn-recon
+    # knn-recon: add the kNN rarity of the run's contrastive encoder features when the run has one (issue 15)
+    use_encoder: bool = True
     density: DensityOptions = field(default_factory=DensityOptions)
     device: str = "auto"
     batch_size: int = 256
@@ -86,6 +90,7 @@ class EncodedRows:
     encode_s: float
     pixels: Callable[[np.ndarray], np.ndarray]  # row positions -> (k, H, W, C) uint8
     engine: dict[str, Any] = field(default_factory=lambda: {"name": "local"})
+    embeddings: np.ndarray | None = None  # the run's contrastive encoder features of the rows (None: not used)
 
 
 def check_group_by(job: AuditJob, columns: pd.Index) -> None:
@@ -107,11 +112,25 @@ def run_audit(job: AuditJob) -> AuditResult:
 
     t0 = time.perf_counter()
     enc = encode_images(model, data, batch_size=job.batch_size, progress=job.progress)
+    encode_s = time.perf_counter() - t0
     rows = EncodedRows(
-        table=data.table, skipped=data.skipped, fingerprint=data.fingerprint, enc=enc,
-        encode_s=time.perf_counter() - t0, pixels=lambda idx: np.asarray(data.images[idx]),
+        table=data.table, skipped=data.skipped, fingerprint=data.fingerprint, enc=enc, encode_s=encode_s,
+        pixels=lambda idx: np.asarray(data.images[idx]),
+        embeddings=run_embeddings(job.model, data, device, job.batch_size)
+        if job.use_encoder and job.estimator == "knn-recon" else None,
     )
     return write_audit(job, model, meta, rows)
+
+
+def run_embeddings(run: Path, data: ImageSet, device: torch.device, batch_size: int = 256) -> np.ndarray | None:
+    """The rows' features from the run's contrastive encoder (`debias train` trains one unless --contrastive-epochs
+    0), None when the run has none: the third term of the audit's ``knn-recon`` rarity, and of `debias augment
+    --model`'s weights (the audit's)."""
+    path = encoder_path(run)
+    if not path.exists():
+        return None
+    encoder, _ = load_encoder(path, device)
+    return embed_images(encoder, data, batch_size)
 
 
 def read_embeddings(path: Path) -> pd.DataFrame:
@@ -192,12 +211,12 @@ def write_audit(job: AuditJob, model: ConvVAE, meta: dict[str, Any], rows: Encod
     """The part every engine shares: fit the density on the latents, score, and write the tables, summary, report."""
     cfg = model.config
     enc, n = rows.enc, len(rows.table)
-    fit = fit_audit_rarity(enc.mu, enc.recon_error, job.estimator, job.density, job.n_neighbors)
+    fit = fit_audit_rarity(enc.mu, enc.recon_error, job.estimator, job.density, job.n_neighbors,
+                           embeddings=rows.embeddings)
     density = fit.histogram
     scores = rarity_table(rows.table, enc, fit.rarity, fit.weights)
-    if fit.components is not None:  # which of the two terms makes each row rare
-        scores["rarity_latent"] = fit.components["latent"]
-        scores["rarity_reconstruction"] = fit.components["reconstruction"]
+    for term, values in (fit.components or {}).items():  # which term makes each row rare
+        scores[f"rarity_{term}"] = values
     if enc.logits is not None:
         probs = torch.softmax(torch.from_numpy(enc.logits), 1).numpy()
         scores["predicted_label"] = [cfg.classes[i] for i in probs.argmax(1)]
@@ -216,6 +235,9 @@ def write_audit(job: AuditJob, model: ConvVAE, meta: dict[str, Any], rows: Encod
         "n_skipped": len(rows.skipped),
         "skipped": rows.skipped.head(100).to_dict("records"),
         "rarity_estimator": job.estimator,
+        # knn-recon's third term: the run's contrastive encoder (None: not used, or the run has none)
+        "contrastive_encoder": None if rows.embeddings is None else {
+            "path": str(encoder_path(job.model)), "n_neighbors": fit.fitted.embedding_neighbors},
         "effective_sample_size": effective_sample_size(fit.weights),
         "effective_sample_fraction": effective_sample_size(fit.weights) / n,
         # What the data says before any tempering: the ESS of the paper's untempered inverse-density weights (the
@@ -359,12 +381,15 @@ def _report(
         z = base.repeat(len(dim_values), 1)
         z[:, dim] = torch.tensor(dim_values)
         dim_trav = _to_uint8(torch.sigmoid(model.decode(z.to(device)).float()))
-    by_recon = None
-    if "rarity_reconstruction" in scores.columns:
-        by_recon = int((scores["rarity_reconstruction"].to_numpy()[rarest] > scores["rarity_latent"].to_numpy()[rarest]).sum())
+    by_recon = by_embedding = None
+    terms = [t for t in ("latent", "reconstruction", "embedding") if f"rarity_{t}" in scores.columns]
+    if "reconstruction" in terms:  # the term with the largest standardised value makes the row rare
+        main = np.array(terms)[np.argmax(scores[[f"rarity_{t}" for t in terms]].to_numpy()[rarest], axis=1)]
+        by_recon = int((main == "reconstruction").sum())
+        by_embedding = int((main == "embedding").sum()) if "embedding" in terms else None
     finding_rows = RowsFinding(
         estimator=str(summary.get("rarity_estimator", "")), n_rows=len(scores), n_shown=len(rarest),
-        examples=thumbs(rarest), by_reconstruction=by_recon, dim_label=f"z{dim}", dim_shift=float(shift.mean(0)[dim]),
+        examples=thumbs(rarest), by_reconstruction=by_recon, by_embedding=by_embedding, dim_label=f"z{dim}", dim_shift=float(shift.mean(0)[dim]),
         traversal=[png_data_uri(im, scale=1) for im in dim_trav],
         traversal_values=[f"{v:+.2f}" for v in dim_values],
     )

@@ -213,6 +213,7 @@ def rarity_columns(job: AugmentJob, data: ImageSet) -> pd.DataFrame | None:
 def _vae_scores(job: AugmentJob, data: ImageSet) -> pd.DataFrame:
     from debias.density.encoding import encode_images
     from debias.density.rarity import fit_audit_rarity
+    from debias.pipelines.audit import run_embeddings
     from debias.training.vae import load_model
 
     assert job.model is not None
@@ -223,7 +224,8 @@ def _vae_scores(job: AugmentJob, data: ImageSet) -> pd.DataFrame:
     if (cfg.image_size, cfg.channels) != (data.image_size, data.channels):
         vae_data = load_images(job.data, where=job.where, image_size=cfg.image_size, channels=cfg.channels, progress=job.progress)
     enc = encode_images(model, vae_data, progress=job.progress)
-    fit = fit_audit_rarity(enc.mu, enc.recon_error)  # as `debias audit` scores rarity with its defaults
+    embeddings = run_embeddings(job.model, vae_data, resolve_device(job.device))
+    fit = fit_audit_rarity(enc.mu, enc.recon_error, embeddings=embeddings)  # as `debias audit` does by default
     return pd.DataFrame({"path": vae_data.table["path"].astype(str), "weight": fit.weights, "rarity": fit.rarity})
 
 

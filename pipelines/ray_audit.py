@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -44,6 +45,7 @@ from debias.pipelines.audit import (
 from debias.pipelines.ray_cluster import connect, import_ray
 from debias.runtime.device import resolve_device
 from debias.runtime.progress import progress_bar
+from debias.training.contrastive import encoder_path
 from debias.training.vae import load_model
 
 
@@ -58,6 +60,11 @@ class RayAuditOptions:
 
 def run_ray_audit(job: AuditJob, opts: RayAuditOptions) -> AuditResult:
     ray = import_ray()
+    if job.use_encoder and job.estimator == "knn-recon" and encoder_path(job.model).exists():
+        # The actors run the VAE only: knn-recon here is the local engine's `--no-encoder` rarity.
+        print("note: the ray engine audits without the run's contrastive encoder (knn-recon's third term); the local "
+              "engine with --no-encoder gives the same rarity", file=sys.stderr)
+        job = replace(job, use_encoder=False)
     # The driver keeps a copy of the model for the report (a few reconstructions); the actors get their own.
     model, meta = load_model(job.model, resolve_device(job.device))
     cfg = model.config

@@ -23,7 +23,7 @@ SOURCE = "builtin:shapes?n=400&rare=0.05"
 def trained(tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("api") / "run"
     imgs = debias.load_images(SOURCE, image_size=32)
-    vae = debias.train_vae(imgs, out=out, epochs=2, latent_dim=8, width=8, progress=False)
+    vae = debias.train_vae(imgs, out=out, epochs=2, latent_dim=8, width=8, contrastive_min_steps=0, progress=False)
     return imgs, vae, out
 
 
@@ -61,6 +61,28 @@ def test_the_readme_example_runs_as_written(trained, tmp_path: Path) -> None:
     assert again.encoder is not None  # the encoder travels with the saved detector
     np.testing.assert_allclose(again.score_samples(x), s, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(again.predict(x), pred)
+
+
+def test_the_audit_with_the_run_encoder_is_the_command_s_default(trained, tmp_path: Path) -> None:
+    """RarityAudit(vae, encoder=...) is `debias audit`'s default on a run that has an encoder (knn-recon's third term:
+    the encoder features' kNN rarity); without the encoder it is `debias audit --no-encoder`."""
+    from debias.pipelines.audit import AuditJob, run_audit
+
+    imgs, vae, out = trained
+    encoder = debias.load_encoder(out)
+    with_encoder = debias.RarityAudit(vae, encoder=encoder).fit(imgs)
+    assert with_encoder.estimator_.embedding_knn_ is not None
+    cli = run_audit(AuditJob(model=out, data=SOURCE, out=tmp_path / "a", device="cpu", report=False, progress=False))
+    assert cli.summary["contrastive_encoder"]["n_neighbors"] == 50
+    assert {"rarity_latent", "rarity_reconstruction", "rarity_embedding"} <= set(cli.scores.columns)
+    np.testing.assert_allclose(cli.scores["rarity"], with_encoder.rarity_, rtol=1e-4, atol=1e-4)
+    plain = run_audit(AuditJob(model=out, data=SOURCE, out=tmp_path / "b", device="cpu", report=False, progress=False,
+                               use_encoder=False))
+    assert plain.summary["contrastive_encoder"] is None and "rarity_embedding" not in plain.scores.columns
+    np.testing.assert_allclose(plain.scores["rarity"], debias.RarityAudit(vae).fit(imgs).rarity_, rtol=1e-4, atol=1e-4)
+    # new images are scored with their own features, against the fitted rows
+    w = with_encoder.sampling_weights(imgs.subset(np.arange(30)))
+    assert w.shape == (30,) and w.sum() == pytest.approx(1.0)
 
 
 def test_every_input_kind_gives_the_same_scores(trained, tmp_path: Path) -> None:

@@ -96,12 +96,12 @@ def test_training_writes_the_encoder_and_resumes_to_the_same_weights(tmp_path):
     data = _data()
     cfg = ContrastiveConfig(image_size=32, channels=3, width=4)
     desc = {"fingerprint": data.fingerprint}
-    whole = train_contrastive(data, cfg, ContrastiveTrainConfig(epochs=2, batch_size=32, device="cpu"), tmp_path / "a",
+    whole = train_contrastive(data, cfg, ContrastiveTrainConfig(epochs=2, batch_size=32, min_steps=0, device="cpu"), tmp_path / "a",
                               data_desc=desc, progress=False)
     # one epoch, then resume for the second: the same draws, the same weights
-    train_contrastive(data, cfg, ContrastiveTrainConfig(epochs=1, batch_size=32, device="cpu"), tmp_path / "b",
+    train_contrastive(data, cfg, ContrastiveTrainConfig(epochs=1, batch_size=32, min_steps=0, device="cpu"), tmp_path / "b",
                       data_desc=desc, progress=False)
-    resumed = train_contrastive(data, cfg, ContrastiveTrainConfig(epochs=2, batch_size=32, device="cpu"),
+    resumed = train_contrastive(data, cfg, ContrastiveTrainConfig(epochs=2, batch_size=32, min_steps=0, device="cpu"),
                                 tmp_path / "b", data_desc=desc, resume=True, progress=False)
     a, meta = load_encoder(whole)
     b, _ = load_encoder(resumed)
@@ -110,10 +110,10 @@ def test_training_writes_the_encoder_and_resumes_to_the_same_weights(tmp_path):
     assert [row["epoch"] for row in meta["history"]] == [1, 2]
     assert (tmp_path / "a" / "loss.csv").read_text().count("\n") == 3
     with pytest.raises(DebiasError, match="already holds a training run"):
-        train_contrastive(data, cfg, ContrastiveTrainConfig(epochs=2, batch_size=32, device="cpu"), tmp_path / "a",
+        train_contrastive(data, cfg, ContrastiveTrainConfig(epochs=2, batch_size=32, min_steps=0, device="cpu"), tmp_path / "a",
                           data_desc=desc, progress=False)
     with pytest.raises(DebiasError, match="other data"):
-        train_contrastive(_data(80), cfg, ContrastiveTrainConfig(epochs=3, batch_size=32, device="cpu"),
+        train_contrastive(_data(80), cfg, ContrastiveTrainConfig(epochs=3, batch_size=32, min_steps=0, device="cpu"),
                           tmp_path / "a", data_desc={"fingerprint": "other"}, resume=True, progress=False)
 
 
@@ -149,9 +149,12 @@ def test_train_command_trains_the_encoder_on_the_vae_rows_or_none(tmp_path):
     runner = CliRunner()
     common = ["train", "--data", "builtin:shapes?n=120", "--epochs", "1", "--image-size", "32", "--latent-dim", "4",
               "--width", "8", "--device", "cpu", "-q"]
-    res = runner.invoke(cli_app, [*common, "--out", str(tmp_path / "with"), "--contrastive-epochs", "1"])
+    # 1 epoch of 96 rows is 1 step (batch 256); --contrastive-min-steps 3 makes it 3 epochs
+    res = runner.invoke(cli_app, [*common, "--out", str(tmp_path / "with"), "--contrastive-epochs", "1",
+                                  "--contrastive-min-steps", "3"])
     assert res.exit_code == 0, res.output
     _, meta = load_encoder(encoder_path(tmp_path / "with"))
+    assert [row["epoch"] for row in meta["history"]] == [1, 2, 3]
     # the VAE's rows: the same data description, 120 - 24 = the 80 % the VAE trained on (calibration rows unseen)
     assert meta["data"] == load_checkpoint(tmp_path / "with" / "model.pt")["data"]
     assert meta["data"]["n_images"] - meta["data"]["n_calibration"] == 96
@@ -214,3 +217,14 @@ def test_embedding_knn_leaves_each_fitted_row_out_and_needs_its_embeddings():
         scorer.novelty(X[:2], embeddings=E[:2, :2])
     with pytest.raises(ValueError, match="one row per image"):
         scorer.novelty(X[:2], embeddings=E[:3])
+
+
+def test_small_sets_get_more_epochs_up_to_the_minimum_steps():
+    from debias.training.contrastive import encoder_epochs
+
+    config = ContrastiveTrainConfig(epochs=15, batch_size=256, min_steps=600)
+    assert encoder_epochs(config, 54_000) == 15  # 210 steps an epoch: 15 epochs are 3,150 steps already
+    assert encoder_epochs(config, 2_000) == 86  # 7 steps an epoch (the last partial batch joins the one before)
+    assert encoder_epochs(config, 100) == 600  # fewer rows than a batch: one step an epoch
+    assert encoder_epochs(ContrastiveTrainConfig(epochs=15, min_steps=0), 2_000) == 15
+    assert encoder_epochs(ContrastiveTrainConfig(epochs=0), 2_000) == 0  # 0 = no encoder, whatever the minimum

@@ -137,7 +137,8 @@ def test_contrastive_encoder_under_torchrun(tmp_path):
 
     run = tmp_path / "run"
     args = [a for a in VAE_ARGS if a not in ("--contrastive-epochs", "0")]
-    proc = torchrun("train", "--data", SHAPES, "--out", str(run), "--epochs", "1", "--contrastive-epochs", "2", *args,
+    proc = torchrun("train", "--data", SHAPES, "--out", str(run), "--epochs", "1", "--contrastive-epochs", "2",
+                    "--contrastive-min-steps", "0", *args,
                     env={"DEBIAS_CACHE_DIR": str(tmp_path / "cache")})
     assert proc.stdout.count("model written to") == 1
     encoder, meta = load_encoder(encoder_path(run))
@@ -182,7 +183,7 @@ def test_resume_under_torchrun_and_single_process(vae_runs):
     # A torchrun checkpoint resumes single-process too (it holds the plain module's weights).
     job = TrainJob(
         data=SHAPES, out=root / "single-resume" / "run", image_size=32, latent_dim=4, width=8,
-        train=TrainConfig(epochs=2, batch_size=64, device="cpu"), resume=True, progress=False,
+        train=TrainConfig(epochs=2, batch_size=64, device="cpu"), contrastive_epochs=0, resume=True, progress=False,
     )  # fmt: skip
     in_process(lambda: run_train(job), vae_runs["env"])
     _, meta = load_model(root / "single-resume" / "run")

@@ -247,6 +247,47 @@ def test_latent_and_reconstruction_rarity_adds_two_robust_z_scores():
     assert clone(est).get_params() == est.get_params()
 
 
+def test_the_embedding_term_is_a_third_robust_z_score_at_its_own_k():
+    from debias.density.rarity import (
+        LatentAndReconstructionRarity,
+        audit_features,
+        fit_audit_rarity,
+        fitted_rarity,
+        rarity_of_new_rows,
+    )
+    from debias.errors import DebiasError
+
+    mu = np.array([[0.0], [1.0], [3.0], [6.0], [16.0]])
+    recon = np.exp(np.array([0.0, 1.0, 2.0, 3.0, 4.0]))
+    emb = np.array([[0.0, 0.0], [0.0, 2.0], [0.0, 3.0], [0.0, 7.0], [0.0, 8.0]])
+    X = audit_features(mu, recon, emb)
+    assert X.shape == (5, 4)
+    without = fitted_rarity(LatentAndReconstructionRarity(n_neighbors=1, n_components=None), audit_features(mu, recon))
+    est = LatentAndReconstructionRarity(n_neighbors=1, n_components=None, embedding_dims=2, embedding_neighbors=2)
+    rarity = fitted_rarity(est, X)
+    # embeddings at 0, 2, 3, 7, 8 on one axis: 2nd-nearest other row at 3, 2, 3, 4, 5; KNNDensity keeps both axes
+    # (d = 2), so the kNN rarity is 2 log r: median 2 log 3, MAD 2 * median |log r - log 3| = 2 log(4/3)
+    log_r = np.log([3.0, 2.0, 3.0, 4.0, 5.0])
+    z_emb = (log_r - np.log(3)) / (1.4826 * np.log(4 / 3))
+    np.testing.assert_allclose(est.components(X, fitted=True)["embedding"], z_emb, atol=1e-9)
+    np.testing.assert_allclose(rarity, without + z_emb, atol=1e-9)
+    weighted = LatentAndReconstructionRarity(n_neighbors=1, n_components=None, embedding_dims=2, embedding_neighbors=2,
+                                             embedding_weight=0.0)
+    np.testing.assert_allclose(fitted_rarity(weighted, X), without, atol=1e-9)
+    # new rows need their embeddings; scored against every fitted row
+    with pytest.raises(DebiasError, match="embeddings"):
+        rarity_of_new_rows(est, mu[:1], recon[:1])
+    new = rarity_of_new_rows(est, np.array([[4.0]]), np.array([np.exp(2.0)]), np.array([[0.0, 5.0]]))
+    # latent: nearest fitted row at distance 1; embedding at 5: the 2nd nearest fitted row at distance 2 (3 and 7)
+    z_new = (np.log(1.0) - np.log(2)) / (1.4826 * np.log(2)) + (np.log(2.0) - np.log(3)) / (1.4826 * np.log(4 / 3))
+    np.testing.assert_allclose(new, [z_new], atol=1e-9)
+    # the audit stage: knn-recon takes them (three components), other estimators ignore them
+    fit = fit_audit_rarity(mu, recon, "knn-recon", n_neighbors=1, embeddings=emb)
+    assert set(fit.components) == {"latent", "reconstruction", "embedding"}
+    assert fit.fitted.embedding_dims == 2
+    assert fit_audit_rarity(mu, recon, "knn", n_neighbors=1, embeddings=emb).fitted.n_features_in_ == 1
+
+
 def test_gaussian_mixture_with_one_component_is_the_gaussian_log_density():
     from scipy.stats import multivariate_normal
 

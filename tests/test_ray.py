@@ -54,7 +54,9 @@ def folder(tmp_path_factory) -> Path:
 
 
 def audit_both(run: Path, data: str, out: Path, **job_args) -> tuple:
-    local = run_audit(AuditJob(model=run, data=data, out=out / "local", device="cpu", progress=False, **job_args))
+    # The Ray engine's actors run the VAE only: compared with the local engine's rarity without the encoder's term
+    local = run_audit(AuditJob(model=run, data=data, out=out / "local", device="cpu", progress=False, use_encoder=False,
+                               **job_args))
     remote = run_ray_audit(
         AuditJob(model=run, data=data, out=out / "ray", device="cpu", progress=False, **job_args),
         RayAuditOptions(actors=2),

@@ -169,7 +169,7 @@ class FittedDetector:
     ) -> NoveltyResults:
         enc = encode_images(self.model, data, batch_size=batch_size, progress=progress)
         pixel = _pixel_scores(self.pixel_density, data, batch_size) if self.pixel_density is not None else None
-        emb = _embeddings(self.encoder, data, batch_size) if self.encoder is not None else None
+        emb = embed_images(self.encoder, data, batch_size) if self.encoder is not None else None
         return self.score_encoded(enc, pixel, embeddings=emb, top_k=top_k)
 
     # -- persistence -----------------------------------------------------------------------------------------------
@@ -227,7 +227,7 @@ def fit_detector(
     uses_embeddings = bool(EMBEDDING_STATISTICS & set(scorer.statistics))
     if uses_embeddings and encoder is None:
         raise DebiasError("the novelty statistic embedding_knn needs a contrastive encoder (debias train trains one)")
-    emb = _embeddings(encoder, data, batch_size) if uses_embeddings else None  # an unread encoder is not kept
+    emb = embed_images(encoder, data, batch_size) if uses_embeddings else None  # an unread encoder is not kept
     pixel_density, pixel = None, None
     if PIXEL_STATISTICS & set(scorer.statistics):
         # Fitted on the fit part only, like the scorer: the calibration images must be new to everything that was
@@ -386,8 +386,9 @@ def _over_batches(per_batch: Callable[[torch.Tensor], np.ndarray], data: ImageSe
     return np.concatenate([per_batch(data.batch(slice(a, a + batch_size))) for a in range(0, len(data), batch_size)])
 
 
-def _embeddings(encoder: ContrastiveEncoder, data: ImageSet, batch_size: int) -> np.ndarray:
-    """:func:`encoder_features` of every image of ``data``."""
+def embed_images(encoder: ContrastiveEncoder, data: ImageSet, batch_size: int = 256) -> np.ndarray:
+    """:func:`encoder_features` of every image of ``data`` (n, e), a batch at a time: what the novelty score and the
+    audit read from a run's contrastive encoder."""
     return _over_batches(lambda x: encoder_features(encoder, x), data, batch_size)
 
 

@@ -319,11 +319,18 @@ class KNNDensity(BaseEstimator):
         n, d = X.shape
         self.n_features_in_, self.n_samples_fit_ = d, n
         self.mean_ = X.mean(0)
-        keep = d if self.n_components is None else max(1, min(int(self.n_components), d, n))
-        _, s, vt = np.linalg.svd(X - self.mean_, full_matrices=False)
-        self.components_ = vt[:keep]
-        sd = s[:keep] / np.sqrt(max(n - 1, 1))
-        self.scale_ = np.where(sd > 0, sd, 1.0) if self.whiten else np.ones(keep)
+        if self.n_components is None and not self.whiten:
+            # Every dimension as it is (components_ None: no rotation). A rotation onto principal axes would keep only
+            # the directions the fitted rows span (at most n - 1 of them: 24 rows of 128-d embeddings), and a new
+            # row's distance along the others would be lost.
+            keep, self.components_, self.scale_ = d, None, np.ones(d)
+        else:
+            keep = d if self.n_components is None else max(1, min(int(self.n_components), d, n))
+            _, s, vt = np.linalg.svd(X - self.mean_, full_matrices=False)
+            keep = min(keep, len(vt))
+            self.components_ = vt[:keep]
+            sd = s[:keep] / np.sqrt(max(n - 1, 1))
+            self.scale_ = np.where(sd > 0, sd, 1.0) if self.whiten else np.ones(keep)
         self._fit_points = self._project(X)
         self.n_dims_ = keep
         self._k = max(1, min(int(self.n_neighbors), n - 1)) if n > 1 else 1
@@ -355,7 +362,8 @@ class KNNDensity(BaseEstimator):
         return np.where(self.decision_function(X) < 0, -1, 1)
 
     def _project(self, X: np.ndarray) -> np.ndarray:
-        return ((X - self.mean_) @ self.components_.T) / self.scale_
+        centred = X - self.mean_
+        return (centred if self.components_ is None else centred @ self.components_.T) / self.scale_
 
     def _log_density(self, r_k: np.ndarray) -> np.ndarray:
         # A floor on r_k: duplicated rows would otherwise get an infinite density.

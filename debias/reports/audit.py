@@ -99,6 +99,7 @@ class RowsFinding:
     dim_shift: float
     traversal: list[str]  # data URIs
     traversal_values: list[str]
+    by_embedding: int | None = None  # ... and mainly by the contrastive encoder's features (None: no encoder term)
 
 
 # One environment for the audit report and the quality page. Autoescaping is what keeps data out of the markup:
