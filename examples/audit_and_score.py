@@ -26,6 +26,7 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--contrastive-min-steps", type=int, default=600, help="the contrastive encoder's minimum steps")
     args = ap.parse_args()
 
     where = dict(w.split("=", 1) for w in args.where)
@@ -39,16 +40,18 @@ def main() -> None:
     if (args.out / "model.pt").exists():
         vae = debias.load_vae(args.out)
     else:
-        vae = debias.train_vae(train, out=args.out, epochs=args.epochs, latent_dim=16, width=args.width)
+        vae = debias.train_vae(train, out=args.out, epochs=args.epochs, latent_dim=16, width=args.width,
+                               contrastive_min_steps=args.contrastive_min_steps)
+    encoder = debias.load_encoder(args.out)  # trained beside the VAE: the audit's and the detector's second view
 
-    audit = debias.RarityAudit(vae).fit(train)
+    audit = debias.RarityAudit(vae, encoder=encoder).fit(train)
     top = audit.scores_.sort_values("rarity", ascending=False).head(5)
     print("rarest training images:")
     print(top.drop(columns=[c for c in ("recon_error",) if c in top]).to_string(index=False))
     rare_share = audit.scores_["weight"].nlargest(len(train) // 20).sum()
     print(f"the rarest 5 % of the images get {rare_share:.0%} of the sampling weight")
 
-    det = debias.NoveltyDetector(vae, target_fpr=0.05).fit(train)
+    det = debias.NoveltyDetector(vae, encoder=encoder, target_fpr=0.05).fit(train)
     odd = 255 - held_out.images[:, ::-1]  # upside down and colour-inverted: images the model has never seen
     typical_rate = float(np.mean(det.predict(held_out) == 1))
     novel_rate = float(np.mean(det.predict(odd) == -1))

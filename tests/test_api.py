@@ -152,7 +152,7 @@ def test_the_example_script_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     import runpy
 
     monkeypatch.setattr(sys, "argv", ["audit_and_score.py", "--data", "builtin:shapes?n=300&rare=0.05", "--epochs", "1",
-                                      "--width", "8", "--out", str(tmp_path / "run")])
+                                      "--width", "8", "--contrastive-min-steps", "0", "--out", str(tmp_path / "run")])
     runpy.run_path(str(ROOT / "examples" / "audit_and_score.py"), run_name="__main__")
     out = capsys.readouterr().out
     assert "rarest training images" in out and "called novel" in out
