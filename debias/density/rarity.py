@@ -113,7 +113,7 @@ class LatentAndReconstructionRarity(OutlierMixin, BaseEstimator):
         self.embedding_knn_ = None
         embedding_rarity = None
         if embeddings is not None:
-            # Every dimension kept (a rotation: distances are the features' own) and no whitening.
+            # Every dimension as it is (no rotation, no whitening): distances are the features' own.
             self.embedding_knn_ = KNNDensity(n_neighbors=self.embedding_neighbors, n_components=None).fit(embeddings)
             embedding_rarity = -self.embedding_knn_.score_fitted()
             self.embedding_centre_, self.embedding_scale_ = _centre_scale(embedding_rarity)

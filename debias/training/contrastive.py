@@ -71,8 +71,12 @@ def encoder_epochs(config: ContrastiveTrainConfig, n_images: int) -> int:
     ``config.batch_size`` (the last partial batch joins the one before: ``n // batch`` steps an epoch, at least 1)."""
     if config.epochs <= 0:
         return 0
-    steps_per_epoch = max(1, n_images // config.batch_size)
-    return max(config.epochs, -(-config.min_steps // steps_per_epoch))
+    return max(config.epochs, -(-config.min_steps // steps_per_epoch(config, n_images)))
+
+
+def steps_per_epoch(config: ContrastiveTrainConfig, n_images: int) -> int:
+    # Batches of one image have no negatives and break batch norm: the last partial batch joins the one before.
+    return max(1, n_images // config.batch_size)
 
 
 def learning_rate(step: int, total: int, peak: float) -> float:
@@ -117,14 +121,13 @@ def train_contrastive(
 
     step = wrap(ModelWithLoss(model, contrastive_loss), ctx)
     n = len(data)
-    # Batches of one image have no negatives and break batch norm: the last partial batch joins the one before.
-    steps_per_epoch = max(1, n // config.batch_size)
+    steps = steps_per_epoch(config, n)
     epochs = encoder_epochs(config, n)
-    total = steps_per_epoch * epochs
+    total = steps * epochs
     for epoch in range(run.start_epoch, epochs):
         run.seed_epoch(epoch)
         rows = run.shard(epoch, torch.randperm(n).numpy(), "contrastive")
-        starts = [i * local_batch for i in range(steps_per_epoch)]
+        starts = [i * local_batch for i in range(steps)]
         step.train()
         meter = EpochMeter()
         with progress_bar(f"contrastive encoder, epoch {epoch + 1}/{epochs}", total=len(rows) * ctx.world_size,
@@ -134,7 +137,7 @@ def train_contrastive(
                 idx = np.sort(rows[start:end])
                 x = data.batch(idx).to(device, non_blocking=True)
                 for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(epoch * steps_per_epoch + i, total, config.lr)
+                    group["lr"] = learning_rate(epoch * steps + i, total, config.lr)
                 with autocast(device):
                     loss, parts = step(x)
                 optimizer_step(optimizer, loss)
