@@ -120,7 +120,7 @@ def load_vae(run: str | Path, device: str = "cpu") -> ConvVAE:
     return model
 
 
-def load_encoder(run: str | Path, device: str = "cpu") -> ContrastiveEncoder | None:
+def load_encoder(run: str | Path, device: str | torch.device = "cpu") -> ContrastiveEncoder | None:
     """The contrastive encoder of a run directory (``contrastive/encoder.pt``), in eval mode; None when the run was
     trained without one (``contrastive_epochs=0``)."""
     path = encoder_path(run)

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from debias.api import load_encoder
 from debias.data import ImageSet, load_images
 from debias.data.imageset import list_rows
 from debias.density.detector import embed_images
@@ -48,7 +49,7 @@ from debias.reports.audit import (
 )
 from debias.runtime.checkpoint import atomic_write_table, write_json
 from debias.runtime.device import resolve_device
-from debias.training.contrastive import encoder_path, load_encoder
+from debias.training.contrastive import encoder_path
 from debias.training.vae import load_model
 
 
@@ -126,11 +127,8 @@ def run_embeddings(run: Path, data: ImageSet, device: torch.device, batch_size: 
     """The rows' features from the run's contrastive encoder (`debias train` trains one unless --contrastive-epochs
     0), None when the run has none: the third term of the audit's ``knn-recon`` rarity, and of `debias augment
     --model`'s weights (the audit's)."""
-    path = encoder_path(run)
-    if not path.exists():
-        return None
-    encoder, _ = load_encoder(path, device)
-    return embed_images(encoder, data, batch_size)
+    encoder = load_encoder(run, device)
+    return None if encoder is None else embed_images(encoder, data, batch_size)
 
 
 def read_embeddings(path: Path) -> pd.DataFrame:
