@@ -4,7 +4,8 @@
       -> ray.data.range(n)                          one row per position in the filtered table
       -> map_batches(_decode_rows)                  tasks: the data layer's own row loader (debias.data), so pixels
                                                     and skip reasons are those the local engine's cache would hold
-      -> map_batches(_Encoder, ActorPoolStrategy)   actors, one GPU each when the cluster has GPUs: encode_batch
+      -> map_batches(_Encoder, ActorPoolStrategy)   actors, one GPU each when the cluster has GPUs: encode_batch, and
+                                                    the run's contrastive encoder's features when the rarity uses them
       -> gathered on the driver, sorted by position -> pipelines.audit.write_audit (density fit, scores, report)
 
 The histogram density is fitted on the driver from the gathered latents with the same code as the local engine
@@ -19,10 +20,9 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -32,9 +32,11 @@ import torch
 from debias.data.cache import load_row
 from debias.data.imageset import SourceRows, list_rows
 from debias.data.sources import Source
+from debias.density.detector import encoder_features
 from debias.density.encoding import Encoded, encode_batch
 from debias.errors import DebiasError
 from debias.models import ConvVAE, VAEConfig
+from debias.models.contrastive import ContrastiveConfig, ContrastiveEncoder
 from debias.pipelines.audit import (
     AuditJob,
     AuditResult,
@@ -43,9 +45,9 @@ from debias.pipelines.audit import (
     write_audit,
 )
 from debias.pipelines.ray_cluster import connect, import_ray
-from debias.runtime.device import resolve_device
+from debias.runtime.device import precision_setting, resolve_device, set_precision
 from debias.runtime.progress import progress_bar
-from debias.training.contrastive import encoder_path
+from debias.training.contrastive import encoder_path, load_encoder
 from debias.training.vae import load_model
 
 
@@ -60,13 +62,13 @@ class RayAuditOptions:
 
 def run_ray_audit(job: AuditJob, opts: RayAuditOptions) -> AuditResult:
     ray = import_ray()
-    if job.use_encoder and job.estimator == "knn-recon" and encoder_path(job.model).exists():
-        # The actors run the VAE only: knn-recon here is the local engine's `--no-encoder` rarity.
-        print("note: the ray engine audits without the run's contrastive encoder (knn-recon's third term); the local "
-              "engine with --no-encoder gives the same rarity", file=sys.stderr)
-        job = replace(job, use_encoder=False)
-    # The driver keeps a copy of the model for the report (a few reconstructions); the actors get their own.
+    # The driver keeps a copy of the model for the report (a few reconstructions); the actors get their own, and a
+    # copy of the run's contrastive encoder when the rarity reads its features (knn-recon's third term, as the local
+    # engine: pipelines.audit.run_embeddings).
     model, meta = load_model(job.model, resolve_device(job.device))
+    encoder = None
+    if job.use_encoder and job.estimator == "knn-recon" and encoder_path(job.model).exists():
+        encoder, _ = load_encoder(encoder_path(job.model), "cpu")
     cfg = model.config
     rows = list_rows(job.data, where=job.where, image_size=cfg.image_size, channels=cfg.channels)
     check_group_by(job, rows.table.columns)
@@ -83,7 +85,8 @@ def run_ray_audit(job: AuditJob, opts: RayAuditOptions) -> AuditResult:
         if gpus_per_actor == 0 and actors > cpus:
             raise DebiasError(f"--actors {actors} but the Ray cluster has {cpus} CPUs (one per CPU actor)")
         t0 = time.perf_counter()
-        positions, enc, reasons, busy = _encode_on_ray(ray, model, rows, job, opts, actors, gpus_per_actor)
+        positions, enc, embeddings, reasons, busy = _encode_on_ray(ray, model, encoder, rows, job, opts, actors,
+                                                                   gpus_per_actor)
         seconds = time.perf_counter() - t0
     finally:
         if started:
@@ -103,6 +106,7 @@ def run_ray_audit(job: AuditJob, opts: RayAuditOptions) -> AuditResult:
         enc=_take(enc, encoded),
         encode_s=seconds,  # decode + encode + transfer: the whole distributed stage
         pixels=pixels,
+        embeddings=None if embeddings is None else embeddings[encoded],
         engine={"name": "ray", "actors": actors, "gpus_per_actor": gpus_per_actor, "address": opts.address,
                 "decode_and_encode_s": seconds,
                 # summed over the workers: images / (decode_s + encode_s) is one worker's steady-state throughput
@@ -113,9 +117,9 @@ def run_ray_audit(job: AuditJob, opts: RayAuditOptions) -> AuditResult:
 
 # -- the distributed stage ---------------------------------------------------------------------------------------------
 def _encode_on_ray(
-    ray: Any, model: ConvVAE, rows: SourceRows, job: AuditJob, opts: RayAuditOptions, actors: int,
-    gpus_per_actor: float,
-) -> tuple[np.ndarray, Encoded, np.ndarray, dict[str, float]]:
+    ray: Any, model: ConvVAE, encoder: ContrastiveEncoder | None, rows: SourceRows, job: AuditJob,
+    opts: RayAuditOptions, actors: int, gpus_per_actor: float,
+) -> tuple[np.ndarray, Encoded, np.ndarray | None, np.ndarray, dict[str, float]]:
     from ray.data import ActorPoolStrategy, DataContext
 
     ctx = DataContext.get_current()
@@ -129,6 +133,8 @@ def _encode_on_ray(
     # Passed by reference inside a list: every actor fetches one shared copy, and Ray does not treat it as a
     # constructor argument living in the object store (which it warns about for restartable actors).
     weights = [ray.put({k: v.detach().cpu() for k, v in model.state_dict().items()})]
+    contrastive = None if encoder is None else {
+        "config": encoder.config.to_dict(), "weights": [ray.put({k: v.detach().cpu() for k, v in encoder.state_dict().items()})]}
     # The positions are made into blocks on the driver (from_items puts them in the object store, no tasks): a read
     # stage would need CPUs of its own, which a fixed actor pool holding every CPU of a small cluster never frees.
     # At least two blocks per actor so that every actor gets work even on a small source.
@@ -140,7 +146,8 @@ def _encode_on_ray(
                         batch_format="numpy", num_cpus=1)
     ds = ds.map_batches(
         _Encoder,
-        fn_constructor_kwargs={"config": cfg.to_dict(), "weights": weights, "use_gpu": gpus_per_actor > 0},
+        fn_constructor_kwargs={"config": cfg.to_dict(), "weights": weights, "use_gpu": gpus_per_actor > 0,
+                               "contrastive": contrastive, "precision": precision_setting()},
         batch_size=job.batch_size,
         batch_format="numpy",
         compute=ActorPoolStrategy(size=actors),
@@ -161,8 +168,9 @@ def _encode_on_ray(
         mu=cat("mu")[order], logvar=cat("logvar")[order], recon_error=cat("recon_error")[order],
         logits=cat("logits")[order] if "logits" in parts[0] else None,
     )
+    embeddings = cat("embedding")[order].astype(np.float64) if encoder is not None else None
     busy = {"decode_s": float(cat("decode_s").sum()), "encode_s": float(cat("encode_s").sum())}
-    return cat("pos")[order], enc, cat("reason")[order].astype(str), busy
+    return cat("pos")[order], enc, embeddings, cat("reason")[order].astype(str), busy
 
 
 def _split(rows: SourceRows, positions: np.ndarray, enc: Encoded, reasons: np.ndarray) -> tuple[np.ndarray, pd.DataFrame]:
@@ -231,10 +239,14 @@ def _decode_rows(batch: dict[str, np.ndarray], *, decoder: RowDecoder) -> dict[s
 
 
 class _Encoder:
-    """One actor: a copy of the model (on its GPU when it has one) that encodes the decoded rows of each batch."""
+    """One actor: a copy of the model (on its GPU when it has one) that encodes the decoded rows of each batch, and
+    of the contrastive encoder when ``contrastive`` ({"config", "weights"}) is given, whose features it adds."""
 
-    def __init__(self, config: dict[str, Any], weights: list[Any], use_gpu: bool) -> None:
+    def __init__(self, config: dict[str, Any], weights: list[Any], use_gpu: bool,
+                 contrastive: dict[str, Any] | None = None, precision: str = "auto") -> None:
         import ray
+
+        set_precision(precision)  # the driver's --precision: the setting is per process
 
         state = ray.get(weights[0])
         # Ray gives a GPU actor its own device as cuda:0 (CUDA_VISIBLE_DEVICES); untested here (no GPU).
@@ -244,6 +256,11 @@ class _Encoder:
         self.model = ConvVAE(VAEConfig(**config))
         self.model.load_state_dict(state)
         self.model.to(self.device).eval()
+        self.encoder = None
+        if contrastive is not None:
+            self.encoder = ContrastiveEncoder(ContrastiveConfig(**contrastive["config"]))
+            self.encoder.load_state_dict(ray.get(contrastive["weights"][0]))
+            self.encoder.to(self.device).eval()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
@@ -255,6 +272,8 @@ class _Encoder:
                "logvar": np.full((n, cfg.latent_dim), np.nan, dtype=np.float32), "recon_error": np.full(n, np.nan)}
         if cfg.n_classes:
             out["logits"] = np.full((n, cfg.n_classes), np.nan, dtype=np.float32)
+        if self.encoder is not None:
+            out["embedding"] = np.full((n, self.encoder.config.feature_dim), np.nan, dtype=np.float32)
         if ok.any():
             # Exactly ImageSet.batch -> encode_batch, as encode_images does in the local engine.
             x = torch.from_numpy(np.ascontiguousarray(batch["image"][ok])).permute(0, 3, 1, 2).float().div_(255.0)
@@ -262,6 +281,8 @@ class _Encoder:
             out["mu"][ok], out["logvar"][ok], out["recon_error"][ok] = enc.mu, enc.logvar, enc.recon_error
             if enc.logits is not None:
                 out["logits"][ok] = enc.logits
+            if self.encoder is not None:  # as embed_images does in the local engine
+                out["embedding"][ok] = encoder_features(self.encoder, x)
         out["decode_s"] = batch["decode_s"]
         out["encode_s"] = np.full(n, (time.perf_counter() - t0) / max(1, n))
         return out

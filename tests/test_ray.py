@@ -54,9 +54,8 @@ def folder(tmp_path_factory) -> Path:
 
 
 def audit_both(run: Path, data: str, out: Path, **job_args) -> tuple:
-    # The Ray engine's actors run the VAE only: compared with the local engine's rarity without the encoder's term
-    local = run_audit(AuditJob(model=run, data=data, out=out / "local", device="cpu", progress=False, use_encoder=False,
-                               **job_args))
+    # Both engines at the defaults: the run's contrastive encoder is knn-recon's third term (the actors run it too)
+    local = run_audit(AuditJob(model=run, data=data, out=out / "local", device="cpu", progress=False, **job_args))
     remote = run_ray_audit(
         AuditJob(model=run, data=data, out=out / "ray", device="cpu", progress=False, **job_args),
         RayAuditOptions(actors=2),
@@ -64,15 +63,29 @@ def audit_both(run: Path, data: str, out: Path, **job_args) -> tuple:
     return local, remote
 
 
-def test_ray_audit_matches_the_local_engine(local_ray, run, tmp_path):
+@pytest.fixture
+def fp32():
+    """--precision fp32 for the test: the actors must take the driver's setting (bf16 rounding would otherwise hide
+    whether both engines compute the same thing)."""
+    from debias.runtime.device import precision_setting, set_precision
+
+    before = precision_setting()
+    set_precision("fp32")
+    yield
+    set_precision(before)
+
+
+def test_ray_audit_matches_the_local_engine(local_ray, run, tmp_path, fp32):
     local, remote = audit_both(run, "builtin:shapes?n=300", tmp_path, group_by=["rare"], report=False)
     a, b = local.scores, remote.scores
     assert list(a.columns) == list(b.columns) and len(a) == len(b) == 300
-    numeric = ["rarity", "weight", "recon_error", "rarity_rank", "rarity_latent", "rarity_reconstruction"]
+    terms = ["rarity", "rarity_latent", "rarity_reconstruction", "rarity_embedding"]
+    numeric = ["weight", "recon_error", "rarity_rank", *terms]
     pd.testing.assert_frame_equal(a.drop(columns=numeric), b.drop(columns=numeric))
-    # The engines' encodings agree to ~1e-6; the default rarity (robust z-scores of log kNN distances and log
+    # At fp32 the engines' encodings agree to ~1e-6; the default rarity (robust z-scores of log kNN distances and log
     # reconstruction errors, of order 1) carries that rounding to ~3e-5.
-    for col in ("rarity", "rarity_latent", "rarity_reconstruction"):
+    assert b["rarity_embedding"].std() > 0  # the encoder's term is there, not a constant
+    for col in terms:
         np.testing.assert_allclose(b[col], a[col], rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(b["weight"], a["weight"], rtol=1e-3, atol=1e-12)
     np.testing.assert_allclose(b["recon_error"], a["recon_error"], rtol=1e-4)
@@ -82,10 +95,11 @@ def test_ray_audit_matches_the_local_engine(local_ray, run, tmp_path):
     assert list(pq.columns) == list(a.columns)
     assert remote.summary["fingerprint"] == local.summary["fingerprint"]
     assert remote.summary["engine"]["name"] == "ray" and remote.summary["engine"]["actors"] == 2
+    assert remote.summary["contrastive_encoder"] == local.summary["contrastive_encoder"] is not None
     assert remote.summary["effective_sample_size"] == pytest.approx(local.summary["effective_sample_size"], rel=1e-4)
 
 
-def test_ray_audit_skips_unreadable_files_like_the_local_engine(local_ray, run, folder, tmp_path):
+def test_ray_audit_skips_unreadable_files_like_the_local_engine(local_ray, run, folder, tmp_path, fp32):
     local, remote = audit_both(run, str(folder), tmp_path, report=True)
     assert local.summary["n_skipped"] == remote.summary["n_skipped"] == 2
     assert remote.summary["skipped"] == local.summary["skipped"]

@@ -56,6 +56,12 @@ def set_precision(name: str) -> None:
     _precision = name
 
 
+def precision_setting() -> str:
+    """The current :func:`set_precision` value (``auto``, ``fp32`` or ``bf16``): what a worker process of this job
+    (a Ray actor) sets for itself, since the setting belongs to the process."""
+    return _precision
+
+
 # Classifier training (train-classifier, compare: the model, its first model and the weights' forward passes) stays
 # fp32 under ``auto``. Measured on an AVX-512-BF16 CPU, tint protocol, the default method, 10 seeds paired: bf16 gave
 # accuracy -1.0 +- 0.7 (SE) and worst group -4.0 +- 3.1 (SE) points against fp32, for 1.1-1.4x the speed; issue 12's
