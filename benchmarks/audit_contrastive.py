@@ -3,7 +3,7 @@ VAE), against the same without it and PyOD, on the audit benchmark's data.
 
     OMP_NUM_THREADS=2 python benchmarks/audit_contrastive.py --out bench-out/audit-contrastive \
         [--datasets fmnist,shapes,spurious,utkface] [--classes 0,1,...,9] [--contrastive-epochs 15] [--min-steps 600] \
-        [--pyod] [--results NAME]
+        [--pyod] [--readouts avg,max,avg+max] [--results NAME]
 
 Data as in benchmarks/audit_rarity.py: for each Fashion-MNIST class C, 2,000 images with C cut to 20 rows (1 %);
 shapes (the planted 2 % group), spurious (2 % off-colour shapes: a rare combination), UTKFace black vs white faces. A
@@ -14,7 +14,8 @@ the audit's default (`knn-recon` with the encoder's term, as `debias audit` comp
 encoder (`--no-encoder`, the default before), the k-th-neighbour distance among the encoder's features alone
 (leave-one-out; k = 5, 20, 50, 100) and, with ``--pyod``, PyOD's KNN, IForest, HBOS and ECOD on the same latents and
 KNN on pixels. AUROC of rarity for the rare group and its mean-weight ratio (weights tempered to ESS 0.5 n, as the
-audit does), written to --out/NAME.json.
+audit does), written to --out/NAME.json. ``--readouts``: the same encoder read out otherwise (its map's spatial mean,
+maximum, or both: ``ContrastiveConfig.readout``, no retraining), the default rule and the kNN at k = 50 with each.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def main() -> None:
     ap.add_argument("--datasets", default="fmnist")
     ap.add_argument("--results", default="results")
     ap.add_argument("--pyod", action="store_true", help="also PyOD KNN, IForest, HBOS, ECOD on the latents, KNN on pixels")
+    ap.add_argument("--readouts", default="", help="comma-separated encoder readouts to add (avg, max, avg+max)")
     args = ap.parse_args()
     results = {}
     sets = datasets(args.datasets.split(","), 32, tuple(int(c) for c in args.classes.split(",")))
@@ -96,6 +98,12 @@ def main() -> None:
                     "knn-recon without the encoder (--no-encoder)": default}
         for k in (5, 20, 50, 100):
             rarities[f"encoder kNN, k={k}"] = kth_neighbour_distance(E, k)
+        for readout in filter(None, args.readouts.split(",")):
+            encoder.config.readout = readout  # the same weights read out otherwise
+            E_r = embed_images(encoder, data)
+            rarities[f"knn-recon + encoder, readout {readout}"] = fit_audit_rarity(enc.mu, enc.recon_error,
+                                                                                    embeddings=E_r).rarity
+            rarities[f"encoder kNN, k=50, readout {readout}"] = kth_neighbour_distance(E_r, 50)
         if args.pyod:
             pixels = np.asarray(data.images, dtype=np.float32).reshape(len(data), -1) / 255.0
             rarities.update(pyod_rarities(enc.mu, pixels))

@@ -5,11 +5,13 @@
     python benchmarks/near_ood.py table   --out bench-out/nearood
     python benchmarks/near_ood.py fpr-unseen --out bench-out/nearood
     python benchmarks/near_ood.py fpr-heldout --out bench-out/nearood [--cases mnist-1,...]
+    python benchmarks/near_ood.py readouts --out bench-out/nearood [--cases ...]   # adds them to an older cache
 
 ``cache`` trains one small VAE per case, and the contrastive encoder `debias train` trains beside it (its defaults,
 on the same training images), and stores, per image of the case's four parts, everything the methods read: the
 posterior (mu, log sigma^2), the reconstruction error, the ELBO terms, the VAE encoder's features, the contrastive
-encoder's features (``embedding``), the pixels and the PNG size of the image (its input complexity). ``analyse`` fits every method on the same fit part and
+encoder's features (``embedding``; ``embedding_max`` and ``embedding_avg+max`` at its other readouts, the same
+weights), the pixels and the PNG size of the image (its input complexity). ``analyse`` fits every method on the same fit part and
 scores the same in-distribution test images (negatives) and out-of-distribution images (positives).
 
 Cases (all models 28 px except UTKFace at 32 px; latent 16, width 16, beta 1, seed 0):
@@ -45,7 +47,7 @@ from debias.data import ImageSet, load_images  # noqa: E402
 from debias.data.splits import DEFAULT_CALIBRATION_FRACTION, calibration_split  # noqa: E402
 from debias.density.detector import encoder_features  # noqa: E402
 from debias.models import VAEConfig  # noqa: E402
-from debias.models.contrastive import ContrastiveConfig  # noqa: E402
+from debias.models.contrastive import READOUTS, ContrastiveConfig  # noqa: E402
 from debias.training.contrastive import (  # noqa: E402
     ContrastiveTrainConfig,
     encoder_path,
@@ -173,14 +175,52 @@ def cache(args: argparse.Namespace) -> None:
                            ("in", inn), ("ood", ood)):
             for key, value in encode_all(model, data).items():
                 arrays[f"{part}/{key}"] = value
-            arrays[f"{part}/embedding"] = np.concatenate(
-                [encoder_features(encoder, data.batch(slice(a, a + 512))) for a in range(0, len(data), 512)])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, **arrays)
-        tmp.replace(path)
+            arrays.update(readout_arrays(encoder, part, data))
+        save_cache(path, arrays)
         print(f"{case}: n_train {n}, in {len(inn)}, ood {len(ood)}; train {t_train:.0f} s (VAE {t_vae:.0f} s), "
               f"total {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def readout_arrays(encoder, part: str, data: ImageSet) -> dict[str, np.ndarray]:
+    """The encoder's features of ``data`` at every readout (ContrastiveConfig.readout; the same weights): key
+    ``PART/embedding`` for "avg" (what the cache always held), ``PART/embedding_READOUT`` for the others."""
+    out = {}
+    for readout in READOUTS:
+        encoder.config.readout = readout
+        key = f"{part}/embedding" + ("" if readout == "avg" else f"_{readout}")
+        out[key] = np.concatenate([encoder_features(encoder, data.batch(slice(a, a + 512)))
+                                   for a in range(0, len(data), 512)])
+    encoder.config.readout = "avg"
+    return out
+
+
+def save_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+
+
+def readouts(args: argparse.Namespace) -> None:
+    """Add the encoder's other readouts to cases cached before they existed (same models, same images)."""
+    torch.set_num_threads(args.threads)
+    for case in args.cases:
+        path = args.out / "cache" / f"{case}.npz"
+        if not path.exists():
+            print(f"{case}: not cached yet", flush=True)
+            continue
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in z.files}
+        if all(f"fit/embedding_{r}" in arrays for r in READOUTS if r != "avg"):
+            print(f"{case}: has every readout", flush=True)
+            continue
+        train, inn, ood, _ = case_data(case)
+        fit_rows, cal_rows = calibration_split(len(train), DEFAULT_CALIBRATION_FRACTION, 0)
+        encoder, _ = load_encoder(encoder_path(args.out / "models" / case), "cpu")
+        for part, data in (("fit", train.subset(fit_rows)), ("cal", train.subset(cal_rows)), ("in", inn), ("ood", ood)):
+            arrays.update(readout_arrays(encoder, part, data))
+        save_cache(path, arrays)
+        print(f"{case}: readouts added", flush=True)
 
 
 def fpr_unseen(args: argparse.Namespace) -> None:
@@ -279,6 +319,10 @@ def main() -> None:
     f = sub.add_parser("fpr-unseen", help="realised FPR, calibrated on seen vs unseen images (fmnist-all)")
     f.add_argument("--out", type=Path, default=Path("bench-out/nearood"))
     f.add_argument("--threads", type=int, default=2)
+    r = sub.add_parser("readouts", help="add the encoder's other readouts to an older cache")
+    r.add_argument("--out", type=Path, default=Path("bench-out/nearood"))
+    r.add_argument("--cases", type=lambda s: s.split(","), default=DEFAULT_CASES)
+    r.add_argument("--threads", type=int, default=1)
     t = sub.add_parser("table", help="print the Markdown summary of analysis.json")
     t.add_argument("--out", type=Path, default=Path("bench-out/nearood"))
     args = ap.parse_args()
@@ -288,6 +332,8 @@ def main() -> None:
         fpr_heldout(args)
     elif args.cmd == "fpr-unseen":
         fpr_unseen(args)
+    elif args.cmd == "readouts":
+        readouts(args)
     elif args.cmd == "table":
         from near_ood_methods import summarise  # noqa: E402
 

@@ -29,6 +29,7 @@ from debias.density.novelty import (  # noqa: E402
     PixelDensity,
     tail_log_p,
 )
+from debias.models.contrastive import ContrastiveConfig  # noqa: E402
 
 TARGET_FPR = 0.05
 PARTS = ("fit", "cal", "in", "ood")
@@ -68,10 +69,16 @@ def shipped(case, shape, with_encoder: bool = True) -> dict[str, np.ndarray]:
     if not with_encoder:
         scorer = NoveltyScorer(statistics=DEFAULT_STATISTICS).fit(X["fit"])
         return {p: scorer.novelty(X[p]) for p in ("cal", "in", "ood")}
-    E = {p: case[p]["embedding"].astype(np.float64) for p in PARTS}
+    key = embedding_key(ContrastiveConfig().readout)  # what `debias train`'s encoder returns by default
+    E = {p: case[p][key].astype(np.float64) for p in PARTS}
     scorer = NoveltyScorer(statistics=DEFAULT_STATISTICS_WITH_EMBEDDING, weights=DEFAULT_WEIGHTS_WITH_EMBEDDING).fit(
         X["fit"], embeddings=E["fit"])
     return {p: scorer.novelty(X[p], embeddings=E[p]) for p in ("cal", "in", "ood")}
+
+
+def embedding_key(readout: str) -> str:
+    """The cache's key of the encoder's features at a readout (benchmarks/near_ood.py, ``readout_arrays``)."""
+    return "embedding" if readout == "avg" else f"embedding_{readout}"
 
 
 def pixels(p: dict[str, np.ndarray]) -> np.ndarray:
@@ -148,13 +155,20 @@ def statistics(case: dict[str, dict[str, np.ndarray]], k: int = 5) -> dict[str, 
         E_fit = fit["embedding"].astype(np.float32)
         stats["embedding_knn"] = {p: np.log(knn_distance(E_fit, case[p]["embedding"], k, exclude_self=(p == "fit"))
                                             + 1e-12) for p in PARTS}
+    for readout in ("max", "avg+max"):  # the same encoder read out otherwise (ContrastiveConfig.readout)
+        key = embedding_key(readout)
+        if key in fit:
+            R_fit = fit[key].astype(np.float32)
+            stats[f"embedding_knn[{readout}]"] = {
+                p: np.log(knn_distance(R_fit, case[p][key], k, exclude_self=(p == "fit")) + 1e-12) for p in PARTS}
     Pf = pixels(fit)
     stats["pixel_knn"] = {p: np.log(knn_distance(Pf, pixels(case[p]), k, exclude_self=(p == "fit")) + 1e-12)
                           for p in PARTS}
     return stats
 
 
-ONE_SIDED = {"posterior_knn", "feature_knn", "pixel_knn", "embedding_knn"}
+ONE_SIDED = {"posterior_knn", "feature_knn", "pixel_knn", "embedding_knn", "embedding_knn[max]",
+             "embedding_knn[avg+max]"}
 
 
 def l1_combo(stats, names, one_sided=ONE_SIDED) -> dict[str, np.ndarray]:
@@ -260,6 +274,17 @@ def methods(stats) -> dict[str, dict[str, np.ndarray]]:
         for w in (1.5, 2.0, 3.0):
             m[f"fisher(posterior_knn+recon_error+pixel_hbos+{w:g} x embedding_knn)"] = fisher_combo(
                 stats, vae3 + ["embedding_knn"], one_sided=recon_one, weights=[1.0, 1.0, 1.0, w])
+        # session 15: the encoder's other readouts, in its place (weight 2, as shipped) or beside it
+        for readout in ("max", "avg+max"):
+            name = f"embedding_knn[{readout}]"
+            if name not in stats:
+                continue
+            one = recon_one | {name}
+            m[f"fisher(posterior_knn+recon_error+pixel_hbos+2 x {name})"] = fisher_combo(
+                stats, vae3 + [name], one_sided=one, weights=[1.0, 1.0, 1.0, 2.0])
+            for w in (1.0, 2.0):
+                m[f"fisher(posterior_knn+recon_error+pixel_hbos+2 x embedding_knn+{w:g} x {name})"] = fisher_combo(
+                    stats, vae3 + ["embedding_knn", name], one_sided=one, weights=[1.0, 1.0, 1.0, 2.0, w])
     for tag, names in sets.items():
         m[f"l1 {tag} {'+'.join(names)}"] = l1_combo(stats, names)
         m[f"maxtail {tag}"] = max_tail_combo(stats, names)
@@ -346,7 +371,8 @@ def summarise(report: dict) -> str:
                      f"{np.mean(near['previous']):.3f}, best method per class chosen with hindsight "
                      f"{np.mean(near['ceiling']):.3f}.")
     combos = [m for m in next(iter(report["cases"].values()))["results"]
-              if m.startswith("fisher(") or m in (SHIPPED, VAE_ONLY, "embedding_knn, one-sided high")]
+              if m.startswith("fisher(") or m in (SHIPPED, VAE_ONLY)
+              or (m.startswith("embedding_knn") and m.endswith("one-sided high"))]
     fm = [c for c in report["cases"] if c.startswith("fmnist-") and c != "fmnist-all"]
     far = [c for c in ("fmnist-all", "mnist-all", "utkface") if c in report["cases"]]
     if combos and fm:

@@ -134,7 +134,9 @@ def _encode_on_ray(
     # constructor argument living in the object store (which it warns about for restartable actors).
     weights = [ray.put({k: v.detach().cpu() for k, v in model.state_dict().items()})]
     contrastive = None if encoder is None else {
-        "config": encoder.config.to_dict(), "weights": [ray.put({k: v.detach().cpu() for k, v in encoder.state_dict().items()})]}
+        "config": encoder.config.to_dict(),
+        "weights": [ray.put({k: v.detach().cpu() for k, v in encoder.state_dict().items()})],
+    }
     # The positions are made into blocks on the driver (from_items puts them in the object store, no tasks): a read
     # stage would need CPUs of its own, which a fixed actor pool holding every CPU of a small cluster never frees.
     # At least two blocks per actor so that every actor gets work even on a small source.

@@ -44,8 +44,27 @@ def test_encoder_gives_unit_features_and_computes_at_its_input_size():
     np.testing.assert_allclose(z.norm(dim=1).numpy(), 1.0, rtol=1e-5)
 
 
+def test_readouts_take_the_mean_the_maximum_or_both_of_the_last_map():
+    model = ContrastiveEncoder(ContrastiveConfig(image_size=8, channels=1, width=1)).eval()
+    # A hand-made last map (B=1, 4 channels, 2x2) in place of the convolutions' output
+    fmap = torch.tensor([[[[1.0, 3.0], [0.0, 0.0]], [[2.0, 2.0], [2.0, 2.0]], [[0.0, 0.0], [0.0, 4.0]],
+                          [[0.0, 0.0], [0.0, 0.0]]]])
+    model.body = torch.nn.Sequential(torch.nn.Identity())
+    model.resize = lambda x: fmap  # noqa: E731
+    mean, peak = torch.tensor([1.0, 2.0, 1.0, 0.0]), torch.tensor([3.0, 2.0, 4.0, 0.0])
+    expect = {"avg": mean / mean.norm(), "max": peak / peak.norm(),
+              "avg+max": torch.cat([mean / mean.norm(), peak / peak.norm()]) / 2**0.5}
+    for readout, want in expect.items():
+        model.config.readout = readout
+        got = model(torch.zeros(1, 1, 8, 8))[0]
+        assert got.shape == (model.config.feature_dim,)
+        torch.testing.assert_close(got, want)
+    # the loss reads the spatial mean whatever the readout
+    torch.testing.assert_close(model.features(fmap)[0], mean)
+
+
 @pytest.mark.parametrize("bad", [{"channels": 2}, {"width": 0}, {"min_crop_area": 0.0}, {"jitter": 1.0},
-                                 {"temperature": 0.0}, {"image_size": 4}])
+                                 {"temperature": 0.0}, {"image_size": 4}, {"readout": "sum"}])
 def test_config_refuses_bad_values(bad):
     with pytest.raises(ValueError):
         ContrastiveConfig(**bad)

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+READOUTS = ("avg", "max", "avg+max")
+
 
 @dataclass
 class ContrastiveConfig:
@@ -36,6 +38,10 @@ class ContrastiveConfig:
     temperature: float = 0.2  # of NT-Xent (Chen et al. 2020, Eq. 1)
     min_crop_area: float = 0.6  # random resized crops keep 60-100 % of the image's area
     jitter: float = 0.4  # contrast factor in 1 +- jitter, brightness shift in +- jitter / 2 (0: no jitter)
+    # How the last convolution's map becomes the features that kNN reads (training always uses the mean, the loss
+    # reads only the mean): "avg" its spatial mean, "max" its spatial maximum per channel, "avg+max" both (each
+    # L2-normalised, concatenated, / sqrt 2). Changing it needs no retraining.
+    readout: str = "avg"
 
     def __post_init__(self) -> None:
         if not 8 <= self.image_size <= 512:
@@ -48,6 +54,8 @@ class ContrastiveConfig:
             raise ValueError(f"max_input must be between 8 and 512, got {self.max_input}")
         if not 0 < self.min_crop_area <= 1 or not 0 <= self.jitter < 1 or not self.temperature > 0:
             raise ValueError("min_crop_area must be in (0, 1], jitter in [0, 1) and temperature positive")
+        if self.readout not in READOUTS:
+            raise ValueError(f"readout must be one of {', '.join(READOUTS)}, got {self.readout!r}")
 
     @property
     def input_size(self) -> int:
@@ -55,7 +63,8 @@ class ContrastiveConfig:
 
     @property
     def feature_dim(self) -> int:
-        return 4 * self.width
+        """Length of the features that :meth:`ContrastiveEncoder.forward` returns (``readout`` "avg+max": twice)."""
+        return 4 * self.width * (2 if self.readout == "avg+max" else 1)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -73,9 +82,10 @@ class ContrastiveEncoder(nn.Module):
         def block(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
             return [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
 
+        # (The mean over the map is taken in features(), not by a pooling layer: the readout may want the map.)
         self.body = nn.Sequential(
             *block(config.channels, w, 1), *block(w, 2 * w, 2), *block(2 * w, 2 * w, 1),
-            *block(2 * w, 4 * w, 2), *block(4 * w, 4 * w, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            *block(2 * w, 4 * w, 2), *block(4 * w, 4 * w, 1),
         )  # fmt: skip
         self.head = nn.Sequential(nn.Linear(4 * w, 4 * w), nn.ReLU(inplace=True), nn.Linear(4 * w, config.projection_dim))
 
@@ -84,11 +94,22 @@ class ContrastiveEncoder(nn.Module):
         return F.interpolate(x, size=(size, size), mode="area") if x.shape[-1] != size else x
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Unnormalised features of images already at :attr:`ContrastiveConfig.input_size`."""
-        return self.body(x)
+        """Unnormalised features (the map's spatial mean, 4 x width) of images already at
+        :attr:`ContrastiveConfig.input_size`: what the projection head and the loss read."""
+        return self.body(x).mean((2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.features(self.resize(x)).float(), dim=1)
+        """L2-normalised features at the config's ``readout``: what kNN reads."""
+        h = self.body(self.resize(x))
+        readout = self.config.readout
+        if readout == "avg":
+            return F.normalize(h.mean((2, 3)).float(), dim=1)
+        # The maximum keeps where a channel fires most, not how much of the image it covers: a sneaker's sole and
+        # toe among sandals and boots, whose means blend (issue 16, docs/benchmarks.md "Session 15").
+        peak = F.normalize(h.amax((2, 3)).float(), dim=1)
+        if readout == "max":
+            return peak
+        return torch.cat([F.normalize(h.mean((2, 3)).float(), dim=1), peak], dim=1) / math.sqrt(2.0)
 
 
 def random_views(x: torch.Tensor, config: ContrastiveConfig, generator: torch.Generator | None = None) -> torch.Tensor:
