@@ -312,6 +312,7 @@ def main() -> None:
     a = sub.add_parser("analyse")
     a.add_argument("--out", type=Path, default=Path("bench-out/nearood"))
     a.add_argument("--cases", type=lambda s: s.split(","), default=DEFAULT_CASES)
+    a.add_argument("--merge", action="store_true", help="add these cases to an existing analysis.json")
     h = sub.add_parser("fpr-heldout", help="realised FPR with the calibration part held out of training")
     h.add_argument("--out", type=Path, default=Path("bench-out/nearood"))
     h.add_argument("--cases", type=lambda s: s.split(","), default=DEFAULT_CASES)

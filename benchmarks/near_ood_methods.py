@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from debias.density.calibration import ConformalCalibrator  # noqa: E402
 from debias.density.novelty import (  # noqa: E402
+    DEFAULT_EMBEDDING_READOUT,
     DEFAULT_STATISTICS,
     DEFAULT_STATISTICS_WITH_EMBEDDING,
     DEFAULT_WEIGHTS_WITH_EMBEDDING,
@@ -29,7 +30,6 @@ from debias.density.novelty import (  # noqa: E402
     PixelDensity,
     tail_log_p,
 )
-from debias.models.contrastive import ContrastiveConfig  # noqa: E402
 
 TARGET_FPR = 0.05
 PARTS = ("fit", "cal", "in", "ood")
@@ -69,7 +69,7 @@ def shipped(case, shape, with_encoder: bool = True) -> dict[str, np.ndarray]:
     if not with_encoder:
         scorer = NoveltyScorer(statistics=DEFAULT_STATISTICS).fit(X["fit"])
         return {p: scorer.novelty(X[p]) for p in ("cal", "in", "ood")}
-    key = embedding_key(ContrastiveConfig().readout)  # what `debias train`'s encoder returns by default
+    key = embedding_key(DEFAULT_EMBEDDING_READOUT)  # how the detector reads the run's encoder
     E = {p: case[p][key].astype(np.float64) for p in PARTS}
     scorer = NoveltyScorer(statistics=DEFAULT_STATISTICS_WITH_EMBEDDING, weights=DEFAULT_WEIGHTS_WITH_EMBEDDING).fit(
         X["fit"], embeddings=E["fit"])
@@ -314,7 +314,13 @@ def analyse(args) -> None:
         report["cases"][case] = {"n": {p: int(len(data[p]["mu"])) for p in PARTS}, "results": results}
         print(f"{case}: {time.perf_counter() - t0:.0f} s", flush=True)
     out = args.out / "analysis.json"
-    out.write_text(json.dumps(report, indent=1))
+    if args.merge and out.exists():  # keep the other cases of an earlier run (the same methods on each)
+        earlier = json.loads(out.read_text())
+        report["cases"] = {**earlier["cases"], **report["cases"]}
+        report["command"] = f"{earlier['command']} ; {report['command']}"
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    tmp.replace(out)
     print(f"wrote {out}")
 
 

@@ -40,6 +40,7 @@ from debias.density.detector import (
     fit_embedding_detector,
 )
 from debias.density.encoding import Encoded, encode_images
+from debias.density.novelty import DEFAULT_EMBEDDING_READOUT
 from debias.density.rarity import (
     DEFAULT_ESTIMATOR,
     DensityOptions,
@@ -260,7 +261,8 @@ class NoveltyDetector(OutlierMixin, BaseEstimator):
     ``predict`` gives +1 typical / -1 novel; ``p_values`` the conformal p-values (small = novel).
 
     ``encoder``: the run's contrastive encoder (:func:`load_encoder`); with it the score adds the kNN distance among
-    its features (``embedding_knn``), which sees near-distribution images that the VAE's statistics miss.
+    its features (``embedding_knn``), which sees near-distribution images that the VAE's statistics miss, read out
+    at ``embedding_readout`` ("max": the per-channel maximum of its last map; "avg", "avg+max").
 
     ``fit(embeddings=E)`` needs no model: the score is then the kNN distance among the embeddings (one-sided), with
     the same split and calibration; score new rows with ``embeddings=`` too.
@@ -271,6 +273,7 @@ class NoveltyDetector(OutlierMixin, BaseEstimator):
         vae: ConvVAE | None = None,
         *,
         encoder: ContrastiveEncoder | None = None,
+        embedding_readout: str = DEFAULT_EMBEDDING_READOUT,
         target_fpr: float = DEFAULT_TARGET_FPR,
         calibration_fraction: float = DEFAULT_CALIBRATION_FRACTION,
         seed: int = 0,
@@ -278,6 +281,7 @@ class NoveltyDetector(OutlierMixin, BaseEstimator):
     ) -> None:
         self.vae = vae
         self.encoder = encoder
+        self.embedding_readout = embedding_readout
         self.target_fpr = target_fpr
         self.calibration_fraction = calibration_fraction
         self.seed = seed
@@ -295,7 +299,8 @@ class NoveltyDetector(OutlierMixin, BaseEstimator):
             cfg = self.vae.config
             data = as_image_set(X, cfg.image_size, cfg.channels)
             self.detector_ = fit_detector(self.vae, data, calibration_fraction=self.calibration_fraction,
-                                          target_fpr=self.target_fpr, encoder=self.encoder, seed=self.seed,
+                                          target_fpr=self.target_fpr, encoder=self.encoder,
+                                          embedding_readout=self.embedding_readout, seed=self.seed,
                                           batch_size=self.batch_size, progress=False)
         self.offset_ = -float(self.detector_.calibrator.threshold_)
         return self

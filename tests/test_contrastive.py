@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from debias.data import load_images
 from debias.density.detector import NOVELTY_FILE, encoder_features, open_detector
-from debias.density.novelty import NoveltyScorer
+from debias.density.novelty import DEFAULT_EMBEDDING_READOUT, NoveltyScorer
 from debias.errors import DebiasError
 from debias.models.contrastive import (
     ContrastiveConfig,
@@ -193,8 +193,12 @@ def test_detector_reads_the_encoder_and_refits_when_it_changes(tmp_path):
     x = data.batch(slice(0, 6))
     res = det.score_batch(x)
     assert {"embedding_knn"} <= set(res.statistics[0])
+    # read out at the novelty default (the map's per-channel maximum), recorded in the card and the file
+    assert det.embedding_readout == DEFAULT_EMBEDDING_READOUT == det.card["novelty"]["embedding"]["readout"] == "max"
+    assert torch.load(run / NOVELTY_FILE, weights_only=True)["embedding_readout"] == "max"
     # the encoder's features enter the score: other features, another score
-    X_emb = encoder_features(det.encoder, x)
+    X_emb = encoder_features(det.encoder, x, "max")
+    assert not np.allclose(X_emb, encoder_features(det.encoder, x))  # the encoder's own readout (the mean) differs
     X = _features(det, x)
     np.testing.assert_allclose(det.scorer.novelty(X, embeddings=X_emb), res.novelty, rtol=1e-9)
     shifted = det.scorer.novelty(X, embeddings=np.roll(X_emb, 1, axis=0))
@@ -207,6 +211,18 @@ def test_detector_reads_the_encoder_and_refits_when_it_changes(tmp_path):
     again = open_detector(run, progress=False)
     assert torch.load(run / NOVELTY_FILE, weights_only=True)["encoder_sha256"] != stored
     assert not np.allclose(again.score_batch(x).novelty, res.novelty)
+
+
+def test_a_detector_file_from_before_the_readout_keeps_reading_the_mean(tmp_path):
+    run = tiny_run(tmp_path / "run")
+    det = open_detector(run, progress=False, embedding_readout="avg")
+    blob = torch.load(run / NOVELTY_FILE, weights_only=True)
+    del blob["embedding_readout"]  # as the files of session 14 were written
+    torch.save(blob, run / NOVELTY_FILE)
+    old = open_detector(run, progress=False)
+    assert old.embedding_readout == "avg"  # read, not refitted with other features than its references
+    x = load_images(TINY_SOURCE, image_size=32, progress=False).batch(slice(0, 4))
+    np.testing.assert_allclose(old.score_batch(x).novelty, det.score_batch(x).novelty, rtol=1e-9)
 
 
 def _features(det, x):

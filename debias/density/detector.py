@@ -34,6 +34,7 @@ from debias.density.calibration import ConformalCalibrator
 from debias.density.encoding import Encoded, encode_batch, encode_images
 from debias.density.estimators import LatentHistogramDensity
 from debias.density.novelty import (
+    DEFAULT_EMBEDDING_READOUT,
     DEFAULT_STATISTICS,
     DEFAULT_STATISTICS_WITH_EMBEDDING,
     DEFAULT_WEIGHTS_WITH_EMBEDDING,
@@ -104,6 +105,7 @@ class FittedDetector:
         card: dict[str, Any],
         pixel_density: PixelDensity | None = None,
         encoder: ContrastiveEncoder | None = None,
+        embedding_readout: str = DEFAULT_EMBEDDING_READOUT,
     ) -> None:
         self.model = model
         self.scorer = scorer
@@ -111,6 +113,7 @@ class FittedDetector:
         self.card = card
         self.pixel_density = pixel_density
         self.encoder = encoder
+        self.embedding_readout = embedding_readout  # how embedding_knn reads the encoder (fitted and scored alike)
 
     @property
     def device(self) -> torch.device:
@@ -128,7 +131,8 @@ class FittedDetector:
         """The same detector deciding at another false-positive rate (recomputed from the stored scores)."""
         cal = ConformalCalibrator(target_fpr=target_fpr).fit(self.calibrator.scores_)
         card = {**self.card, "target_fpr": cal.target_fpr, "threshold": _finite_or_none(cal.threshold_)}
-        return FittedDetector(self.model, self.scorer, cal, card, self.pixel_density, self.encoder)
+        return FittedDetector(self.model, self.scorer, cal, card, self.pixel_density, self.encoder,
+                              self.embedding_readout)
 
     def pixel_scores(self, x: torch.Tensor) -> np.ndarray | None:
         """The pixel column of the feature matrix for (B, C, S, S) images in [0, 1], or None without one."""
@@ -136,7 +140,7 @@ class FittedDetector:
 
     def embeddings(self, x: torch.Tensor) -> np.ndarray | None:
         """The contrastive encoder's features of (B, C, S, S) images in [0, 1], or None without an encoder."""
-        return encoder_features(self.encoder, x) if self.encoder is not None else None
+        return encoder_features(self.encoder, x, self.embedding_readout) if self.encoder is not None else None
 
     def score_encoded(
         self, enc: Encoded, pixel: np.ndarray | None = None, *, embeddings: np.ndarray | None = None, top_k: int = 5
@@ -169,7 +173,8 @@ class FittedDetector:
     ) -> NoveltyResults:
         enc = encode_images(self.model, data, batch_size=batch_size, progress=progress)
         pixel = _pixel_scores(self.pixel_density, data, batch_size) if self.pixel_density is not None else None
-        emb = embed_images(self.encoder, data, batch_size) if self.encoder is not None else None
+        emb = (embed_images(self.encoder, data, batch_size, self.embedding_readout)
+               if self.encoder is not None else None)
         return self.score_encoded(enc, pixel, embeddings=emb, top_k=top_k)
 
     # -- persistence -----------------------------------------------------------------------------------------------
@@ -179,6 +184,7 @@ class FittedDetector:
                 "format": FORMAT_VERSION,
                 "model_sha256": model_sha256,
                 "encoder_sha256": encoder_sha256,
+                "embedding_readout": self.embedding_readout,
                 "scorer": _pack(self.scorer),
                 "calibrator": _pack(self.calibrator),
                 "pixel_density": _pack(self.pixel_density),
@@ -207,13 +213,14 @@ def fit_detector(
     target_fpr: float = DEFAULT_TARGET_FPR,
     scorer: NoveltyScorer | None = None,
     encoder: ContrastiveEncoder | None = None,
+    embedding_readout: str = DEFAULT_EMBEDDING_READOUT,
     seed: int = 0,
     batch_size: int = 256,
     progress: bool = True,
 ) -> FittedDetector:
     """Encode ``data``, fit the scorer on a random ``1 - calibration_fraction`` of it and calibrate on the rest.
-    With a contrastive ``encoder`` the default scorer adds ``embedding_knn`` (kNN among its features) to the
-    default statistics."""
+    With a contrastive ``encoder`` the default scorer adds ``embedding_knn`` (kNN among its features, read out at
+    ``embedding_readout``) to the default statistics."""
     n = len(data)
     try:
         fit_rows, cal_rows = calibration_split(n, calibration_fraction, seed)
@@ -227,7 +234,8 @@ def fit_detector(
     uses_embeddings = bool(EMBEDDING_STATISTICS & set(scorer.statistics))
     if uses_embeddings and encoder is None:
         raise DebiasError("the novelty statistic embedding_knn needs a contrastive encoder (debias train trains one)")
-    emb = embed_images(encoder, data, batch_size) if uses_embeddings else None  # an unread encoder is not kept
+    # an unread encoder is not kept
+    emb = embed_images(encoder, data, batch_size, embedding_readout) if uses_embeddings else None
     pixel_density, pixel = None, None
     if PIXEL_STATISTICS & set(scorer.statistics):
         # Fitted on the fit part only, like the scorer: the calibration images must be new to everything that was
@@ -258,7 +266,7 @@ def fit_detector(
             "pixel_bins": pixel_density.bins if pixel_density is not None else None,
             "embedding": None if emb is None else {
                 "encoder": "contrastive (SimCLR)", "features": int(emb.shape[1]), "input_size": encoder.config.input_size,
-                "encoder_sha256": encoder_sha256[:16]},
+                "readout": embedding_readout, "encoder_sha256": encoder_sha256[:16]},
             "knn_references": int(len(scorer.reference_)),
             "bins": scorer.bins,
             "alpha": scorer.alpha,
@@ -276,7 +284,8 @@ def fit_detector(
         "fitted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "fit_seconds": round(time.perf_counter() - t0, 2),
     }
-    return FittedDetector(model, scorer, calibrator, card, pixel_density, encoder if emb is not None else None)
+    return FittedDetector(model, scorer, calibrator, card, pixel_density, encoder if emb is not None else None,
+                          embedding_readout)
 
 
 def open_detector(
@@ -287,12 +296,15 @@ def open_detector(
     fit_where: list[str] | None = None,
     refit: bool = False,
     target_fpr: float | None = None,
+    embedding_readout: str | None = None,
     batch_size: int = 256,
     progress: bool = True,
 ) -> FittedDetector:
     """The detector of a run: ``RUN_DIR/novelty.pt`` when it matches ``model.pt`` (and the run's contrastive encoder,
     ``RUN_DIR/contrastive/encoder.pt``, when it has one), else fitted now (on ``fit_data``, default the model's
-    training data) and saved there. ``target_fpr`` overrides the stored one for this use only."""
+    training data) and saved there. ``target_fpr`` overrides the stored one for this use only. ``embedding_readout``:
+    how a new fit reads the encoder (default :data:`DEFAULT_EMBEDDING_READOUT`); a stored file read out otherwise is
+    refitted when it is given, kept when not."""
     run = Path(run_dir)
     model, meta = load_model(run, device)
     model_path = run / MODEL if run.is_dir() else run
@@ -305,6 +317,8 @@ def open_detector(
     det: FittedDetector | None = None
     if path.exists() and not refit and fit_data is None:
         det = _load(path, model, sha, encoder, encoder_sha)
+        if det is not None and embedding_readout not in (None, det.embedding_readout) and det.encoder is not None:
+            det = None
     if det is None:
         data = _fit_source(model, meta, fit_data, fit_where, progress)
         split = {}
@@ -318,7 +332,8 @@ def open_detector(
                       "(the model may have seen those images)", file=sys.stderr)
         det = fit_detector(
             model, data, meta=meta, model_sha256=sha, encoder_sha256=encoder_sha or "",
-            target_fpr=target_fpr or DEFAULT_TARGET_FPR, encoder=encoder, batch_size=batch_size, progress=progress,
+            target_fpr=target_fpr or DEFAULT_TARGET_FPR, encoder=encoder,
+            embedding_readout=embedding_readout or DEFAULT_EMBEDDING_READOUT, batch_size=batch_size, progress=progress,
             **split,
         )
         det.card["calibration_held_out_of_training"] = bool(split)
@@ -369,16 +384,19 @@ def _load(
             or not isinstance(pixel_density, (PixelDensity, type(None)))):
         raise DebiasError(f"cannot load {path}: unexpected contents; delete it (or pass --refit) to fit again")
     uses_encoder = bool(EMBEDDING_STATISTICS & set(scorer.statistics))
-    return FittedDetector(model, scorer, calibrator, dict(blob["card"]), pixel_density, encoder if uses_encoder else None)
+    # A file fitted before the readout was stored was fitted on the features' mean: it keeps reading that.
+    return FittedDetector(model, scorer, calibrator, dict(blob["card"]), pixel_density, encoder if uses_encoder else None,
+                          blob.get("embedding_readout", "avg"))
 
 
 @torch.inference_mode()
-def encoder_features(encoder: ContrastiveEncoder, x: torch.Tensor) -> np.ndarray:
-    """(B, e) float32 L2-normalised features of (B, C, S, S) images in [0, 1], on the encoder's device and
-    precision (as the VAE's encoding: :func:`debias.runtime.device.autocast`)."""
+def encoder_features(encoder: ContrastiveEncoder, x: torch.Tensor, readout: str | None = None) -> np.ndarray:
+    """(B, e) float32 L2-normalised features of (B, C, S, S) images in [0, 1] at ``readout`` (default: the encoder's
+    own, :attr:`~debias.models.contrastive.ContrastiveConfig.readout`), on the encoder's device and precision (as
+    the VAE's encoding: :func:`debias.runtime.device.autocast`)."""
     device = next(encoder.parameters()).device
     with autocast(device):
-        return encoder(x.to(device, non_blocking=True)).float().cpu().numpy()
+        return encoder(x.to(device, non_blocking=True), readout).float().cpu().numpy()
 
 
 def _over_batches(per_batch: Callable[[torch.Tensor], np.ndarray], data: ImageSet, batch_size: int) -> np.ndarray:
@@ -386,10 +404,12 @@ def _over_batches(per_batch: Callable[[torch.Tensor], np.ndarray], data: ImageSe
     return np.concatenate([per_batch(data.batch(slice(a, a + batch_size))) for a in range(0, len(data), batch_size)])
 
 
-def embed_images(encoder: ContrastiveEncoder, data: ImageSet, batch_size: int = 256) -> np.ndarray:
+def embed_images(
+    encoder: ContrastiveEncoder, data: ImageSet, batch_size: int = 256, readout: str | None = None
+) -> np.ndarray:
     """:func:`encoder_features` of every image of ``data`` (n, e), a batch at a time: what the novelty score and the
     audit read from a run's contrastive encoder."""
-    return _over_batches(lambda x: encoder_features(encoder, x), data, batch_size)
+    return _over_batches(lambda x: encoder_features(encoder, x, readout), data, batch_size)
 
 
 def _pixel_scores(density: PixelDensity, data: ImageSet, batch_size: int) -> np.ndarray:

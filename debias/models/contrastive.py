@@ -63,11 +63,16 @@ class ContrastiveConfig:
 
     @property
     def feature_dim(self) -> int:
-        """Length of the features that :meth:`ContrastiveEncoder.forward` returns (``readout`` "avg+max": twice)."""
-        return 4 * self.width * (2 if self.readout == "avg+max" else 1)
+        """Length of the features that :meth:`ContrastiveEncoder.forward` returns at the config's readout."""
+        return readout_dim(self, self.readout)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def readout_dim(config: ContrastiveConfig, readout: str) -> int:
+    """Length of the features at ``readout``: 4 x width, twice that for "avg+max"."""
+    return 4 * config.width * (2 if readout == "avg+max" else 1)
 
 
 class ContrastiveEncoder(nn.Module):
@@ -98,10 +103,12 @@ class ContrastiveEncoder(nn.Module):
         :attr:`ContrastiveConfig.input_size`: what the projection head and the loss read."""
         return self.body(x).mean((2, 3))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """L2-normalised features at the config's ``readout``: what kNN reads."""
+    def forward(self, x: torch.Tensor, readout: str | None = None) -> torch.Tensor:
+        """L2-normalised features at ``readout`` (default: the config's): what kNN reads."""
+        readout = readout or self.config.readout
+        if readout not in READOUTS:
+            raise ValueError(f"readout must be one of {', '.join(READOUTS)}, got {readout!r}")
         h = self.body(self.resize(x))
-        readout = self.config.readout
         if readout == "avg":
             return F.normalize(h.mean((2, 3)).float(), dim=1)
         # The maximum keeps where a channel fires most, not how much of the image it covers: a sneaker's sole and
