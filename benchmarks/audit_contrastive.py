@@ -15,7 +15,7 @@ encoder (`--no-encoder`, the default before), the k-th-neighbour distance among 
 (leave-one-out; k = 5, 20, 50, 100) and, with ``--pyod``, PyOD's KNN, IForest, HBOS and ECOD on the same latents and
 KNN on pixels. AUROC of rarity for the rare group and its mean-weight ratio (weights tempered to ESS 0.5 n, as the
 audit does), written to --out/NAME.json. ``--readouts``: the same encoder read out otherwise (its map's spatial mean,
-maximum, or both: ``ContrastiveConfig.readout``, no retraining), the default rule and the kNN at k = 50 with each.
+maximum, or both: ``ContrastiveEncoder.forward``'s ``readout``, no retraining), the default rule and the kNN at k = 50 with each.
 """
 
 from __future__ import annotations
@@ -99,8 +99,7 @@ def main() -> None:
         for k in (5, 20, 50, 100):
             rarities[f"encoder kNN, k={k}"] = kth_neighbour_distance(E, k)
         for readout in filter(None, args.readouts.split(",")):
-            encoder.config.readout = readout  # the same weights read out otherwise
-            E_r = embed_images(encoder, data)
+            E_r = embed_images(encoder, data, readout=readout)  # the same weights read out otherwise
             rarities[f"knn-recon + encoder, readout {readout}"] = fit_audit_rarity(enc.mu, enc.recon_error,
                                                                                     embeddings=E_r).rarity
             rarities[f"encoder kNN, k=50, readout {readout}"] = kth_neighbour_distance(E_r, 50)

@@ -182,15 +182,13 @@ def cache(args: argparse.Namespace) -> None:
 
 
 def readout_arrays(encoder, part: str, data: ImageSet) -> dict[str, np.ndarray]:
-    """The encoder's features of ``data`` at every readout (ContrastiveConfig.readout; the same weights): key
+    """The encoder's features of ``data`` at every readout (ContrastiveEncoder.forward's; the same weights): key
     ``PART/embedding`` for "avg" (what the cache always held), ``PART/embedding_READOUT`` for the others."""
     out = {}
     for readout in READOUTS:
-        encoder.config.readout = readout
         key = f"{part}/embedding" + ("" if readout == "avg" else f"_{readout}")
-        out[key] = np.concatenate([encoder_features(encoder, data.batch(slice(a, a + 512)))
+        out[key] = np.concatenate([encoder_features(encoder, data.batch(slice(a, a + 512)), readout)
                                    for a in range(0, len(data), 512)])
-    encoder.config.readout = "avg"
     return out
 
 

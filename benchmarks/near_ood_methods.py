@@ -155,7 +155,7 @@ def statistics(case: dict[str, dict[str, np.ndarray]], k: int = 5) -> dict[str, 
         E_fit = fit["embedding"].astype(np.float32)
         stats["embedding_knn"] = {p: np.log(knn_distance(E_fit, case[p]["embedding"], k, exclude_self=(p == "fit"))
                                             + 1e-12) for p in PARTS}
-    for readout in ("max", "avg+max"):  # the same encoder read out otherwise (ContrastiveConfig.readout)
+    for readout in ("max", "avg+max"):  # the same encoder read out otherwise (ContrastiveEncoder.forward's readout)
         key = embedding_key(readout)
         if key in fit:
             R_fit = fit[key].astype(np.float32)

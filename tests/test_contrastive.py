@@ -55,16 +55,17 @@ def test_readouts_take_the_mean_the_maximum_or_both_of_the_last_map():
     expect = {"avg": mean / mean.norm(), "max": peak / peak.norm(),
               "avg+max": torch.cat([mean / mean.norm(), peak / peak.norm()]) / 2**0.5}
     for readout, want in expect.items():
-        model.config.readout = readout
-        got = model(torch.zeros(1, 1, 8, 8))[0]
-        assert got.shape == (model.config.feature_dim,)
+        got = model(torch.zeros(1, 1, 8, 8), readout)[0]
+        assert got.shape == (model.config.feature_dim * (2 if readout == "avg+max" else 1),)
         torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="readout"):
+        model(torch.zeros(1, 1, 8, 8), "sum")
     # the loss reads the spatial mean whatever the readout
     torch.testing.assert_close(model.features(fmap)[0], mean)
 
 
 @pytest.mark.parametrize("bad", [{"channels": 2}, {"width": 0}, {"min_crop_area": 0.0}, {"jitter": 1.0},
-                                 {"temperature": 0.0}, {"image_size": 4}, {"readout": "sum"}])
+                                 {"temperature": 0.0}, {"image_size": 4}])
 def test_config_refuses_bad_values(bad):
     with pytest.raises(ValueError):
         ContrastiveConfig(**bad)

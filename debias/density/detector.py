@@ -390,10 +390,10 @@ def _load(
 
 
 @torch.inference_mode()
-def encoder_features(encoder: ContrastiveEncoder, x: torch.Tensor, readout: str | None = None) -> np.ndarray:
-    """(B, e) float32 L2-normalised features of (B, C, S, S) images in [0, 1] at ``readout`` (default: the encoder's
-    own, :attr:`~debias.models.contrastive.ContrastiveConfig.readout`), on the encoder's device and precision (as
-    the VAE's encoding: :func:`debias.runtime.device.autocast`)."""
+def encoder_features(encoder: ContrastiveEncoder, x: torch.Tensor, readout: str = "avg") -> np.ndarray:
+    """(B, e) float32 L2-normalised features of (B, C, S, S) images in [0, 1] at ``readout``
+    (:meth:`~debias.models.contrastive.ContrastiveEncoder.forward`), on the encoder's device and precision (as the
+    VAE's encoding: :func:`debias.runtime.device.autocast`)."""
     device = next(encoder.parameters()).device
     with autocast(device):
         return encoder(x.to(device, non_blocking=True), readout).float().cpu().numpy()
@@ -405,7 +405,7 @@ def _over_batches(per_batch: Callable[[torch.Tensor], np.ndarray], data: ImageSe
 
 
 def embed_images(
-    encoder: ContrastiveEncoder, data: ImageSet, batch_size: int = 256, readout: str | None = None
+    encoder: ContrastiveEncoder, data: ImageSet, batch_size: int = 256, readout: str = "avg"
 ) -> np.ndarray:
     """:func:`encoder_features` of every image of ``data`` (n, e), a batch at a time: what the novelty score and the
     audit read from a run's contrastive encoder."""

@@ -38,10 +38,6 @@ class ContrastiveConfig:
     temperature: float = 0.2  # of NT-Xent (Chen et al. 2020, Eq. 1)
     min_crop_area: float = 0.6  # random resized crops keep 60-100 % of the image's area
     jitter: float = 0.4  # contrast factor in 1 +- jitter, brightness shift in +- jitter / 2 (0: no jitter)
-    # How the last convolution's map becomes the features that kNN reads (training always uses the mean, the loss
-    # reads only the mean): "avg" its spatial mean, "max" its spatial maximum per channel, "avg+max" both (each
-    # L2-normalised, concatenated, / sqrt 2). Changing it needs no retraining.
-    readout: str = "avg"
 
     def __post_init__(self) -> None:
         if not 8 <= self.image_size <= 512:
@@ -54,8 +50,6 @@ class ContrastiveConfig:
             raise ValueError(f"max_input must be between 8 and 512, got {self.max_input}")
         if not 0 < self.min_crop_area <= 1 or not 0 <= self.jitter < 1 or not self.temperature > 0:
             raise ValueError("min_crop_area must be in (0, 1], jitter in [0, 1) and temperature positive")
-        if self.readout not in READOUTS:
-            raise ValueError(f"readout must be one of {', '.join(READOUTS)}, got {self.readout!r}")
 
     @property
     def input_size(self) -> int:
@@ -63,16 +57,11 @@ class ContrastiveConfig:
 
     @property
     def feature_dim(self) -> int:
-        """Length of the features that :meth:`ContrastiveEncoder.forward` returns at the config's readout."""
-        return readout_dim(self, self.readout)
+        """Length of the features at readout "avg" or "max" (twice that for "avg+max")."""
+        return 4 * self.width
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def readout_dim(config: ContrastiveConfig, readout: str) -> int:
-    """Length of the features at ``readout``: 4 x width, twice that for "avg+max"."""
-    return 4 * config.width * (2 if readout == "avg+max" else 1)
 
 
 class ContrastiveEncoder(nn.Module):
@@ -103,9 +92,10 @@ class ContrastiveEncoder(nn.Module):
         :attr:`ContrastiveConfig.input_size`: what the projection head and the loss read."""
         return self.body(x).mean((2, 3))
 
-    def forward(self, x: torch.Tensor, readout: str | None = None) -> torch.Tensor:
-        """L2-normalised features at ``readout`` (default: the config's): what kNN reads."""
-        readout = readout or self.config.readout
+    def forward(self, x: torch.Tensor, readout: str = "avg") -> torch.Tensor:
+        """L2-normalised features: what kNN reads. ``readout``: how the last map becomes them, "avg" its spatial mean
+        (what training uses, and the audit), "max" its per-channel maximum (the novelty score's), "avg+max" both
+        (each normalised, concatenated, / sqrt 2). The readout needs no retraining."""
         if readout not in READOUTS:
             raise ValueError(f"readout must be one of {', '.join(READOUTS)}, got {readout!r}")
         h = self.body(self.resize(x))

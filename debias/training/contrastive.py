@@ -162,9 +162,7 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict) or not isinstance(meta.get("model"), dict):
         raise DebiasError(f"{bad} (no model_config / model entries)")
     try:
-        # Encoders saved before the readout existed were read out by their mean: they keep it (their runs' fitted
-        # novelty.pt holds reference features of that kind).
-        model = ContrastiveEncoder(ContrastiveConfig(**{"readout": "avg", **meta["model_config"]}))
+        model = ContrastiveEncoder(ContrastiveConfig(**meta["model_config"]))
         model.load_state_dict(meta["model"])
     except (TypeError, ValueError, RuntimeError, KeyError) as exc:
         raise DebiasError(f"{bad} ({(str(exc).strip().splitlines() or [type(exc).__name__])[0]})") from None
