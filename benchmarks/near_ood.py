@@ -43,9 +43,11 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from near_ood_methods import embedding_key  # noqa: E402  (benchmarks/ is the script's own folder)
+
 from debias.data import ImageSet, load_images  # noqa: E402
 from debias.data.splits import DEFAULT_CALIBRATION_FRACTION, calibration_split  # noqa: E402
-from debias.density.detector import encoder_features  # noqa: E402
+from debias.density.detector import embed_images  # noqa: E402
 from debias.models import VAEConfig  # noqa: E402
 from debias.models.contrastive import READOUTS, ContrastiveConfig  # noqa: E402
 from debias.training.contrastive import (  # noqa: E402
@@ -181,15 +183,14 @@ def cache(args: argparse.Namespace) -> None:
               f"total {time.perf_counter() - t0:.0f} s", flush=True)
 
 
-def readout_arrays(encoder, part: str, data: ImageSet) -> dict[str, np.ndarray]:
-    """The encoder's features of ``data`` at every readout (ContrastiveEncoder.forward's; the same weights): key
-    ``PART/embedding`` for "avg" (what the cache always held), ``PART/embedding_READOUT`` for the others."""
-    out = {}
-    for readout in READOUTS:
-        key = f"{part}/embedding" + ("" if readout == "avg" else f"_{readout}")
-        out[key] = np.concatenate([encoder_features(encoder, data.batch(slice(a, a + 512)), readout)
-                                   for a in range(0, len(data), 512)])
-    return out
+def readout_key(part: str, readout: str) -> str:
+    """The cache's key of a part's features at a readout (``PART/embedding`` for "avg", what it always held)."""
+    return f"{part}/{embedding_key(readout)}"
+
+
+def readout_arrays(encoder, part: str, data: ImageSet, readouts=READOUTS) -> dict[str, np.ndarray]:
+    """The encoder's features of ``data`` at each of ``readouts`` (ContrastiveEncoder.forward's; the same weights)."""
+    return {readout_key(part, r): embed_images(encoder, data, 512, r) for r in readouts}
 
 
 def save_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -209,14 +210,15 @@ def readouts(args: argparse.Namespace) -> None:
             continue
         with np.load(path) as z:
             arrays = {k: z[k] for k in z.files}
-        if all(f"fit/embedding_{r}" in arrays for r in READOUTS if r != "avg"):
+        missing = [r for r in READOUTS if readout_key("fit", r) not in arrays]
+        if not missing:
             print(f"{case}: has every readout", flush=True)
             continue
         train, inn, ood, _ = case_data(case)
         fit_rows, cal_rows = calibration_split(len(train), DEFAULT_CALIBRATION_FRACTION, 0)
         encoder, _ = load_encoder(encoder_path(args.out / "models" / case), "cpu")
         for part, data in (("fit", train.subset(fit_rows)), ("cal", train.subset(cal_rows)), ("in", inn), ("ood", ood)):
-            arrays.update(readout_arrays(encoder, part, data))
+            arrays.update(readout_arrays(encoder, part, data, missing))
         save_cache(path, arrays)
         print(f"{case}: readouts added", flush=True)
 

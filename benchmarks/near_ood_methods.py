@@ -151,16 +151,15 @@ def statistics(case: dict[str, dict[str, np.ndarray]], k: int = 5) -> dict[str, 
     F_fit = fit["features"].astype(np.float32)
     stats["feature_knn"] = {p: np.log(knn_distance(F_fit, case[p]["features"], k, exclude_self=(p == "fit")) + 1e-12)
                             for p in PARTS}
-    if "embedding" in fit:  # the contrastive encoder's features: the embedding_knn statistic of the shipped scorer
-        E_fit = fit["embedding"].astype(np.float32)
-        stats["embedding_knn"] = {p: np.log(knn_distance(E_fit, case[p]["embedding"], k, exclude_self=(p == "fit"))
-                                            + 1e-12) for p in PARTS}
-    for readout in ("max", "avg+max"):  # the same encoder read out otherwise (ContrastiveEncoder.forward's readout)
+    # the contrastive encoder's features: embedding_knn of the shipped scorer, at each readout the cache holds
+    # ("embedding_knn" = the mean, the audit's; "embedding_knn[max]" the novelty score's since session 15)
+    for readout in ("avg", "max", "avg+max"):
         key = embedding_key(readout)
         if key in fit:
             R_fit = fit[key].astype(np.float32)
-            stats[f"embedding_knn[{readout}]"] = {
-                p: np.log(knn_distance(R_fit, case[p][key], k, exclude_self=(p == "fit")) + 1e-12) for p in PARTS}
+            name = "embedding_knn" if readout == "avg" else f"embedding_knn[{readout}]"
+            stats[name] = {p: np.log(knn_distance(R_fit, case[p][key], k, exclude_self=(p == "fit")) + 1e-12)
+                           for p in PARTS}
     Pf = pixels(fit)
     stats["pixel_knn"] = {p: np.log(knn_distance(Pf, pixels(case[p]), k, exclude_self=(p == "fit")) + 1e-12)
                           for p in PARTS}
