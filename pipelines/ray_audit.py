@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from debias.api import load_encoder
 from debias.data.cache import load_row
 from debias.data.imageset import SourceRows, list_rows
 from debias.data.sources import Source
@@ -47,7 +48,6 @@ from debias.pipelines.audit import (
 from debias.pipelines.ray_cluster import connect, import_ray
 from debias.runtime.device import precision_setting, resolve_device, set_precision
 from debias.runtime.progress import progress_bar
-from debias.training.contrastive import encoder_path, load_encoder
 from debias.training.vae import load_model
 
 
@@ -66,9 +66,7 @@ def run_ray_audit(job: AuditJob, opts: RayAuditOptions) -> AuditResult:
     # copy of the run's contrastive encoder when the rarity reads its features (knn-recon's third term, as the local
     # engine: pipelines.audit.run_embeddings).
     model, meta = load_model(job.model, resolve_device(job.device))
-    encoder = None
-    if job.use_encoder and job.estimator == "knn-recon" and encoder_path(job.model).exists():
-        encoder, _ = load_encoder(encoder_path(job.model), "cpu")
+    encoder = load_encoder(job.model, "cpu") if job.use_encoder and job.estimator == "knn-recon" else None
     cfg = model.config
     rows = list_rows(job.data, where=job.where, image_size=cfg.image_size, channels=cfg.channels)
     check_group_by(job, rows.table.columns)
