@@ -30,6 +30,7 @@ from debias.density.novelty import (  # noqa: E402
     PixelDensity,
     tail_log_p,
 )
+from debias.models.contrastive import READOUTS  # noqa: E402
 
 TARGET_FPR = 0.05
 PARTS = ("fit", "cal", "in", "ood")
@@ -153,7 +154,7 @@ def statistics(case: dict[str, dict[str, np.ndarray]], k: int = 5) -> dict[str, 
                             for p in PARTS}
     # the contrastive encoder's features: embedding_knn of the shipped scorer, at each readout the cache holds
     # ("embedding_knn" = the mean, the audit's; "embedding_knn[max]" the novelty score's since session 15)
-    for readout in ("avg", "max", "avg+max"):
+    for readout in READOUTS:
         key = embedding_key(readout)
         if key in fit:
             R_fit = fit[key].astype(np.float32)
@@ -166,8 +167,7 @@ def statistics(case: dict[str, dict[str, np.ndarray]], k: int = 5) -> dict[str, 
     return stats
 
 
-ONE_SIDED = {"posterior_knn", "feature_knn", "pixel_knn", "embedding_knn", "embedding_knn[max]",
-             "embedding_knn[avg+max]"}
+ONE_SIDED = {"posterior_knn", "feature_knn", "pixel_knn", "embedding_knn"} | {f"embedding_knn[{r}]" for r in READOUTS}
 
 
 def l1_combo(stats, names, one_sided=ONE_SIDED) -> dict[str, np.ndarray]:
@@ -274,7 +274,7 @@ def methods(stats) -> dict[str, dict[str, np.ndarray]]:
             m[f"fisher(posterior_knn+recon_error+pixel_hbos+{w:g} x embedding_knn)"] = fisher_combo(
                 stats, vae3 + ["embedding_knn"], one_sided=recon_one, weights=[1.0, 1.0, 1.0, w])
         # session 15: the encoder's other readouts, in its place (weight 2, as shipped) or beside it
-        for readout in ("max", "avg+max"):
+        for readout in READOUTS[1:]:
             name = f"embedding_knn[{readout}]"
             if name not in stats:
                 continue

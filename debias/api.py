@@ -42,6 +42,7 @@ from debias.density.detector import (
 from debias.density.encoding import Encoded, encode_images
 from debias.density.novelty import DEFAULT_EMBEDDING_READOUT
 from debias.density.rarity import (
+    AUDIT_EMBEDDING_READOUT,
     DEFAULT_ESTIMATOR,
     DensityOptions,
     fit_audit_rarity,
@@ -212,7 +213,7 @@ class RarityAudit(BaseEstimator):
             mu, recon, table = enc.mu, enc.recon_error, data.table
             name = self.estimator or DEFAULT_ESTIMATOR
             if self.encoder is not None and name == "knn-recon":
-                features = embed_images(self.encoder, data, self.batch_size)
+                features = embed_images(self.encoder, data, self.batch_size, AUDIT_EMBEDDING_READOUT)
         result = fit_audit_rarity(mu, recon, name, self._density(), self.n_neighbors, embeddings=features)
         self.from_embeddings_ = embeddings is not None
         self.estimator_ = result.fitted
@@ -232,7 +233,7 @@ class RarityAudit(BaseEstimator):
             raise DebiasError("this audit was fitted on embeddings: pass embeddings=")
         data, enc = _encode(self.vae, X, self.batch_size)
         uses_encoder = getattr(self.estimator_, "embedding_knn_", None) is not None
-        features = embed_images(self.encoder, data, self.batch_size) if uses_encoder else None
+        features = embed_images(self.encoder, data, self.batch_size, AUDIT_EMBEDDING_READOUT) if uses_encoder else None
         return rarity_of_new_rows(self.estimator_, enc.mu, enc.recon_error, features)
 
     def score_samples(self, X: ImagesLike | None = None, *, embeddings: np.ndarray | None = None) -> np.ndarray:

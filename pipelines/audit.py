@@ -30,6 +30,7 @@ from debias.density.encoding import (
 )
 from debias.density.estimators import LatentHistogramDensity, effective_sample_size
 from debias.density.rarity import (
+    AUDIT_EMBEDDING_READOUT,
     DEFAULT_ESTIMATOR,
     RARITY_ESTIMATORS,
     DensityOptions,
@@ -128,7 +129,7 @@ def run_embeddings(run: Path, data: ImageSet, device: torch.device, batch_size: 
     0), None when the run has none: the third term of the audit's ``knn-recon`` rarity, and of `debias augment
     --model`'s weights (the audit's)."""
     encoder = load_encoder(run, device)
-    return None if encoder is None else embed_images(encoder, data, batch_size)
+    return None if encoder is None else embed_images(encoder, data, batch_size, AUDIT_EMBEDDING_READOUT)
 
 
 def read_embeddings(path: Path) -> pd.DataFrame:
@@ -235,7 +236,8 @@ def write_audit(job: AuditJob, model: ConvVAE, meta: dict[str, Any], rows: Encod
         "rarity_estimator": job.estimator,
         # knn-recon's third term: the run's contrastive encoder (None: not used, or the run has none)
         "contrastive_encoder": None if rows.embeddings is None else {
-            "path": str(encoder_path(job.model)), "n_neighbors": fit.fitted.embedding_neighbors},
+            "path": str(encoder_path(job.model)), "n_neighbors": fit.fitted.embedding_neighbors,
+            "readout": AUDIT_EMBEDDING_READOUT},
         "effective_sample_size": effective_sample_size(fit.weights),
         "effective_sample_fraction": effective_sample_size(fit.weights) / n,
         # What the data says before any tempering: the ESS of the paper's untempered inverse-density weights (the

@@ -35,6 +35,7 @@ from debias.data.imageset import SourceRows, list_rows
 from debias.data.sources import Source
 from debias.density.detector import encoder_features
 from debias.density.encoding import Encoded, encode_batch
+from debias.density.rarity import AUDIT_EMBEDDING_READOUT
 from debias.errors import DebiasError
 from debias.models import ConvVAE, VAEConfig
 from debias.models.contrastive import ContrastiveConfig, ContrastiveEncoder
@@ -273,7 +274,7 @@ class _Encoder:
         if cfg.n_classes:
             out["logits"] = np.full((n, cfg.n_classes), np.nan, dtype=np.float32)
         if self.encoder is not None:
-            out["embedding"] = np.full((n, self.encoder.config.feature_dim), np.nan, dtype=np.float32)
+            out["embedding"] = np.full((n, self.encoder.config.feature_dim(AUDIT_EMBEDDING_READOUT)), np.nan, dtype=np.float32)
         if ok.any():
             # Exactly ImageSet.batch -> encode_batch, as encode_images does in the local engine.
             x = torch.from_numpy(np.ascontiguousarray(batch["image"][ok])).permute(0, 3, 1, 2).float().div_(255.0)
@@ -282,7 +283,7 @@ class _Encoder:
             if enc.logits is not None:
                 out["logits"][ok] = enc.logits
             if self.encoder is not None:  # as embed_images does in the local engine
-                out["embedding"][ok] = encoder_features(self.encoder, x)
+                out["embedding"][ok] = encoder_features(self.encoder, x, AUDIT_EMBEDDING_READOUT)
         out["decode_s"] = batch["decode_s"]
         out["encode_s"] = np.full(n, (time.perf_counter() - t0) / max(1, n))
         return out

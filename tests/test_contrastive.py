@@ -34,7 +34,7 @@ from tests.novelty_support import TINY_SOURCE, tiny_run
 def test_encoder_gives_unit_features_and_computes_at_its_input_size():
     cfg = ContrastiveConfig(image_size=64, channels=3, width=4)
     model = ContrastiveEncoder(cfg).eval()
-    assert cfg.input_size == 32 and cfg.feature_dim == 16
+    assert cfg.input_size == 32 and cfg.feature_dim() == 16 and cfg.feature_dim("maps-max") == 52
     seen = []
     model.body[0].register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
     with torch.no_grad():
@@ -56,12 +56,31 @@ def test_readouts_take_the_mean_the_maximum_or_both_of_the_last_map():
               "avg+max": torch.cat([mean / mean.norm(), peak / peak.norm()]) / 2**0.5}
     for readout, want in expect.items():
         got = model(torch.zeros(1, 1, 8, 8), readout)[0]
-        assert got.shape == (model.config.feature_dim * (2 if readout == "avg+max" else 1),)
+        assert got.shape == (model.config.feature_dim(readout),)
         torch.testing.assert_close(got, want)
     with pytest.raises(ValueError, match="readout"):
         model(torch.zeros(1, 1, 8, 8), "sum")
     # the loss reads the spatial mean whatever the readout
     torch.testing.assert_close(model.features(fmap)[0], mean)
+
+
+def test_map_readouts_pool_every_block_and_weigh_them_alike():
+    model = ContrastiveEncoder(ContrastiveConfig(image_size=8, channels=1, width=1)).eval()
+    # Two hand-made blocks in place of the five: block 1 gives a 2-channel map, block 2 a 1-channel map
+    first = torch.tensor([[[[1.0, 3.0], [0.0, 0.0]], [[0.0, 4.0], [0.0, 0.0]]]])
+    second = torch.tensor([[[[2.0, 6.0], [0.0, 0.0]]]])
+    maps = iter([first, second])
+    model.body = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.ReLU())
+    model.body[0].forward = lambda x: next(maps)  # noqa: E731
+    model.body[1].forward = lambda x: second  # noqa: E731
+    got = model(torch.zeros(1, 1, 8, 8), "maps-max")[0]
+    # maxima (3, 4) -> (0.6, 0.8); (6) -> (1); concatenated / sqrt 2
+    torch.testing.assert_close(got, torch.tensor([0.6, 0.8, 1.0]) / 2**0.5)
+    maps = iter([first, second])
+    model.body[0].forward = lambda x: next(maps)  # noqa: E731
+    got = model(torch.zeros(1, 1, 8, 8), "maps-avg")[0]
+    # means (1, 1) -> (1, 1) / sqrt 2; (2) -> (1)
+    torch.testing.assert_close(got, torch.tensor([0.5**0.5, 0.5**0.5, 1.0]) / 2**0.5)
 
 
 @pytest.mark.parametrize("bad", [{"channels": 2}, {"width": 0}, {"min_crop_area": 0.0}, {"jitter": 1.0},
@@ -189,7 +208,7 @@ def test_detector_reads_the_encoder_and_refits_when_it_changes(tmp_path):
     run = tiny_run(tmp_path / "run")
     det = open_detector(run, progress=False)
     assert det.scorer.statistics[-1] == "embedding_knn" and det.encoder is not None
-    assert det.card["novelty"]["embedding"]["features"] == det.encoder.config.feature_dim
+    assert det.card["novelty"]["embedding"]["features"] == det.encoder.config.feature_dim(det.embedding_readout)
     data = load_images(TINY_SOURCE, image_size=32, progress=False)
     x = data.batch(slice(0, 6))
     res = det.score_batch(x)

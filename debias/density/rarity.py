@@ -40,6 +40,10 @@ from debias.errors import DebiasError
 
 RARITY_ESTIMATORS = ("knn-recon", "knn", "histogram", "histogram-max", "gmm", "recon")
 DEFAULT_ESTIMATOR = "knn-recon"
+#: How the audit reads the run's contrastive encoder for knn-recon's third term (``readout`` of
+#: :meth:`debias.models.contrastive.ContrastiveEncoder.forward`). Every engine and `debias augment --model` read it
+#: here, so that one audit gives one answer (docs/benchmarks.md, issue 15).
+AUDIT_EMBEDDING_READOUT = "avg"
 
 
 def audit_features(mu: np.ndarray, recon_error: np.ndarray, embeddings: np.ndarray | None = None) -> np.ndarray:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-READOUTS = ("avg", "max", "avg+max")
+READOUTS = ("avg", "max", "avg+max", "maps-avg", "maps-max")
 
 
 @dataclass
@@ -55,10 +55,10 @@ class ContrastiveConfig:
     def input_size(self) -> int:
         return min(self.image_size, self.max_input)
 
-    @property
-    def feature_dim(self) -> int:
-        """Length of the features at readout "avg" or "max" (twice that for "avg+max")."""
-        return 4 * self.width
+    def feature_dim(self, readout: str = "avg") -> int:
+        """Length of the features at ``readout`` (:meth:`ContrastiveEncoder.forward`): 4 x width for "avg" and "max",
+        twice that for "avg+max", the five maps' 1 + 2 + 2 + 4 + 4 = 13 x width for "maps-avg" and "maps-max"."""
+        return {"avg+max": 8, "maps-avg": 13, "maps-max": 13}.get(readout, 4) * self.width
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -98,6 +98,8 @@ class ContrastiveEncoder(nn.Module):
         (each normalised, concatenated, / sqrt 2). The readout needs no retraining."""
         if readout not in READOUTS:
             raise ValueError(f"readout must be one of {', '.join(READOUTS)}, got {readout!r}")
+        if readout.startswith("maps-"):
+            return self._every_map(self.resize(x), readout)
         h = self.body(self.resize(x))
         if readout == "avg":
             return F.normalize(h.mean((2, 3)).float(), dim=1)
@@ -107,6 +109,18 @@ class ContrastiveEncoder(nn.Module):
         if readout == "max":
             return peak
         return torch.cat([F.normalize(h.mean((2, 3)).float(), dim=1), peak], dim=1) / math.sqrt(2.0)
+
+    def _every_map(self, x: torch.Tensor, readout: str) -> torch.Tensor:
+        """Each of the five blocks' maps pooled ("maps-avg": spatial mean, "maps-max": per-channel maximum), each
+        L2-normalised, concatenated and / sqrt 5: the early maps keep the strokes and textures that the last one,
+        trained to survive crops, lets go (13 x width features)."""
+        pooled = []
+        for layer in self.body:
+            x = layer(x)
+            if isinstance(layer, nn.ReLU):
+                p = x.amax((2, 3)) if readout == "maps-max" else x.mean((2, 3))
+                pooled.append(F.normalize(p.float(), dim=1))
+        return torch.cat(pooled, dim=1) / math.sqrt(len(pooled))
 
 
 def random_views(x: torch.Tensor, config: ContrastiveConfig, generator: torch.Generator | None = None) -> torch.Tensor:
