@@ -37,7 +37,7 @@ from audit_rarity import datasets, evaluate, pyod_rarities  # noqa: E402
 
 from debias.density.detector import embed_images  # noqa: E402
 from debias.density.encoding import encode_images  # noqa: E402
-from debias.density.rarity import fit_audit_rarity  # noqa: E402
+from debias.density.rarity import AUDIT_EMBEDDING_READOUT, fit_audit_rarity  # noqa: E402
 from debias.models.contrastive import ContrastiveConfig  # noqa: E402
 from debias.training.contrastive import (  # noqa: E402
     ContrastiveTrainConfig,
@@ -92,9 +92,10 @@ def main() -> None:
         encoder, _ = load_encoder(encoder_dir / "encoder.pt")
         enc = encode_images(model, data, progress=False)
         default = fit_audit_rarity(enc.mu, enc.recon_error).rarity
-        E = embed_images(encoder, data)
-        shipped = fit_audit_rarity(enc.mu, enc.recon_error, embeddings=E)  # what `debias audit` now does
-        rarities = {"default (knn-recon + encoder, k = 50)": shipped.rarity,
+        E = embed_images(encoder, data)  # the mean: the readout of the encoder kNN rows at k = 5..100
+        shipped = fit_audit_rarity(enc.mu, enc.recon_error,  # what `debias audit` now does
+                                   embeddings=embed_images(encoder, data, readout=AUDIT_EMBEDDING_READOUT))
+        rarities = {f"default (knn-recon + encoder, k = 50, readout {AUDIT_EMBEDDING_READOUT})": shipped.rarity,
                     "knn-recon without the encoder (--no-encoder)": default}
         for k in (5, 20, 50, 100):
             rarities[f"encoder kNN, k={k}"] = kth_neighbour_distance(E, k)

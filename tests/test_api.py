@@ -74,6 +74,15 @@ def test_the_audit_with_the_run_encoder_is_the_command_s_default(trained, tmp_pa
     assert with_encoder.estimator_.embedding_knn_ is not None
     cli = run_audit(AuditJob(model=out, data=SOURCE, out=tmp_path / "a", device="cpu", report=False, progress=False))
     assert cli.summary["contrastive_encoder"]["n_neighbors"] == 50
+    assert cli.summary["contrastive_encoder"]["readout"] == "max"  # the encoder's last map by its maximum
+    # the third term is the kNN rarity of the encoder's features at that readout, not at the training's mean
+    from debias.density.detector import embed_images
+    from debias.density.encoding import encode_images
+    from debias.density.rarity import fit_audit_rarity
+
+    enc = encode_images(vae, imgs, progress=False)
+    direct = fit_audit_rarity(enc.mu, enc.recon_error, embeddings=embed_images(encoder, imgs, readout="max")).rarity
+    np.testing.assert_allclose(with_encoder.rarity_, direct, rtol=1e-4, atol=1e-4)
     assert {"rarity_latent", "rarity_reconstruction", "rarity_embedding"} <= set(cli.scores.columns)
     np.testing.assert_allclose(cli.scores["rarity"], with_encoder.rarity_, rtol=1e-4, atol=1e-4)
     plain = run_audit(AuditJob(model=out, data=SOURCE, out=tmp_path / "b", device="cpu", report=False, progress=False,

@@ -91,10 +91,11 @@ DEFAULT_STATISTICS_WITH_EMBEDDING = (*DEFAULT_STATISTICS, "embedding_knn")
 #: what they see; the contrastive view, alone in its kind, counts as two of them (chosen on issue 16's benchmark:
 #: docs/benchmarks.md, "Session 13").
 DEFAULT_WEIGHTS_WITH_EMBEDDING = {"embedding_knn": 2.0}
-#: How the novelty score reads the encoder (``readout`` of :meth:`debias.models.contrastive.ContrastiveEncoder.forward`): the
-#: per-channel maximum over its last map, not the mean that training and the audit use. On issue 16's benchmark it
-#: lifted a held-out sneaker from 0.425 to 0.632 and the Fashion-MNIST mean from 0.761 to 0.779, every far pair kept
-#: (docs/benchmarks.md, "Session 15"). Detectors fitted before it existed keep the mean they were fitted with.
+#: How the novelty score reads the encoder (``readout`` of
+#: :meth:`debias.models.contrastive.ContrastiveEncoder.forward`): the per-channel maximum over its last map, not the
+#: mean that training uses (the audit reads it so too). On issue 16's benchmark it lifted a held-out sneaker from
+#: 0.425 to 0.632 and the Fashion-MNIST mean from 0.761 to 0.779, every far pair kept (docs/benchmarks.md, "Session
+#: 15"). Detectors fitted before it existed keep the mean they were fitted with.
 DEFAULT_EMBEDDING_READOUT = "max"
 #: Statistics where only one direction means novel (the default ``one_sided``). Being closer than usual to the
 #: training posteriors is what a training image re-scored looks like (it finds itself), not a sign of novelty; a

@@ -94,8 +94,9 @@ class ContrastiveEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor, readout: str = "avg") -> torch.Tensor:
         """L2-normalised features: what kNN reads. ``readout``: how the last map becomes them, "avg" its spatial mean
-        (what training uses, and the audit), "max" its per-channel maximum (the novelty score's), "avg+max" both
-        (each normalised, concatenated, / sqrt 2). The readout needs no retraining."""
+        (what training uses), "max" its per-channel maximum (the novelty score's and the audit's), "avg+max" both
+        (each normalised, concatenated, / sqrt 2), "maps-avg" / "maps-max" every block's map pooled. The readout
+        needs no retraining."""
         if readout not in READOUTS:
             raise ValueError(f"readout must be one of {', '.join(READOUTS)}, got {readout!r}")
         if readout.startswith("maps-"):
