@@ -10,8 +10,8 @@
 ``cache`` trains one small VAE per case, and the contrastive encoder `debias train` trains beside it (its defaults,
 on the same training images), and stores, per image of the case's four parts, everything the methods read: the
 posterior (mu, log sigma^2), the reconstruction error, the ELBO terms, the VAE encoder's features, the contrastive
-encoder's features (``embedding``; ``embedding_max`` and ``embedding_avg+max`` at its other readouts, the same
-weights), the pixels and the PNG size of the image (its input complexity). ``analyse`` fits every method on the same fit part and
+encoder's features (``embedding``; ``embedding_READOUT`` at each of its other readouts, ``READOUTS`` of
+debias.models.contrastive, the same weights), the pixels and the PNG size of the image (its input complexity). ``analyse`` fits every method on the same fit part and
 scores the same in-distribution test images (negatives) and out-of-distribution images (positives).
 
 Cases (all models 28 px except UTKFace at 32 px; latent 16, width 16, beta 1, seed 0):
