@@ -153,7 +153,7 @@ def statistics(case: dict[str, dict[str, np.ndarray]], k: int = 5) -> dict[str, 
     stats["feature_knn"] = {p: np.log(knn_distance(F_fit, case[p]["features"], k, exclude_self=(p == "fit")) + 1e-12)
                             for p in PARTS}
     # the contrastive encoder's features: embedding_knn of the shipped scorer, at each readout the cache holds
-    # ("embedding_knn" = the mean, the audit's; "embedding_knn[max]" the novelty score's since session 15)
+    # ("embedding_knn" = the mean; "embedding_knn[max]" the novelty score's since session 15, the audit's since 16)
     for readout in READOUTS:
         key = embedding_key(readout)
         if key in fit:

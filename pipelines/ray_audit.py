@@ -274,7 +274,8 @@ class _Encoder:
         if cfg.n_classes:
             out["logits"] = np.full((n, cfg.n_classes), np.nan, dtype=np.float32)
         if self.encoder is not None:
-            out["embedding"] = np.full((n, self.encoder.config.feature_dim(AUDIT_EMBEDDING_READOUT)), np.nan, dtype=np.float32)
+            width = self.encoder.config.feature_dim(AUDIT_EMBEDDING_READOUT)
+            out["embedding"] = np.full((n, width), np.nan, dtype=np.float32)
         if ok.any():
             # Exactly ImageSet.batch -> encode_batch, as encode_images does in the local engine.
             x = torch.from_numpy(np.ascontiguousarray(batch["image"][ok])).permute(0, 3, 1, 2).float().div_(255.0)
