@@ -81,13 +81,15 @@ def main() -> None:
         if not (run / "model.pt").exists():
             cfg = vae_config(image_size=32, channels=data.channels, latent_dim=32, beta=1.0, width=32)
             desc = DataDescription(source=name, where=[], fingerprint=data.fingerprint, n_images=len(data), n_skipped=0)
-            train_vae(data, cfg, TrainConfig(epochs=epochs, device="cpu"), run, data_desc=desc, progress=False)
+            train_vae(data, cfg, TrainConfig(epochs=epochs, device="cpu"), run, data_desc=desc, progress=False,
+                      resume=(run / "checkpoint.pt").exists())  # a run stopped mid-way continues
         train_config = ContrastiveTrainConfig(epochs=args.contrastive_epochs, min_steps=args.min_steps, device="cpu")
         enc_epochs = encoder_epochs(train_config, len(data))
         encoder_dir = run / f"contrastive-e{enc_epochs}"
         if not (encoder_dir / "encoder.pt").exists():
             train_contrastive(data, ContrastiveConfig(image_size=32, channels=data.channels), train_config, encoder_dir,
-                              data_desc={"fingerprint": data.fingerprint}, progress=False)
+                              data_desc={"fingerprint": data.fingerprint}, progress=False,
+                              resume=(encoder_dir / "checkpoint.pt").exists())
         model, _ = load_model(run)
         encoder, _ = load_encoder(encoder_dir / "encoder.pt")
         enc = encode_images(model, data, progress=False)
