@@ -94,15 +94,18 @@ def main() -> None:
         encoder, _ = load_encoder(encoder_dir / "encoder.pt")
         enc = encode_images(model, data, progress=False)
         default = fit_audit_rarity(enc.mu, enc.recon_error).rarity
-        E = embed_images(encoder, data)  # the mean: the readout of the encoder kNN rows at k = 5..100
+        readouts = list(filter(None, args.readouts.split(",")))
+        # each readout's features once (the same weights): "avg" for the encoder kNN rows at k = 5..100, the audit's
+        features = {r: embed_images(encoder, data, readout=r) for r in {"avg", AUDIT_EMBEDDING_READOUT, *readouts}}
+        E = features["avg"]
         shipped = fit_audit_rarity(enc.mu, enc.recon_error,  # what `debias audit` now does
-                                   embeddings=embed_images(encoder, data, readout=AUDIT_EMBEDDING_READOUT))
+                                   embeddings=features[AUDIT_EMBEDDING_READOUT])
         rarities = {f"default (knn-recon + encoder, k = 50, readout {AUDIT_EMBEDDING_READOUT})": shipped.rarity,
                     "knn-recon without the encoder (--no-encoder)": default}
         for k in (5, 20, 50, 100):
             rarities[f"encoder kNN, k={k}"] = kth_neighbour_distance(E, k)
-        for readout in filter(None, args.readouts.split(",")):
-            E_r = embed_images(encoder, data, readout=readout)  # the same weights read out otherwise
+        for readout in readouts:
+            E_r = features[readout]
             rarities[f"knn-recon + encoder, readout {readout}"] = fit_audit_rarity(enc.mu, enc.recon_error,
                                                                                     embeddings=E_r).rarity
             rarities[f"encoder kNN, k=50, readout {readout}"] = kth_neighbour_distance(E_r, 50)

@@ -69,15 +69,12 @@ def test_map_readouts_pool_every_block_and_weigh_them_alike():
     # Two hand-made blocks in place of the five: block 1 gives a 2-channel map, block 2 a 1-channel map
     first = torch.tensor([[[[1.0, 3.0], [0.0, 0.0]], [[0.0, 4.0], [0.0, 0.0]]]])
     second = torch.tensor([[[[2.0, 6.0], [0.0, 0.0]]]])
-    maps = iter([first, second])
     model.body = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.ReLU())
-    model.body[0].forward = lambda x: next(maps)  # noqa: E731
+    model.body[0].forward = lambda x: first  # noqa: E731
     model.body[1].forward = lambda x: second  # noqa: E731
     got = model(torch.zeros(1, 1, 8, 8), "maps-max")[0]
     # maxima (3, 4) -> (0.6, 0.8); (6) -> (1); concatenated / sqrt 2
     torch.testing.assert_close(got, torch.tensor([0.6, 0.8, 1.0]) / 2**0.5)
-    maps = iter([first, second])
-    model.body[0].forward = lambda x: next(maps)  # noqa: E731
     got = model(torch.zeros(1, 1, 8, 8), "maps-avg")[0]
     # means (1, 1) -> (1, 1) / sqrt 2; (2) -> (1)
     torch.testing.assert_close(got, torch.tensor([0.5**0.5, 0.5**0.5, 1.0]) / 2**0.5)
