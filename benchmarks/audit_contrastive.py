@@ -3,7 +3,7 @@ VAE), against the same without it and PyOD, on the audit benchmark's data.
 
     OMP_NUM_THREADS=2 python benchmarks/audit_contrastive.py --out bench-out/audit-contrastive \
         [--datasets fmnist,shapes,spurious,utkface] [--classes 0,1,...,9] [--contrastive-epochs 15] [--min-steps 600] \
-        [--pyod] [--readouts avg,max,avg+max] [--results NAME]
+        [--pyod] [--readouts avg,max,avg+max] [--results NAME] [--dump] [--seed 0] [--jitter 0.4] [--rotation-weight 0]
 
 Data as in benchmarks/audit_rarity.py: for each Fashion-MNIST class C, 2,000 images with C cut to 20 rows (1 %);
 shapes (the planted 2 % group), spurious (2 % off-colour shapes: a rare combination), UTKFace black vs white faces. A
@@ -72,22 +72,34 @@ def main() -> None:
     ap.add_argument("--results", default="results")
     ap.add_argument("--pyod", action="store_true", help="also PyOD KNN, IForest, HBOS, ECOD on the latents, KNN on pixels")
     ap.add_argument("--readouts", default="", help="comma-separated encoder readouts to add (avg, max, avg+max)")
+    ap.add_argument("--seed", type=int, default=0, help="the VAE's and the encoder's seed (folders NAME-sSEED above 0)")
+    ap.add_argument("--jitter", type=float, default=ContrastiveConfig.jitter,
+                    help="the encoder's brightness and contrast jitter (another value: its own folder)")
+    ap.add_argument("--rotation-weight", type=float, default=0.0,
+                    help="train the encoder with the rotation task at this weight (its own folder), and score its "
+                         "rotation surprise")
+    ap.add_argument("--dump", action="store_true", help="also write every row's features to OUT/NAME/features.npz")
     args = ap.parse_args()
     results = {}
     sets = datasets(args.datasets.split(","), 32, tuple(int(c) for c in args.classes.split(",")))
     for name, (data, rare, reference, epochs) in sets.items():
         t0 = time.time()
-        run = args.out / name
+        run = args.out / (f"{name}-s{args.seed}" if args.seed else name)
         if not (run / "model.pt").exists():
             cfg = vae_config(image_size=32, channels=data.channels, latent_dim=32, beta=1.0, width=32)
             desc = DataDescription(source=name, where=[], fingerprint=data.fingerprint, n_images=len(data), n_skipped=0)
-            train_vae(data, cfg, TrainConfig(epochs=epochs, device="cpu"), run, data_desc=desc, progress=False,
+            train_vae(data, cfg, TrainConfig(epochs=epochs, device="cpu", seed=args.seed), run, data_desc=desc, progress=False,
                       resume=(run / "checkpoint.pt").exists())  # a run stopped mid-way continues
-        train_config = ContrastiveTrainConfig(epochs=args.contrastive_epochs, min_steps=args.min_steps, device="cpu")
+        train_config = ContrastiveTrainConfig(epochs=args.contrastive_epochs, min_steps=args.min_steps, device="cpu",
+                                              seed=args.seed)
         enc_epochs = encoder_epochs(train_config, len(data))
-        encoder_dir = run / f"contrastive-e{enc_epochs}"
+        variant = (f"-rot{args.rotation_weight:g}" if args.rotation_weight else "") + (
+            f"-j{args.jitter:g}" if args.jitter != ContrastiveConfig.jitter else "")
+        encoder_dir = run / f"contrastive-e{enc_epochs}{variant}"
         if not (encoder_dir / "encoder.pt").exists():
-            train_contrastive(data, ContrastiveConfig(image_size=32, channels=data.channels), train_config, encoder_dir,
+            encoder_config = ContrastiveConfig(image_size=32, channels=data.channels, rotation_weight=args.rotation_weight,
+                                               jitter=args.jitter)
+            train_contrastive(data, encoder_config, train_config, encoder_dir,
                               data_desc={"fingerprint": data.fingerprint}, progress=False,
                               resume=(encoder_dir / "checkpoint.pt").exists())
         model, _ = load_model(run)
@@ -109,9 +121,21 @@ def main() -> None:
             rarities[f"knn-recon + encoder, readout {readout}"] = fit_audit_rarity(enc.mu, enc.recon_error,
                                                                                     embeddings=E_r).rarity
             rarities[f"encoder kNN, k=50, readout {readout}"] = kth_neighbour_distance(E_r, 50)
+        surprise = {}
+        if encoder.rotation_head is not None:
+            with torch.no_grad():
+                surprise["rotation_surprise"] = np.concatenate([encoder.rotation_surprise(data.batch(slice(a, a + 256))).numpy()
+                                                                for a in range(0, len(data), 256)])
+            z = lambda v: (v - np.median(v)) / (1.4826 * np.median(np.abs(v - np.median(v))))  # noqa: E731
+            rarities["rotation surprise"] = surprise["rotation_surprise"]
+            rarities["knn-recon + encoder + rotation surprise"] = shipped.rarity + z(surprise["rotation_surprise"])
+        pixels = np.asarray(data.images, dtype=np.float32).reshape(len(data), -1) / 255.0
         if args.pyod:
-            pixels = np.asarray(data.images, dtype=np.float32).reshape(len(data), -1) / 255.0
             rarities.update(pyod_rarities(enc.mu, pixels))
+        if args.dump:  # every representation of the rows, for comparing rules offline on the same models
+            np.savez_compressed(run / f"features{variant}.npz", mu=enc.mu, recon_error=enc.recon_error,
+                                pixels=pixels, rare=rare, reference=reference, **surprise,
+                                **{f"embedding_{r}": f for r, f in features.items()})
         row = {key: evaluate(r, rare, reference) for key, r in rarities.items()}
         results[name] = {"encoder_epochs": enc_epochs, **row}
         print(name, f"encoder {enc_epochs} epochs", {a: f"{b['auroc']:.3f}/{b['weight_ratio']:.2f}" for a, b in row.items()},

@@ -118,6 +118,26 @@ def test_nt_xent_by_hand_and_its_extremes():
     assert nt_xent(z1, z1, 0.2) < nt_xent(z1, z1.flip(0), 0.2)
 
 
+def test_the_rotation_task_adds_its_cross_entropy_and_names_each_turn():
+    torch.manual_seed(0)
+    plain = ContrastiveEncoder(ContrastiveConfig(image_size=8, channels=1, width=2))
+    assert plain.rotation_head is None and "rotation_head.weight" not in plain.state_dict()  # old files load as before
+    with pytest.raises(ValueError, match="rotation"):
+        plain.rotation_surprise(torch.rand(2, 1, 8, 8))
+    with pytest.raises(ValueError, match="rotation_weight"):
+        ContrastiveConfig(rotation_weight=-1.0)
+    model = ContrastiveEncoder(ContrastiveConfig(image_size=8, channels=1, width=2, rotation_weight=0.5))
+    loss, parts = contrastive_loss(model, torch.rand(6, 1, 8, 8))
+    assert loss.item() == pytest.approx(parts["nt_xent"] + 0.5 * parts["rotation"], rel=1e-5)
+    # the surprise is the mean over the four turns of -log p(turn k | image turned by k): by hand from the head
+    model.eval()
+    x = torch.rand(3, 1, 8, 8)
+    with torch.no_grad():
+        want = torch.stack([-torch.log_softmax(model.rotation_head(model.features(torch.rot90(x, k, (2, 3)))), 1)[:, k]
+                            for k in range(4)]).mean(0)
+        torch.testing.assert_close(model.rotation_surprise(x), want)
+
+
 def test_learning_rate_warms_up_then_decays_to_zero():
     lrs = [learning_rate(s, 100, 1.0) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)

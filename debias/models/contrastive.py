@@ -38,6 +38,10 @@ class ContrastiveConfig:
     temperature: float = 0.2  # of NT-Xent (Chen et al. 2020, Eq. 1)
     min_crop_area: float = 0.6  # random resized crops keep 60-100 % of the image's area
     jitter: float = 0.4  # contrast factor in 1 +- jitter, brightness shift in +- jitter / 2 (0: no jitter)
+    # Weight of a second task beside NT-Xent: name the rotation (0, 90, 180, 270 degrees) of each view from its
+    # features (Gidaris et al., ICLR 2018; as a novelty score: Golan & El-Yaniv, NeurIPS 2018, Hendrycks et al.,
+    # NeurIPS 2019). 0 = none, and no rotation head (encoders trained before it load unchanged).
+    rotation_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if not 8 <= self.image_size <= 512:
@@ -50,6 +54,8 @@ class ContrastiveConfig:
             raise ValueError(f"max_input must be between 8 and 512, got {self.max_input}")
         if not 0 < self.min_crop_area <= 1 or not 0 <= self.jitter < 1 or not self.temperature > 0:
             raise ValueError("min_crop_area must be in (0, 1], jitter in [0, 1) and temperature positive")
+        if not self.rotation_weight >= 0:
+            raise ValueError(f"rotation_weight must be >= 0, got {self.rotation_weight}")
 
     @property
     def input_size(self) -> int:
@@ -82,6 +88,8 @@ class ContrastiveEncoder(nn.Module):
             *block(2 * w, 4 * w, 2), *block(4 * w, 4 * w, 1),
         )  # fmt: skip
         self.head = nn.Sequential(nn.Linear(4 * w, 4 * w), nn.ReLU(inplace=True), nn.Linear(4 * w, config.projection_dim))
+        # Reads the same unnormalised features as the projection head; only with rotation_weight > 0.
+        self.rotation_head = nn.Linear(4 * w, 4) if config.rotation_weight > 0 else None
 
     def resize(self, x: torch.Tensor) -> torch.Tensor:
         size = self.config.input_size
@@ -110,6 +118,17 @@ class ContrastiveEncoder(nn.Module):
         if readout == "max":
             return peak
         return torch.cat([F.normalize(h.mean((2, 3)).float(), dim=1), peak], dim=1) / math.sqrt(2.0)
+
+    def rotation_surprise(self, x: torch.Tensor) -> torch.Tensor:
+        """(B,) the mean cross-entropy of naming each of the four rotations of each image (higher = the rotation is
+        harder to name than on the training images: a shape the encoder has not learned which way up it is). Golan &
+        El-Yaniv 2018's score with the four rotations only. Needs ``rotation_weight > 0``."""
+        if self.rotation_head is None:
+            raise ValueError("this encoder was trained without the rotation task (rotation_weight = 0)")
+        x = self.resize(x)
+        losses = [F.cross_entropy(self.rotation_head(self.features(torch.rot90(x, k, (2, 3)))).float(),
+                                  torch.full((len(x),), k, device=x.device), reduction="none") for k in range(4)]
+        return torch.stack(losses).mean(0)
 
     def _every_map(self, x: torch.Tensor, readout: str) -> torch.Tensor:
         """Each of the five blocks' maps pooled ("maps-avg": spatial mean, "maps-max": per-channel maximum), each
@@ -168,6 +187,20 @@ def contrastive_loss(model: ContrastiveEncoder, x: torch.Tensor) -> tuple[torch.
     from torch's global generator, which the training loop seeds per epoch and rank (a resumed run draws the same)."""
     cfg = model.config
     x1, x2 = random_views(x, cfg), random_views(x, cfg)
-    z = model.head(model.features(torch.cat([x1, x2])))
-    loss = nt_xent(z[: len(x)], z[len(x) :], cfg.temperature)
-    return loss, {"loss": float(loss.detach())}
+    if model.rotation_head is None:
+        z = model.head(model.features(torch.cat([x1, x2])))
+        loss = nt_xent(z[: len(x)], z[len(x) :], cfg.temperature)
+        return loss, {"loss": float(loss.detach())}
+    # Both views of an image turned by the same quarter turns, after the crop and flip (a flip of a turned image
+    # would look like the opposite turn): the pair stays a pair, and the turn is there to be named.
+    turns = torch.randint(0, 4, (len(x),)).to(x.device)
+    views = torch.cat([x1, x2])
+    for k in range(1, 4):
+        chosen = torch.cat([turns, turns]) == k
+        views[chosen] = torch.rot90(views[chosen], k, (2, 3))
+    h = model.features(views)
+    z = model.head(h)
+    contrast = nt_xent(z[: len(x)], z[len(x) :], cfg.temperature)
+    rotation = F.cross_entropy(model.rotation_head(h).float(), torch.cat([turns, turns]))
+    loss = contrast + cfg.rotation_weight * rotation
+    return loss, {"loss": float(loss.detach()), "nt_xent": float(contrast.detach()), "rotation": float(rotation.detach())}
