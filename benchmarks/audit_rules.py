@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -107,7 +108,8 @@ def main() -> None:
     keys = list(dict.fromkeys(k for r in results.values() for k in r))
     print("| rule | " + " | ".join(names) + " | F mean |")
     for k in keys:
-        fm = [results[n][k]["auroc"] for n in names if n.startswith("fmnist") and k in results[n]]
+        # the mean over the default models' rows (fmnist-C), not over variants (fmnist-C-rot1, ...)
+        fm = [results[n][k]["auroc"] for n in names if re.fullmatch(r"fmnist-\d", n) and k in results[n]]
         cells = [f"{results[n][k]['auroc']:.3f}" if k in results[n] else "" for n in names]
         print(f"| {k} | " + " | ".join(cells) + f" | {np.mean(fm) if fm else float('nan'):.3f} |")
     (args.out / f"{args.results}.json").write_text(json.dumps({"command": " ".join(sys.argv), "cases": results},
