@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from audit_rarity import datasets, evaluate, pyod_rarities  # noqa: E402
+from audit_rarity import datasets, evaluate, nearest, pyod_rarities  # noqa: E402
 
 from debias.density.detector import embed_images  # noqa: E402
 from debias.density.encoding import encode_images  # noqa: E402
@@ -56,10 +56,7 @@ from debias.training.vae import (  # noqa: E402
 
 def kth_neighbour_distance(E: np.ndarray, k: int) -> np.ndarray:
     """Distance to the k-th nearest other row of unit-norm features (sqrt(2 - 2 cos))."""
-    e = torch.from_numpy(E.astype(np.float32))
-    d = (2 - 2 * e @ e.T).clamp_min(0)
-    d.fill_diagonal_(float("inf"))
-    return d.topk(k, largest=False).values[:, -1].sqrt().numpy()
+    return nearest(E, k, cosine=True)[0][:, -1]
 
 
 def main() -> None:

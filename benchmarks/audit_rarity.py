@@ -105,6 +105,21 @@ def pyod_rarities(Z: np.ndarray, pixels: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
+def nearest(X: np.ndarray, k: int, cosine: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(distances, indices), each (n, k): every row's k nearest other rows (a row is not its own neighbour), by
+    Euclidean distance, or between unit-normalised rows (sqrt(2 - 2 cos)) with ``cosine``."""
+    import torch
+
+    x = torch.from_numpy(np.asarray(X, np.float32))
+    if cosine:
+        x = torch.nn.functional.normalize(x, dim=1)
+    sq = (x * x).sum(1)
+    d = (sq[:, None] + sq[None, :] - 2 * x @ x.T).clamp_min(0)
+    d.fill_diagonal_(float("inf"))
+    top = d.topk(k, largest=False)
+    return top.values.sqrt().numpy(), top.indices.numpy()
+
+
 def evaluate(rarity: np.ndarray, rare: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     w, t = rarity_weights(rarity, 0.5)
     ess = 1.0 / float(np.sum(w**2))

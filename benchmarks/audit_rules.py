@@ -2,10 +2,13 @@
 `benchmarks/audit_contrastive.py --dump` wrote (the VAE's latents and reconstruction errors, the contrastive
 encoder's features in each readout, the pixels) for every data set under --out.
 
-    python benchmarks/audit_rules.py --out bench-out/audit-contrastive [--results rules]
+    python benchmarks/audit_rules.py --out bench-out/audit-contrastive [--results rules] [--with FILE.json ...]
 
 Nothing is trained here; every rule scores the fitted rows themselves (kNN rows leave themselves out). AUROC of
-rarity for the rare group and its mean-weight ratio (weights tempered to ESS 0.5 n, as the audit does).
+rarity for the rare group and its mean-weight ratio (weights tempered to ESS 0.5 n, as the audit does); per
+representation, the share of a rare row's 10 nearest rows that are rare (whether the group is its own
+neighbourhood); and the best single method per data set chosen with hindsight, over these rules and the methods of
+the result files given with ``--with`` (e.g. s17-fmnist.json pool.json). Writes OUT/RESULTS.json.
 """
 
 from __future__ import annotations
@@ -23,21 +26,39 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from audit_rarity import evaluate  # noqa: E402
+from audit_rarity import evaluate, nearest  # noqa: E402
 
 from debias.density.rarity import fit_audit_rarity  # noqa: E402
 
 
 def kth_distances(X: np.ndarray, ks: tuple[int, ...], cosine: bool) -> dict[int, np.ndarray]:
     """Distance to the k-th nearest other row for each k (rows left out of their own neighbourhood)."""
-    x = torch.from_numpy(np.asarray(X, np.float32))
-    if cosine:
-        x = torch.nn.functional.normalize(x, dim=1)
-    sq = (x * x).sum(1)
-    d = (sq[:, None] + sq[None, :] - 2 * x @ x.T).clamp_min(0)
-    d.fill_diagonal_(float("inf"))
-    top = d.topk(max(ks), largest=False).values.sqrt().numpy()
+    top = nearest(X, max(ks), cosine)[0]
     return {k: top[:, k - 1] for k in ks}
+
+
+def walk_group_rarity(X: np.ndarray, cosine: bool, steps: int, k: int = 10) -> np.ndarray:
+    """-log of the effective size of the group a lazy random walk from each row spreads over in ``steps`` steps on
+    the symmetric k-nearest-neighbour graph (1 / sum_j p_t(i, j)^2): a small group the walk cannot leave is rare."""
+    n = len(X)
+    adjacency = torch.zeros(n, n)
+    adjacency.scatter_(1, torch.from_numpy(nearest(X, k, cosine)[1]), 1.0)
+    adjacency = ((adjacency + adjacency.T) > 0).float()
+    walk = (0.5 * (adjacency / adjacency.sum(1, keepdim=True) + torch.eye(n))).to_sparse()
+    spread = torch.eye(n)
+    for _ in range(steps):  # a sparse step at a time: k + 1 non-zeros a row, not n
+        spread = torch.sparse.mm(walk, spread)
+    return np.log((spread * spread).sum(1).numpy())
+
+
+def purity(X: np.ndarray, rare: np.ndarray, cosine: bool, k: int = 10) -> float:
+    """Mean share of a rare row's k nearest other rows that are rare: whether the group is its own neighbourhood."""
+    return float(rare[nearest(X, k, cosine)[1][rare]].mean())
+
+
+REPRESENTATIONS = {"encoder mean": ("embedding_avg", True), "encoder max": ("embedding_max", True),
+                   "encoder maps-max": ("embedding_maps-max", True), "VAE latents": ("mu", False),
+                   "pixels": ("pixels", False)}
 
 
 def robust_z(v: np.ndarray) -> np.ndarray:
@@ -89,6 +110,9 @@ def rules(f: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     for k in (20, 50):
         out[f"pixels log d{k}"] = np.log(dp[k])
     out["pixels log d50/d10"] = np.log(dp[50] / dp[10])
+    for label, (key, cosine) in (("emb[max]", ("embedding_max", True)), ("pixels", ("pixels", False))):
+        for steps in (4, 16, 64):
+            out[f"{label} walk group size, t={steps}"] = walk_group_rarity(f[key], cosine, steps)
     out["latent log d50"] = np.log(dm[50])
     out["latent log d50/d10"] = np.log(dm[50] / dm[10])
     return out
@@ -98,22 +122,41 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("bench-out/audit-contrastive"))
     ap.add_argument("--results", default="rules")
+    ap.add_argument("--with", dest="others", nargs="*", type=Path, default=[],
+                    help="result files of audit_contrastive.py / audit_pool.py whose methods join the hindsight ceiling")
     args = ap.parse_args()
-    results = {}
+    results, purities = {}, {}
     for path in sorted(args.out.glob("*/features*.npz")):
         f = dict(np.load(path))
         rare, reference = f["rare"].astype(bool), f["reference"].astype(bool)
-        results[path.parent.name + path.stem.removeprefix("features")] = {k: evaluate(r, rare, reference) for k, r in rules(f).items()}
+        name = path.parent.name + path.stem.removeprefix("features")
+        results[name] = {k: evaluate(r, rare, reference) for k, r in rules(f).items()}
+        purities[name] = {label: purity(f[key], rare, cosine) for label, (key, cosine) in REPRESENTATIONS.items()}
     names = list(results)
     keys = list(dict.fromkeys(k for r in results.values() for k in r))
-    print("| rule | " + " | ".join(names) + " | F mean |")
+    print("AUROC of rarity for the rare group\n| rule | " + " | ".join(names) + " | F mean |")
     for k in keys:
         # the mean over the default models' rows (fmnist-C), not over variants (fmnist-C-rot1, ...)
         fm = [results[n][k]["auroc"] for n in names if re.fullmatch(r"fmnist-\d", n) and k in results[n]]
         cells = [f"{results[n][k]['auroc']:.3f}" if k in results[n] else "" for n in names]
         print(f"| {k} | " + " | ".join(cells) + f" | {np.mean(fm) if fm else float('nan'):.3f} |")
-    (args.out / f"{args.results}.json").write_text(json.dumps({"command": " ".join(sys.argv), "cases": results},
-                                                              indent=1) + "\n")
+    print("\nShare of a rare row's 10 nearest rows that are rare\n| representation | " + " | ".join(names) + " |")
+    for label in REPRESENTATIONS:
+        print(f"| {label} | " + " | ".join(f"{purities[n][label]:.2f}" for n in names) + " |")
+    # The best single method per data set, chosen with hindsight among everything measured on its rows
+    ceiling = {n: {k: v["auroc"] for k, v in r.items()} for n, r in results.items()}
+    for other in args.others:
+        for n, row in json.loads(other.read_text())["cases"].items():
+            for method, v in row.items():
+                if isinstance(v, dict) and "auroc" in v:
+                    ceiling.setdefault(n, {})[f"{other.stem}: {method}"] = v["auroc"]
+    print("\nBest single method per data set, with hindsight")
+    for n, row in ceiling.items():
+        best = max(row, key=row.get)
+        print(f"{n}: {row[best]:.3f} ({best}); {sum(v >= 0.98 for v in row.values())} of {len(row)} methods >= 0.98")
+    (args.out / f"{args.results}.json").write_text(json.dumps(
+        {"command": " ".join(sys.argv), "cases": results, "purity": purities,
+         "ceiling": {n: max(row.items(), key=lambda kv: kv[1]) for n, row in ceiling.items()}}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
