@@ -186,21 +186,19 @@ def contrastive_loss(model: ContrastiveEncoder, x: torch.Tensor) -> tuple[torch.
     """NT-Xent between two random views of each image of the batch, and its value for the log. The views are drawn
     from torch's global generator, which the training loop seeds per epoch and rank (a resumed run draws the same)."""
     cfg = model.config
-    x1, x2 = random_views(x, cfg), random_views(x, cfg)
-    if model.rotation_head is None:
-        z = model.head(model.features(torch.cat([x1, x2])))
-        loss = nt_xent(z[: len(x)], z[len(x) :], cfg.temperature)
-        return loss, {"loss": float(loss.detach())}
-    # Both views of an image turned by the same quarter turns, after the crop and flip (a flip of a turned image
-    # would look like the opposite turn): the pair stays a pair, and the turn is there to be named.
-    turns = torch.randint(0, 4, (len(x),)).to(x.device)
-    views = torch.cat([x1, x2])
-    for k in range(1, 4):
-        chosen = torch.cat([turns, turns]) == k
-        views[chosen] = torch.rot90(views[chosen], k, (2, 3))
+    views = torch.cat([random_views(x, cfg), random_views(x, cfg)])
+    turns = None
+    if model.rotation_head is not None:
+        # Both views of an image turned by the same quarter turns, after the crop and flip (a flip of a turned image
+        # would look like the opposite turn): the pair stays a pair, and the turn is there to be named.
+        turns = torch.randint(0, 4, (len(x),)).to(x.device).repeat(2)
+        for k in range(1, 4):
+            views[turns == k] = torch.rot90(views[turns == k], k, (2, 3))
     h = model.features(views)
     z = model.head(h)
-    contrast = nt_xent(z[: len(x)], z[len(x) :], cfg.temperature)
-    rotation = F.cross_entropy(model.rotation_head(h).float(), torch.cat([turns, turns]))
-    loss = contrast + cfg.rotation_weight * rotation
-    return loss, {"loss": float(loss.detach()), "nt_xent": float(contrast.detach()), "rotation": float(rotation.detach())}
+    loss = nt_xent(z[: len(x)], z[len(x) :], cfg.temperature)
+    if turns is None:
+        return loss, {"loss": float(loss.detach())}
+    rotation = F.cross_entropy(model.rotation_head(h).float(), turns)
+    total = loss + cfg.rotation_weight * rotation
+    return total, {"loss": float(total.detach()), "nt_xent": float(loss.detach()), "rotation": float(rotation.detach())}
