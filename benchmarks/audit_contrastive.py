@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from audit_rarity import datasets, evaluate, nearest, pyod_rarities  # noqa: E402
+from audit_rarity import datasets, evaluate, nearest, pyod_rarities, robust_z  # noqa: E402
 
 from debias.density.detector import embed_images  # noqa: E402
 from debias.density.encoding import encode_images  # noqa: E402
@@ -123,9 +123,8 @@ def main() -> None:
             with torch.no_grad():
                 surprise["rotation_surprise"] = np.concatenate([encoder.rotation_surprise(data.batch(slice(a, a + 256))).numpy()
                                                                 for a in range(0, len(data), 256)])
-            z = lambda v: (v - np.median(v)) / (1.4826 * np.median(np.abs(v - np.median(v))))  # noqa: E731
             rarities["rotation surprise"] = surprise["rotation_surprise"]
-            rarities["knn-recon + encoder + rotation surprise"] = shipped.rarity + z(surprise["rotation_surprise"])
+            rarities["knn-recon + encoder + rotation surprise"] = shipped.rarity + robust_z(surprise["rotation_surprise"])
         pixels = np.asarray(data.images, dtype=np.float32).reshape(len(data), -1) / 255.0
         if args.pyod:
             rarities.update(pyod_rarities(enc.mu, pixels))

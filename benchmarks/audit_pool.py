@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from audit_rarity import FMNIST, datasets, evaluate, nearest  # noqa: E402
+from audit_rarity import FMNIST, datasets, evaluate, purity  # noqa: E402
 
 from debias.data import load_images  # noqa: E402
 from debias.density.detector import embed_images  # noqa: E402
@@ -46,11 +46,6 @@ from debias.training.vae import (  # noqa: E402
     train_vae,
     vae_config,
 )
-
-
-def purity(features: np.ndarray, rare: np.ndarray, k: int = 10, cosine: bool = True) -> float:
-    """Mean share of a rare row's k nearest other rows that are rare (cosine: between unit-normalised rows)."""
-    return float(rare[nearest(features, k, cosine)[1][rare]].mean())
 
 
 def main() -> None:
@@ -83,13 +78,13 @@ def main() -> None:
         enc = encode_images(model, data, progress=False)
         E = embed_images(encoder, data, readout=AUDIT_EMBEDDING_READOUT)
         row = {"pool": {**evaluate(fit_audit_rarity(enc.mu, enc.recon_error, embeddings=E).rarity, rare, reference),
-                        "purity": purity(E, rare)}}
+                        "purity": purity(E, rare, cosine=True)}}
         own = args.out / name / "features.npz"
         if own.exists():  # the same rows' default with the models trained on the 2,000 images themselves
             f = np.load(own)
             own_rarity = fit_audit_rarity(f["mu"], f["recon_error"], embeddings=f[f"embedding_{AUDIT_EMBEDDING_READOUT}"])
             row["own"] = {**evaluate(own_rarity.rarity, rare, reference),
-                          "purity": purity(f[f"embedding_{AUDIT_EMBEDDING_READOUT}"], rare)}
+                          "purity": purity(f[f"embedding_{AUDIT_EMBEDDING_READOUT}"], rare, cosine=True)}
         results[name] = row
         print(name, {k: {m: round(v, 3) for m, v in r.items()} for k, r in row.items()}, flush=True)
     for which in ("own", "pool"):

@@ -120,6 +120,18 @@ def nearest(X: np.ndarray, k: int, cosine: bool) -> tuple[np.ndarray, np.ndarray
     return top.values.sqrt().numpy(), top.indices.numpy()
 
 
+def purity(X: np.ndarray, rare: np.ndarray, cosine: bool, k: int = 10) -> float:
+    """Mean share of a rare row's k nearest other rows that are rare: whether the group is its own neighbourhood."""
+    return float(rare[nearest(X, k, cosine)[1][rare]].mean())
+
+
+def robust_z(v: np.ndarray) -> np.ndarray:
+    """(v - median) / (1.4826 MAD), as the audit standardises its terms (the standard deviation if the MAD is 0)."""
+    c = np.median(v)
+    s = 1.4826 * np.median(np.abs(v - c))
+    return (v - c) / (s if s > 0 else (v.std() or 1.0))
+
+
 def evaluate(rarity: np.ndarray, rare: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     w, t = rarity_weights(rarity, 0.5)
     ess = 1.0 / float(np.sum(w**2))

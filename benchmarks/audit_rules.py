@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from audit_rarity import evaluate, nearest  # noqa: E402
+from audit_rarity import evaluate, nearest, purity, robust_z  # noqa: E402
 
 from debias.density.rarity import fit_audit_rarity  # noqa: E402
 
@@ -51,20 +51,9 @@ def walk_group_rarity(X: np.ndarray, cosine: bool, steps: int, k: int = 10) -> n
     return np.log((spread * spread).sum(1).numpy())
 
 
-def purity(X: np.ndarray, rare: np.ndarray, cosine: bool, k: int = 10) -> float:
-    """Mean share of a rare row's k nearest other rows that are rare: whether the group is its own neighbourhood."""
-    return float(rare[nearest(X, k, cosine)[1][rare]].mean())
-
-
 REPRESENTATIONS = {"encoder mean": ("embedding_avg", True), "encoder max": ("embedding_max", True),
                    "encoder maps-max": ("embedding_maps-max", True), "VAE latents": ("mu", False),
                    "pixels": ("pixels", False)}
-
-
-def robust_z(v: np.ndarray) -> np.ndarray:
-    c = np.median(v)
-    s = 1.4826 * np.median(np.abs(v - c))
-    return (v - c) / (s if s > 0 else (v.std() or 1.0))
 
 
 def rank(v: np.ndarray) -> np.ndarray:
