@@ -92,6 +92,7 @@ def train_vae(
     calibration_fraction: float = DEFAULT_CALIBRATION_FRACTION,
     contrastive_epochs: int = 15,
     contrastive_min_steps: int = 600,
+    contrastive_labels: bool = False,
     resume: bool = False,
     progress: bool = True,
 ) -> ConvVAE:
@@ -100,7 +101,8 @@ def train_vae(
     ``calibration_fraction`` of the images are held out of training; a :class:`NoveltyDetector` loaded from the run
     (:meth:`NoveltyDetector.load`) calibrates on them. ``contrastive_epochs`` > 0 then trains the novelty score's
     contrastive encoder on the same images into ``out/contrastive`` (:func:`load_encoder`), for at least
-    ``contrastive_min_steps`` steps (more epochs on small sets; 0 = exactly ``contrastive_epochs``)."""
+    ``contrastive_min_steps`` steps (more epochs on small sets; 0 = exactly ``contrastive_epochs``);
+    ``contrastive_labels=True`` trains it with ``label`` (SupCon) instead of label-free."""
     if isinstance(images, ImageSet):
         data = images if image_size in (None, images.image_size) else as_image_set(images, image_size, images.channels)
     elif isinstance(images, (str, Path)):
@@ -109,7 +111,7 @@ def train_vae(
         data = as_image_set(images, image_size or 64, _channels_of(images))
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device)
     contrastive = ContrastiveTrainConfig(epochs=contrastive_epochs, min_steps=contrastive_min_steps, seed=seed,
-                                         device=device)
+                                         device=device, use_labels=contrastive_labels)
     path = fit_vae_on(data, Path(out), config, latent_dim=latent_dim, beta=beta, width=width, label=label,
                       source=data.source, calibration_fraction=calibration_fraction, contrastive=contrastive,
                       resume=resume, progress=progress)

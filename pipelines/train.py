@@ -29,6 +29,7 @@ class TrainJob:
     calibration_fraction: float = DEFAULT_CALIBRATION_FRACTION  # held out of training for the novelty calibration
     contrastive_epochs: int = 15  # the novelty score's contrastive encoder (issue 16); 0 = none, VAE statistics only
     contrastive_min_steps: int = 600  # ... and at least this many steps (more epochs on small sets; 0 = exactly epochs)
+    contrastive_labels: bool = False  # the encoder learns from --label (SupCon) instead of label-free
     resume: bool = False
     progress: bool = True
 
@@ -45,7 +46,7 @@ def _run_train(job: TrainJob, ctx: DistContext) -> Path:
     progress = job.progress and ctx.is_main
     data = load_images(job.data, where=job.where, image_size=job.image_size, channels=job.channels, progress=progress)
     contrastive = ContrastiveTrainConfig(epochs=job.contrastive_epochs, min_steps=job.contrastive_min_steps,
-                                         seed=job.train.seed, device=job.train.device)
+                                         seed=job.train.seed, device=job.train.device, use_labels=job.contrastive_labels)
     return fit_vae_on(
         data, job.out, job.train, latent_dim=job.latent_dim, beta=job.beta, width=job.width, label=job.label,
         vae_class=job.vae_class, source=job.data, where=list(job.where), calibration_fraction=job.calibration_fraction,

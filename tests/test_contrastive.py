@@ -18,6 +18,7 @@ from debias.models.contrastive import (
     contrastive_loss,
     nt_xent,
     random_views,
+    supervised_contrastive,
 )
 from debias.pipelines.cli import app as cli_app
 from debias.runtime.checkpoint import load_checkpoint
@@ -116,6 +117,48 @@ def test_nt_xent_by_hand_and_its_extremes():
     assert nt_xent(z1, z2, tau).item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-6)
     # matching partners score lower than swapped ones
     assert nt_xent(z1, z1, 0.2) < nt_xent(z1, z1.flip(0), 0.2)
+
+
+def test_supervised_contrastive_by_hand_and_nt_xent_when_every_image_is_its_own_class():
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(4, 3), torch.randn(4, 3)
+    tau = 0.3
+    # one class per image: exactly SimCLR's loss
+    assert supervised_contrastive(z1, z2, torch.arange(4), tau).item() == pytest.approx(nt_xent(z1, z2, tau).item(), rel=1e-6)
+    # two classes: each view's loss is the mean over its partners (its own pair and the other class members' views)
+    y = torch.tensor([0, 0, 1, 1])
+    z = torch.nn.functional.normalize(torch.cat([z1, z2]), dim=1)
+    sim, labels = z @ z.T / tau, torch.cat([y, y])
+    expected = []
+    for i in range(8):
+        others = [k for k in range(8) if k != i]
+        partners = [k for k in others if labels[k] == labels[i]]
+        log_p = sim[i] - torch.logsumexp(sim[i, others], 0)
+        expected.append(-log_p[partners].mean())
+    assert supervised_contrastive(z1, z2, y, tau).item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5)
+    # features that gather each class score lower than features that mix them
+    a, b = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    gathered, mixed = torch.cat([a, a, b, b]), torch.cat([a, b, a, b])
+    assert supervised_contrastive(gathered, gathered, y, 0.2) < supervised_contrastive(mixed, mixed, y, 0.2)
+
+
+def test_training_with_labels_gathers_the_classes(tmp_path):
+    data = _data(96)
+    labels = data.table["shape"].astype("category").cat.codes.to_numpy()
+    cfg = ContrastiveConfig(image_size=32, channels=3, width=4)
+    train = ContrastiveTrainConfig(epochs=6, batch_size=32, min_steps=0, device="cpu")
+    paths = {name: train_contrastive(data, cfg, train, tmp_path / name, data_desc={"labels": name}, labels=y,
+                                     progress=False) for name, y in (("supcon", labels), ("simclr", None))}
+
+    def same_class_share(path):  # of each image's nearest other image in the features
+        model, _ = load_encoder(path)
+        with torch.no_grad():
+            f = model(data.batch(slice(0, len(data))))
+        sim = f @ f.T
+        sim.fill_diagonal_(-2)
+        return float((labels[sim.argmax(1).numpy()] == labels).mean())
+
+    assert same_class_share(paths["supcon"]) > same_class_share(paths["simclr"])
 
 
 def test_the_rotation_task_adds_its_cross_entropy_and_names_each_turn():
@@ -219,6 +262,19 @@ def test_train_command_trains_the_encoder_on_the_vae_rows_or_none(tmp_path):
     assert not encoder_path(tmp_path / "without").exists()
     det = open_detector(tmp_path / "without", progress=False)
     assert det.encoder is None and "embedding_knn" not in det.scorer.statistics
+
+
+def test_train_command_trains_the_encoder_with_the_label_only_when_asked(tmp_path):
+    runner = CliRunner()
+    common = ["train", "--data", "builtin:shapes?n=80", "--epochs", "1", "--image-size", "32", "--latent-dim", "4",
+              "--width", "8", "--device", "cpu", "-q", "--contrastive-epochs", "1", "--contrastive-min-steps", "0",
+              "--contrastive-labels"]
+    res = runner.invoke(cli_app, [*common, "--out", str(tmp_path / "no-label")])
+    assert res.exit_code != 0 and "--contrastive-labels needs --label" in str(res.exception)
+    res = runner.invoke(cli_app, [*common, "--out", str(tmp_path / "run"), "--label", "shape"])
+    assert res.exit_code == 0, res.output
+    _, meta = load_encoder(encoder_path(tmp_path / "run"))
+    assert meta["data"]["label"] == "shape"  # a resume with another label is refused as other data
 
 
 def test_detector_reads_the_encoder_and_refits_when_it_changes(tmp_path):

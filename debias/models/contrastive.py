@@ -182,9 +182,27 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     return F.cross_entropy(sim, partner)
 
 
-def contrastive_loss(model: ContrastiveEncoder, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-    """NT-Xent between two random views of each image of the batch, and its value for the log. The views are drawn
-    from torch's global generator, which the training loop seeds per epoch and rank (a resumed run draws the same)."""
+def supervised_contrastive(z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SupCon (Khosla et al., NeurIPS 2020, Eq. 2, L_out): as NT-Xent, but every other view of the same class is a
+    partner too; each view's loss is the mean, over its partners, of minus the log-probability of picking that partner
+    out of the other 2N - 1 views. With one image per class it is NT-Xent. Features trained this way gather each class
+    in its own region, so an image of a class that training never saw lies away from all of them: the strongest
+    near-distribution detector of Sun et al. (ICML 2022) is kNN in these features."""
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+    y = torch.cat([labels, labels])
+    sim = (z @ z.T) / temperature
+    self_mask = torch.eye(len(z), dtype=torch.bool, device=z.device)
+    log_prob = sim.masked_fill(self_mask, float("-inf")).log_softmax(dim=1)
+    partners = (y[:, None] == y[None, :]) & ~self_mask  # never empty: the view of the same image is always there
+    return -(log_prob.masked_fill(~partners, 0.0).sum(1) / partners.sum(1)).mean()
+
+
+def contrastive_loss(
+    model: ContrastiveEncoder, x: torch.Tensor, y: torch.Tensor | None = None
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """NT-Xent between two random views of each image of the batch (SupCon when class indices ``y`` are given), and
+    its value for the log. The views are drawn from torch's global generator, which the training loop seeds per epoch
+    and rank (a resumed run draws the same)."""
     cfg = model.config
     views = torch.cat([random_views(x, cfg), random_views(x, cfg)])
     turns = None
@@ -196,7 +214,10 @@ def contrastive_loss(model: ContrastiveEncoder, x: torch.Tensor) -> tuple[torch.
             views[turns == k] = torch.rot90(views[turns == k], k, (2, 3))
     h = model.features(views)
     z = model.head(h)
-    loss = nt_xent(z[: len(x)], z[len(x) :], cfg.temperature)
+    if y is None:
+        loss = nt_xent(z[: len(x)], z[len(x) :], cfg.temperature)
+    else:
+        loss = supervised_contrastive(z[: len(x)], z[len(x) :], y, cfg.temperature)
     if turns is None:
         return loss, {"loss": float(loss.detach())}
     rotation = F.cross_entropy(model.rotation_head(h).float(), turns)

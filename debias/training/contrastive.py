@@ -64,6 +64,11 @@ class ContrastiveTrainConfig:
     weight_decay: float = 1e-6
     seed: int = 0
     device: str = "auto"
+    # Learn from the run's class label (SupCon) instead of label-free (SimCLR), when the run has one: every image of a
+    # class is a partner. Held-out Fashion-MNIST classes: kNN AUROC of a shirt 0.64 -> 0.80 (issue 16, "Session 18").
+    # Off by default: it gathers each class in one region, which hides the subgroups inside a class that the audit
+    # looks for (issue 15).
+    use_labels: bool = False
 
 
 def encoder_epochs(config: ContrastiveTrainConfig, n_images: int) -> int:
@@ -94,12 +99,14 @@ def train_contrastive(
     out_dir: str | Path,
     *,
     data_desc: dict[str, Any],
+    labels: np.ndarray | None = None,
     resume: bool = False,
     progress: bool = True,
     ctx: DistContext | None = None,
 ) -> Path:
     """Train (or resume) the encoder on ``data`` and return the path of encoder.pt. ``data_desc``: what it learns
-    from (stored in the checkpoint, so that a resume on other data is refused)."""
+    from (stored in the checkpoint, so that a resume on other data is refused). ``labels``: class indices, one per
+    image, for the supervised loss (SupCon); None = label-free (SimCLR)."""
     ctx = ctx or init_distributed(config.device)
     device = ctx.device
     local_batch = per_rank_batch(config.batch_size, ctx)
@@ -120,6 +127,7 @@ def train_contrastive(
         optimizer.load_state_dict(run.resumed["optimizer"])
 
     step = wrap(ModelWithLoss(model, contrastive_loss), ctx)
+    y_all = torch.as_tensor(labels, dtype=torch.long) if labels is not None else None
     n = len(data)
     steps = steps_per_epoch(config, n)
     epochs = encoder_epochs(config, n)
@@ -136,10 +144,11 @@ def train_contrastive(
                 end = start + local_batch if i < len(starts) - 1 else len(rows)
                 idx = np.sort(rows[start:end])
                 x = data.batch(idx).to(device, non_blocking=True)
+                y = y_all[idx].to(device) if y_all is not None else None
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(epoch * steps + i, total, config.lr)
                 with autocast(device):
-                    loss, parts = step(x)
+                    loss, parts = step(x, y)
                 optimizer_step(optimizer, loss)
                 meter.add(parts, len(idx))
                 bar.advance(len(idx) * ctx.world_size, loss=parts["loss"])

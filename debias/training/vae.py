@@ -266,6 +266,8 @@ def fit_vae_on(
             vae_class_index = classes.index(vae_class)
     elif vae_class is not None:
         raise DebiasError("--vae-class needs --label")
+    if contrastive is not None and contrastive.use_labels and label is None:
+        raise DebiasError("--contrastive-labels needs --label")
     model_config = vae_config(
         image_size=data.image_size, channels=data.channels, latent_dim=latent_dim, beta=beta, width=width,
         n_classes=len(classes), classes=classes, vae_class=vae_class_index,
@@ -298,5 +300,6 @@ def fit_vae_on(
                       "use the VAE's statistics only", file=sys.stderr)
         else:
             train_contrastive(data, ContrastiveConfig(image_size=data.image_size, channels=data.channels), contrastive,
-                              Path(out) / SUBDIR, data_desc=asdict(desc), resume=resume, progress=progress, ctx=ctx)
+                              Path(out) / SUBDIR, data_desc=asdict(desc), resume=resume, progress=progress, ctx=ctx,
+                              labels=labels if contrastive.use_labels else None)
     return path
